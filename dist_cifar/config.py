@@ -1,0 +1,318 @@
+"""Training configuration: one dataclass, presets, and a CLI generated from it.
+
+Every field of `TrainConfig` carries a docstring (the string literal under it); the
+command line is built from the fields and those docstrings, so there is no second list
+of flags to keep in sync. Precedence: dataclass default < `--preset` < explicit flags.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A bad flag or an impossible combination; the message is one line naming the fix."""
+
+
+@dataclass
+class TrainConfig:
+    # ---- model -------------------------------------------------------------------
+    model: str = "small_cnn"
+    """Model name from the registry: linear, simple_cnn, small_cnn, vgg_truncated, vgg16_cifar."""
+    batchnorm: bool = True
+    """small_cnn only: BatchNorm(16) before conv2 (the report's batch-norm ablation switch)."""
+    dropout: bool = True
+    """small_cnn only: Dropout(0.35) after conv2 (the report's dropout ablation switch)."""
+    pooling: bool = True
+    """small_cnn only: the two 2x2 max-pools (the report's pooling ablation switch)."""
+
+    # ---- data --------------------------------------------------------------------
+    dataset: str = "cifar10"
+    """Data source: cifar10 (official pickles), imagefolder (train/<class>/*, test/<class>/* or a .tar.gz of that tree), synthetic (generated, learnable), auto (cifar10, else imagefolder, else synthetic with a loud warning)."""
+    data_dir: str = "data"
+    """Folder holding cifar-10-batches-py or cifar-10-python.tar.gz (cifar10), or the image tree / its .tar.gz (imagefolder; may be the .tar.gz path itself)."""
+    download: bool = False
+    """cifar10: download the official archive through torchvision when it is missing (needs a network)."""
+    synthetic_size: int = 2000
+    """synthetic: number of training images; validation and test get a quarter of it each."""
+    split: str = "full"
+    """Split protocol: report (train images 0..19999 / val 20000..24999 / test 0..4999, PROTOCOL.md) or full (all 50k train less --val-size held out with a fixed seed, all 10k test)."""
+    val_size: int = -1
+    """full split: images held out of train for validation (-1: 5000 for real data, a quarter of --synthetic-size for synthetic; 0: none)."""
+    max_train: int = 0
+    """Use only the first N training images of the split (0: all); for quick ablations."""
+    normalize: str = "cifar"
+    """Normalisation: half (mean=std=0.5 per channel, the report's) or cifar (CIFAR-10 channel mean/std)."""
+    augment: bool = False
+    """Random crop (4-pixel zero padding) + horizontal flip on training batches."""
+    loader: str = "tensor"
+    """Training data path: tensor (whole uint8 dataset on the device, batched augmentation, no workers) or torch (torchvision transforms + DataLoader)."""
+    num_workers: int = 2
+    """torch loader: DataLoader worker processes (persistent, pinned memory on CUDA)."""
+
+    # ---- optimisation ------------------------------------------------------------
+    epochs: int = 10
+    """Number of training epochs."""
+    batch_size: int = 128
+    """Training batch size PER PROCESS; the global batch is this times the world size."""
+    eval_batch_size: int = 512
+    """Evaluation batch size per process."""
+    steps_per_epoch: int = 0
+    """Cap the training steps of each epoch (0: a full pass); for smoke runs and benchmarks."""
+    optimizer: str = "adam"
+    """Optimizer: adam, adamw or sgd (with --momentum, Nesterov)."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Weight decay (Adam: L2 added to the gradient, as in the report; AdamW: decoupled)."""
+    momentum: float = 0.9
+    """sgd: Nesterov momentum."""
+    schedule: str = "constant"
+    """LR schedule per step: constant, onecycle (warm-up then anneal) or cosine."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    seed: int = 42
+    """Seed for model init, shuffling and augmentation (augmentation also mixes in the rank)."""
+    deterministic: bool = False
+    """cuDNN deterministic algorithms and no benchmark autotuning (the report sets this)."""
+
+    # ---- devices, precision, speed -------------------------------------------------
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu or cuda."""
+    precision: str = "auto"
+    """fp32, bf16 or fp16 autocast (fp16 uses a GradScaler); auto: bf16 on GPUs that support it, fp32 on CPU."""
+    tf32: bool = False
+    """Allow TF32 matmuls/convolutions on the fp32 path (Ampere and newer GPUs)."""
+    channels_last: bool = False
+    """Model and inputs in channels_last memory format."""
+    compile: bool = False
+    """torch.compile the model (DDP keeps its bucketed overlap); the compiling epoch is reported apart."""
+    compile_mode: str = "default"
+    """torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs."""
+    threads: int = 0
+    """CPU threads per process for torch (0: leave torch's default)."""
+
+    # ---- distributed -------------------------------------------------------------
+    backend: str = "auto"
+    """Process-group backend: auto (nccl with CUDA, else gloo), nccl or gloo."""
+    dist_timeout: float = 300.0
+    """Seconds a collective may wait before the job fails instead of hanging."""
+    sync_bn: bool = False
+    """Convert BatchNorm to SyncBatchNorm (batch statistics over all ranks)."""
+    ddp_bucket_mb: float = 25.0
+    """DDP gradient bucket size in MB."""
+    ddp_grad_as_bucket_view: bool = True
+    """DDP gradient_as_bucket_view: gradients alias the buckets (one copy fewer)."""
+    ddp_static_graph: bool = False
+    """DDP static_graph: the graph is the same every step."""
+    ddp_comm_hook: str = "none"
+    """DDP communication hook: none (DDP's built-in fp32 all-reduce, comm_s not measured), allreduce (the same all-reduce as a timed Python hook), fp16 or bf16 (compressed, timed)."""
+
+    # ---- outputs, logging --------------------------------------------------------
+    out_dir: str = ""
+    """Output folder (default runs/<model>-<timestamp>)."""
+    overwrite: bool = False
+    """Allow writing into an existing non-empty --out-dir (its old files are replaced)."""
+    quiet: bool = False
+    """Print only the end-of-run summary and errors."""
+    progress_every: int = 20
+    """Read the running loss back from the device every N steps for the progress bar."""
+    wandb: str = "off"
+    """Weights & Biases: auto (online with credentials, offline without, off if not installed), online, offline or off."""
+    wandb_project: str = "dist_cifar"
+    """W&B project."""
+    wandb_entity: str = ""
+    """W&B entity (team or user; empty: your default)."""
+    wandb_group: str = ""
+    """W&B group (ablation studies set it to the study name)."""
+    wandb_name: str = ""
+    """W&B run name (empty: the out dir's name)."""
+    wandb_tags: str = ""
+    """W&B tags, comma separated."""
+    job_type: str = "train"
+    """W&B job_type: train, benchmark or ablation."""
+
+    # ---- fault tolerance -----------------------------------------------------------
+    checkpoint_every: int = 1
+    """Write a checkpoint every N epochs (0: only on preemption and at the end)."""
+    checkpoint_every_steps: int = 0
+    """Also write a checkpoint every N training steps inside an epoch (0: off)."""
+    keep_last: int = 2
+    """Keep the newest K committed checkpoints, prune older ones."""
+    resume: str = "auto"
+    """auto (newest valid checkpoint in --out-dir, if any), none, or a checkpoint path."""
+    guard_every: int = 1
+    """Every N steps all ranks agree (one all-reduce) on non-finite loss and preemption; larger N avoids a host sync per step on GPUs."""
+    max_skipped_steps: int = 20
+    """fp16: stop after this many GradScaler-skipped (overflow) steps in a row."""
+    record_step_losses: bool = False
+    """Write rank 0's loss of every step to step_losses.jsonl (resume tests, debugging)."""
+
+    # ---- preset (applied before explicit flags) ------------------------------------
+    preset: str = ""
+    """Preset applied before explicit flags: report (the report's protocol), fast (vgg16_cifar speed recipe), smoke (seconds-long CPU check)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dataset": ("cifar10", "imagefolder", "synthetic", "auto"),
+    "split": ("report", "full"),
+    "normalize": ("half", "cifar"),
+    "loader": ("tensor", "torch"),
+    "optimizer": ("adam", "adamw", "sgd"),
+    "schedule": ("constant", "onecycle", "cosine"),
+    "device": ("auto", "cpu", "cuda"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "backend": ("auto", "nccl", "gloo"),
+    "ddp_comm_hook": ("none", "allreduce", "fp16", "bf16"),
+    "wandb": ("auto", "online", "offline", "off"),
+    "job_type": ("train", "benchmark", "ablation"),
+    "preset": ("", "report", "fast", "smoke"),
+}
+
+# The report protocol (PROTOCOL.md): the notebook's split, preprocessing, batch sizes,
+# optimizer and seed. Epochs are the report's usual 10.
+PRESETS: dict[str, dict[str, Any]] = {
+    "report": dict(
+        split="report", normalize="half", augment=False, batch_size=32, eval_batch_size=128,
+        optimizer="adam", lr=1e-3, weight_decay=0.01, schedule="constant",
+        label_smoothing=0.0, seed=42, deterministic=True, epochs=10,
+    ),
+    # vgg16_cifar at speed: big per-GPU batch to amortise the 73728x4096 FC's weight traffic,
+    # bf16 everywhere incl. gradients on the wire, OneCycle so large batches still converge.
+    "fast": dict(
+        model="vgg16_cifar", split="full", val_size=0, normalize="cifar", augment=True,
+        batch_size=512, eval_batch_size=1024, optimizer="adamw", lr=2e-3, weight_decay=0.05,
+        schedule="onecycle", label_smoothing=0.1, epochs=12, precision="bf16",
+        channels_last=True, compile=True, loader="tensor", ddp_comm_hook="bf16",
+        ddp_static_graph=False, guard_every=25, progress_every=50, checkpoint_every=4,
+    ),
+    "smoke": dict(
+        dataset="synthetic", synthetic_size=512, epochs=2, batch_size=64, split="full",
+    ),
+}
+
+REPORT_TRAIN, REPORT_VAL, REPORT_TEST = 20_000, 5_000, 5_000
+
+
+def field_docs(cls=TrainConfig) -> dict[str, str]:
+    """Map each field name to the docstring written under it in the class body."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
+            docs[node.target.id] = str(nxt.value.value).strip()
+    return docs
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(prog: str = "python -m dist_cifar.train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train a CIFAR-10 model: one process, or one per GPU under torchrun.",
+        argument_default=argparse.SUPPRESS,  # so only flags actually given override presets
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    docs = field_docs()
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        help_text = docs.get(f.name, "") + f" (default: {getattr(defaults, f.name)!r})"
+        kwargs: dict[str, Any] = dict(help=help_text.replace("%", "%%"), dest=f.name)
+        if f.type in ("bool", bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = {"int": int, "float": float, "str": str}[str(f.type)]
+            kwargs["metavar"] = f.name.upper()
+            if f.name in CHOICES:
+                kwargs["choices"] = CHOICES[f.name]
+                kwargs.pop("metavar")
+        parser.add_argument(flag_name(f.name), **kwargs)
+    parser.add_argument("--print-config", action="store_true", default=False,
+                        help="print the resolved config as JSON and exit")
+    return parser
+
+
+def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
+    """CLI -> validated TrainConfig. Raises ConfigError (one line) on bad input."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    print_config = args.pop("print_config", False)
+    cfg = make_config(**args)
+    if print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        sys.exit(0)
+    return cfg
+
+
+def make_config(**overrides: Any) -> TrainConfig:
+    """Defaults, then the named preset, then `overrides`; validated."""
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+    preset = overrides.get("preset", "")
+    if preset and preset not in PRESETS:
+        raise ConfigError(f"--preset {preset!r} is not one of: {', '.join(PRESETS)}")
+    values = dict(PRESETS.get(preset, {}))
+    values.update(overrides)
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject impossible values before any work, naming the flag to change."""
+    for name, options in CHOICES.items():
+        if getattr(cfg, name) not in options:
+            raise ConfigError(f"{flag_name(name)} {getattr(cfg, name)!r} is not one of: "
+                              f"{', '.join(o for o in options if o) or 'none'}")
+    positive = ("epochs", "batch_size", "eval_batch_size", "synthetic_size", "keep_last",
+                "guard_every", "progress_every", "max_skipped_steps")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{flag_name(name)} must be > 0, got {getattr(cfg, name)}")
+    non_negative = ("steps_per_epoch", "max_train", "num_workers", "checkpoint_every",
+                    "checkpoint_every_steps", "threads", "weight_decay", "ddp_bucket_mb")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{flag_name(name)} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.val_size < -1:
+        raise ConfigError(f"--val-size must be >= 0 (or -1 for the default), got {cfg.val_size}")
+    if not cfg.lr > 0:
+        raise ConfigError(f"--lr must be > 0, got {cfg.lr}")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise ConfigError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    if cfg.dist_timeout <= 0:
+        raise ConfigError(f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}")
+    if cfg.device == "cpu" and cfg.precision == "fp16":
+        raise ConfigError("--precision fp16 needs a GPU: use --precision bf16 or fp32 with --device cpu")
+    if cfg.device == "cpu" and cfg.backend == "nccl":
+        raise ConfigError("--backend nccl needs GPUs: use --backend gloo with --device cpu")
+    if cfg.split == "report":
+        if cfg.max_train > REPORT_TRAIN:
+            raise ConfigError(f"--max-train {cfg.max_train} exceeds the report split's "
+                              f"{REPORT_TRAIN} training images: use --split full")
+        if cfg.dataset == "synthetic":
+            pool = cfg.synthetic_size + cfg.synthetic_size // 4
+            if pool < REPORT_TRAIN + REPORT_VAL or cfg.synthetic_size // 4 < REPORT_TEST:
+                raise ConfigError(
+                    f"--split report takes train images 0..{REPORT_TRAIN + REPORT_VAL - 1} but "
+                    f"--synthetic-size {cfg.synthetic_size} makes {pool}: use --split full "
+                    f"or --synthetic-size >= {4 * REPORT_TEST}")
+    from .models import MODELS  # late import: models is a sibling, not a dependency of config
+    if cfg.model not in MODELS:
+        raise ConfigError(f"--model {cfg.model!r} is unknown; known models: {', '.join(MODELS)}")

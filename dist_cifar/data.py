@@ -1,0 +1,359 @@
+"""CIFAR-10 from its sources into uint8 tensors, cached on disk, split by protocol.
+
+Every source ends as `RawData`: train/test images as uint8 (N, 32, 32, 3) and int64 labels.
+Decoding happens once; the result is cached beside the data (or under ~/.cache/dist_cifar when
+that folder is read-only) and reloaded in about a second. A cache whose fingerprint no longer
+matches its source, or that fails to load, is rebuilt.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+CACHE_VERSION = 1
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm")
+
+
+class DataError(RuntimeError):
+    """Missing or unreadable data; the message is one line that names the fix."""
+
+
+@dataclass
+class RawData:
+    train_x: torch.Tensor  # uint8 (N, 32, 32, 3)
+    train_y: torch.Tensor  # int64 (N,)
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: tuple[str, ...]
+    source: str
+
+
+@dataclass
+class Split:
+    x: torch.Tensor  # uint8 (N, 32, 32, 3)
+    y: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class Splits:
+    train: Split
+    val: Optional[Split]
+    test: Split
+    classes: tuple[str, ...]
+    source: str
+
+
+def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    return (HALF_MEAN, HALF_STD) if name == "half" else (CIFAR_MEAN, CIFAR_STD)
+
+
+# ---------------------------------------------------------------------------- caching
+
+
+def cache_path_for(anchor: Path, tag: str) -> Path:
+    """Beside the data when writable, else in the user cache (keyed by the data's path)."""
+    beside = anchor.parent if anchor.is_file() else anchor
+    # mode bits too: root passes os.access on a folder laid out read-only on purpose
+    if os.access(beside, os.W_OK) and beside.stat().st_mode & 0o222:
+        return beside / f".dist_cifar_cache_{tag}.pt"
+    key = hashlib.sha1(str(anchor.resolve()).encode()).hexdigest()[:16]
+    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dist_cifar"
+    return home / f"{tag}_{key}.pt"
+
+
+def fingerprint(paths: list[Path]) -> str:
+    """Cheap identity of the source files: names, sizes and mtimes."""
+    items = sorted((str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in paths)
+    return hashlib.sha1(json.dumps(items).encode()).hexdigest()
+
+
+def load_cached(cache: Path, fp: str, build: Callable[[], RawData]) -> RawData:
+    if cache.exists():
+        try:
+            blob = torch.load(cache, weights_only=True)
+            if blob.get("version") == CACHE_VERSION and blob.get("fingerprint") == fp:
+                return RawData(blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"],
+                               tuple(blob["classes"]), blob["source"])
+            print(f"[dist_cifar] cache {cache} is stale; rebuilding it")
+        except Exception as exc:  # a torn or foreign file: rebuild rather than fail
+            print(f"[dist_cifar] cache {cache} is unreadable ({type(exc).__name__}); rebuilding it")
+    raw = build()
+    blob = dict(version=CACHE_VERSION, fingerprint=fp, train_x=raw.train_x, train_y=raw.train_y,
+                test_x=raw.test_x, test_y=raw.test_y, classes=list(raw.classes), source=raw.source)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        torch.save(blob, tmp)
+        os.replace(tmp, cache)  # readers see the old cache or the new one, never half of one
+    except OSError as exc:
+        print(f"[dist_cifar] could not write cache {cache}: {exc}")
+    return raw
+
+
+# ---------------------------------------------------------------------------- cifar10 pickles
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """The official batches hold dicts of bytes, lists and numpy arrays; nothing else may load."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    fix = "delete it and re-extract cifar-10-python.tar.gz (or use --download)"
+    try:
+        with open(path, "rb") as f:
+            batch = NumpyOnlyUnpickler(f, encoding="bytes").load()
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except Exception as exc:
+        raise DataError(f"corrupt CIFAR-10 batch file {path} ({type(exc).__name__}: "
+                        f"{str(exc)[:80]}); {fix}") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise DataError(f"corrupt CIFAR-10 batch file {path} (data {data.shape}, "
+                        f"{len(labels)} labels; expected (N, 3072) and N labels); {fix}")
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"corrupt CIFAR-10 batch file {path} (labels outside 0..9); {fix}")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
+
+
+def find_cifar10(data_dir: Path, download: bool) -> Path:
+    """The cifar-10-batches-py folder, extracting or downloading it when asked to."""
+    for candidate in (data_dir / "cifar-10-batches-py", data_dir):
+        if (candidate / "data_batch_1").exists():
+            return candidate
+    archive = data_dir / "cifar-10-python.tar.gz"
+    if archive.exists():
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(data_dir, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DataError(f"corrupt archive {archive} ({exc}); delete it and download it again") from None
+        return find_cifar10(data_dir, download=False)
+    if download:
+        try:
+            import torchvision
+            torchvision.datasets.CIFAR10(str(data_dir), train=True, download=True)
+        except Exception as exc:
+            raise DataError(f"--download failed ({type(exc).__name__}: {str(exc)[:100]}); put "
+                            f"cifar-10-python.tar.gz in {data_dir} by hand") from None
+        return find_cifar10(data_dir, download=False)
+    raise DataError(f"no CIFAR-10 found in {data_dir.resolve()}: expected cifar-10-batches-py/ "
+                    f"(data_batch_1..5, test_batch) or cifar-10-python.tar.gz there; pass --download "
+                    f"to fetch it, or --data-dir to point elsewhere")
+
+
+def load_cifar10(data_dir: Path, download: bool = False) -> RawData:
+    folder = find_cifar10(data_dir, download)
+    files = [folder / f"data_batch_{i}" for i in range(1, 6)] + [folder / "test_batch"]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise DataError(f"incomplete CIFAR-10 in {folder}: missing {', '.join(missing)}; "
+                        f"re-extract cifar-10-python.tar.gz (or use --download)")
+
+    def build() -> RawData:
+        parts = [read_batch(f) for f in files]
+        train_x = np.concatenate([p[0] for p in parts[:5]])
+        train_y = np.concatenate([p[1] for p in parts[:5]])
+        classes = CLASSES
+        meta = folder / "batches.meta"
+        if meta.exists():
+            try:
+                with open(meta, "rb") as f:
+                    names = NumpyOnlyUnpickler(f, encoding="bytes").load()[b"label_names"]
+                classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+            except Exception:
+                raise DataError(f"corrupt CIFAR-10 metadata file {meta}; re-extract the archive") from None
+        return RawData(torch.from_numpy(train_x), torch.from_numpy(train_y),
+                       torch.from_numpy(parts[5][0]), torch.from_numpy(parts[5][1]), classes,
+                       f"cifar10:{folder}")
+
+    return load_cached(cache_path_for(folder, "cifar10"), fingerprint(files), build)
+
+
+# ---------------------------------------------------------------------------- image folders
+
+
+def decode_image(blob: bytes, name: str) -> np.ndarray:
+    from PIL import Image
+    try:
+        img = Image.open(io.BytesIO(blob)).convert("RGB")
+    except Exception as exc:
+        raise DataError(f"unreadable image {name} ({type(exc).__name__}); remove or replace it") from None
+    if img.size != (32, 32):
+        img = img.resize((32, 32), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def collect(entries: list[tuple[str, str, str, Callable[[], bytes]]]) -> RawData:
+    """entries: (split, class, name, read) -> RawData. Classes sorted by name, as torchvision's
+    ImageFolder does; images in a fixed class-mixed order (see `mix_order`)."""
+    classes = tuple(sorted({c for s, c, _, _ in entries if s == "train"}))
+    if not classes:
+        raise DataError("no train/<class>/<image> files found in the image folder")
+    index = {c: i for i, c in enumerate(classes)}
+    out = {}
+    for split in ("train", "test"):
+        items = sorted((e for e in entries if e[0] == split), key=lambda e: (e[1], e[2]))
+        unknown = {c for _, c, _, _ in items} - set(index)
+        if unknown:
+            raise DataError(f"test classes {sorted(unknown)} do not appear under train/")
+        if not items:
+            raise DataError(f"no {split}/<class>/<image> files found in the image folder")
+        x = np.stack([decode_image(read(), f"{split}/{c}/{n}") for _, c, n, read in items])
+        y = np.array([index[c] for _, c, _, _ in items], dtype=np.int64)
+        order = mix_order(len(y))
+        out[split] = (torch.from_numpy(x[order]), torch.from_numpy(y[order]))
+    return RawData(*out["train"], *out["test"], classes, "imagefolder")
+
+
+def mix_order(n: int) -> np.ndarray:
+    """A fixed permutation. The official pickles store images in a shuffled order, so the report's
+    'images 0..19,999' are class-balanced; a class-sorted folder would not be."""
+    return np.random.default_rng(20240101).permutation(n)
+
+
+def split_member(path: str) -> Optional[tuple[str, str, str]]:
+    parts = Path(path).parts
+    if len(parts) >= 3 and parts[-3] in ("train", "test") and path.lower().endswith(IMAGE_SUFFIXES):
+        return parts[-3], parts[-2], parts[-1]
+    return None
+
+
+def load_imagefolder(data_dir: Path) -> RawData:
+    archive = data_dir if data_dir.is_file() else None
+    if archive is None and not (data_dir / "train").is_dir():
+        tars = sorted(data_dir.glob("*.tar.gz")) + sorted(data_dir.glob("*.tgz")) if data_dir.is_dir() else []
+        if len(tars) == 1:
+            archive = tars[0]
+        else:
+            raise DataError(f"no image folder at {data_dir.resolve()}: expected train/<class>/*.jpg and "
+                            f"test/<class>/*.jpg, or one .tar.gz of that tree (pass it as --data-dir)")
+    if archive is not None:
+        def build() -> RawData:
+            entries = []
+            try:
+                with tarfile.open(archive, "r:*") as tar:
+                    for member in tar:
+                        where = split_member(member.name) if member.isfile() else None
+                        if where:
+                            blob = tar.extractfile(member).read()
+                            entries.append((*where, lambda b=blob: b))
+            except (tarfile.TarError, OSError, EOFError, Exception) as exc:
+                if isinstance(exc, DataError):
+                    raise
+                raise DataError(f"corrupt archive {archive} ({type(exc).__name__}); "
+                                f"download or copy it again") from None
+            return collect(entries)
+        return load_cached(cache_path_for(archive, "imagefolder"), fingerprint([archive]), build)
+
+    files = [p for p in data_dir.glob("*/*/*") if p.is_file() and split_member(str(p))]
+
+    def build_tree() -> RawData:
+        return collect([(*split_member(str(p)), p.read_bytes) for p in files])
+
+    return load_cached(cache_path_for(data_dir, "imagefolder"), fingerprint(files), build_tree)
+
+
+# ---------------------------------------------------------------------------- synthetic
+
+
+def make_synthetic(n_train: int, seed: int = 1234) -> RawData:
+    """Learnable but not trivial: each class is a smooth colour pattern; every image is its
+    class pattern, shifted by a few pixels, mixed with smooth noise and pixel noise."""
+    g = torch.Generator().manual_seed(seed)
+    n_pool, n_test = n_train + n_train // 4, max(n_train // 4, 1)
+
+    def smooth(k: int, grid: int) -> torch.Tensor:
+        coarse = torch.rand(k, 3, grid, grid, generator=g)
+        return torch.nn.functional.interpolate(coarse, size=(40, 40), mode="bilinear", align_corners=False)
+
+    protos = smooth(10, 4)
+
+    def images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, 10, (n,), generator=g)
+        dx, dy = torch.randint(0, 9, (2, n), generator=g)
+        rows = (dy[:, None] + torch.arange(32))[:, :, None]
+        cols = (dx[:, None] + torch.arange(32))[:, None, :]
+        base = protos[y].permute(0, 2, 3, 1)[torch.arange(n)[:, None, None], rows, cols]
+        noise = smooth(n, 8).permute(0, 2, 3, 1)[:, 4:36, 4:36]
+        x = 0.35 * base + 0.65 * noise + 0.15 * torch.randn(n, 32, 32, 3, generator=g)
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+    train_x, train_y = images(n_pool)
+    test_x, test_y = images(n_test)
+    return RawData(train_x, train_y, test_x, test_y, CLASSES, f"synthetic:{n_train}")
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+def load_source(dataset: str, data_dir: str, download: bool = False, synthetic_size: int = 2000) -> RawData:
+    root = Path(data_dir)
+    if dataset == "cifar10":
+        return load_cifar10(root, download)
+    if dataset == "imagefolder":
+        return load_imagefolder(root)
+    if dataset == "synthetic":
+        return make_synthetic(synthetic_size)
+    if dataset == "auto":
+        for loader in (lambda: load_cifar10(root, download), lambda: load_imagefolder(root)):
+            try:
+                return loader()
+            except DataError as exc:
+                last = exc
+        banner = "!" * 78
+        print(f"{banner}\n[dist_cifar] NO CIFAR-10 FOUND ({last}).\n[dist_cifar] TRAINING ON "
+              f"SYNTHETIC DATA: the accuracies below say nothing about CIFAR-10.\n{banner}", flush=True)
+        return make_synthetic(synthetic_size)
+    raise DataError(f"--dataset {dataset!r} is not one of cifar10, imagefolder, synthetic, auto")
+
+
+def make_splits(raw: RawData, split: str, val_size: int = -1, max_train: int = 0,
+                report_sizes: tuple[int, int, int] = (20_000, 5_000, 5_000)) -> Splits:
+    """The report protocol (by index) or the full one (random hold-out with a fixed seed)."""
+    n_pool, n_test = len(raw.train_y), len(raw.test_y)
+    if split == "report":
+        n_tr, n_val, n_te = report_sizes
+        if n_pool < n_tr + n_val or n_test < n_te:
+            raise DataError(f"--split report needs {n_tr + n_val} train and {n_te} test images; "
+                            f"{raw.source} has {n_pool} and {n_test}: use --split full")
+        train_idx = torch.arange(n_tr)
+        val_idx = torch.arange(n_tr, n_tr + n_val)
+        test = Split(raw.test_x[:n_te], raw.test_y[:n_te])
+    else:
+        if val_size < 0:
+            val_size = n_pool // 5 if raw.source.startswith("synthetic") else 5_000
+        if val_size >= n_pool:
+            raise DataError(f"--val-size {val_size} leaves no training images out of {n_pool}")
+        perm = torch.randperm(n_pool, generator=torch.Generator().manual_seed(0))
+        val_idx = perm[:val_size].sort().values
+        train_idx = perm[val_size:].sort().values
+        test = Split(raw.test_x, raw.test_y)
+    if max_train:
+        train_idx = train_idx[:max_train]
+    val = Split(raw.train_x[val_idx], raw.train_y[val_idx]) if len(val_idx) else None
+    return Splits(Split(raw.train_x[train_idx], raw.train_y[train_idx]), val, test, raw.classes, raw.source)

@@ -1,0 +1,142 @@
+"""Everything torch.distributed: launch environment, process group lifetime, collectives.
+
+torchrun (and our SLURM scripts, which start torchrun) set RANK, LOCAL_RANK, WORLD_SIZE and
+LOCAL_WORLD_SIZE. Without them the job is a single process with no process group, and every
+helper here degrades to the identity, so the training loop never branches on the launch mode.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: Optional[str] = None  # None: no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value in (None, "") else int(value)
+
+
+def resolve_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is visible; use --device cpu")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {count} GPU(s) visible: "
+                               f"lower --nproc_per_node to {count}")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0) -> DistInfo:
+    """Read the launcher's environment; start a process group when WORLD_SIZE is set."""
+    world = env_int("WORLD_SIZE", 1)
+    rank, local_rank = env_int("RANK", 0), env_int("LOCAL_RANK", 0)
+    local_world = env_int("LOCAL_WORLD_SIZE", world)
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # before init, so NCCL binds this rank to its own GPU
+    if "WORLD_SIZE" not in os.environ:
+        return DistInfo(device=dev)
+    chosen = backend if backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
+    if chosen == "nccl" and dev.type != "cuda":
+        raise RuntimeError("--backend nccl needs CUDA devices: use --backend gloo")
+    kwargs = {"device_id": dev} if chosen == "nccl" else {}
+    dist.init_process_group(backend=chosen, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return DistInfo(rank, local_rank, world, local_world, dev, chosen)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0) -> Iterator[DistInfo]:
+    """A process group for the duration of the block, destroyed on every exit path."""
+    info = init(device, backend, timeout_s)
+    try:
+        yield info
+    finally:
+        cleanup()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        if info.backend == "nccl":
+            dist.barrier(device_ids=[info.device.index])
+        else:
+            dist.barrier()
+
+
+def all_reduce_sum(info: DistInfo, tensor: torch.Tensor) -> torch.Tensor:
+    """In-place SUM over ranks (identity when single-process)."""
+    if info.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_floats(info: DistInfo, value: float) -> list[float]:
+    """Every rank's value of a host float, on every rank (e.g. per-rank epoch times)."""
+    t = torch.tensor([value], dtype=torch.float64, device=info.device)
+    if not info.distributed:
+        return [value]
+    out = [torch.zeros_like(t) for _ in range(info.world_size)]
+    dist.all_gather(out, t)
+    return [float(x.item()) for x in out]
+
+
+def agree(info: DistInfo, all_finite: torch.Tensor, want_stop: bool) -> tuple[bool, bool]:
+    """One collective deciding, identically on every rank: (is every rank's loss finite,
+    does any rank want to stop). Every rank must call it at the same step."""
+    flags = torch.stack([all_finite.to(torch.float32).reshape(()),
+                         torch.tensor(0.0 if want_stop else 1.0, device=all_finite.device)])
+    if info.distributed:
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    finite, keep_going = flags.tolist()
+    return finite > 0.5, keep_going < 0.5
+
+
+def broadcast_object(info: DistInfo, obj):
+    """Rank 0's Python object on every rank."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def broadcast_module(info: DistInfo, module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (e.g. the best weights it loaded)."""
+    if not info.distributed:
+        return
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)

@@ -1,0 +1,173 @@
+"""Batches on the training device: the device-resident loader, the DataLoader path, eval shards.
+
+Training loaders follow DistributedSampler's exact index sequence (shuffle with the seed,
+`set_epoch`, drop_last), so every rank runs the same number of full batches and the two
+loaders see the same images in the same order. Both yield normalised float NCHW batches.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .data import Split
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def sampler_indices(n: int, rank: int, world: int, seed: int, epoch: int) -> list[int]:
+    """This rank's training indices for an epoch: DistributedSampler's, computed, not copied."""
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True,
+                                 seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def steps_in_epoch(n: int, world: int, batch_size: int, cap: int = 0) -> int:
+    steps = (n // world) // batch_size  # DistributedSampler(drop_last) gives each rank n // world
+    return min(steps, cap) if cap else steps
+
+
+class Normalizer:
+    """uint8 NHWC -> float NCHW normalised, optionally channels_last, on the batch's device."""
+
+    def __init__(self, mean, std, device: torch.device, channels_last: bool = False):
+        self.scale = (1.0 / (255.0 * torch.tensor(std, device=device))).view(1, 3, 1, 1)
+        self.shift = (torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, 3, 1, 1)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images_nhwc_uint8: torch.Tensor) -> torch.Tensor:
+        x = images_nhwc_uint8.permute(0, 3, 1, 2).float()
+        return (x * self.scale - self.shift).contiguous(memory_format=self.memory_format)
+
+
+def crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop after `pad` pixels of zero padding, and a random horizontal flip, for a
+    whole uint8 NHWC batch in one gather (no per-image Python work)."""
+    n, h, w, _ = images.shape
+    dev = images.device
+    padded = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=dev, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=dev, generator=generator)
+    flip = torch.rand(n, device=dev, generator=generator) < 0.5
+    ar_h, ar_w = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    rows = dy[:, None] + ar_h
+    cols = torch.where(flip[:, None], dx[:, None] + (w - 1 - ar_w), dx[:, None] + ar_w)
+    return padded[torch.arange(n, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def batch_seed(seed: int, rank: int, epoch: int, step: int) -> int:
+    """Augmentation seed per (rank, epoch, step): ranks differ, and a resumed epoch replays the
+    same crops and flips from any step without carrying generator state."""
+    return (seed * 1_000_003 + rank * 7_919 + epoch * 104_729 + step * 15_485_863) % (2**63 - 1)
+
+
+class TensorLoader:
+    """The whole uint8 split lives on the training device; batches are gathered, augmented and
+    normalised there. On a GPU the loop never waits for a host worker or a copy."""
+
+    def __init__(self, split: Split, device: torch.device, batch_size: int, rank: int, world: int,
+                 seed: int, augment: bool, mean, std, channels_last: bool = False, steps_cap: int = 0):
+        self.x = split.x.to(device)
+        self.y = split.y.to(device)
+        self.device, self.batch_size, self.rank, self.world = device, batch_size, rank, world
+        self.seed, self.augment, self.steps_cap = seed, augment, steps_cap
+        self.normalize = Normalizer(mean, std, device, channels_last)
+        self.generator = torch.Generator(device=device)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return steps_in_epoch(len(self.y), self.world, self.batch_size, self.steps_cap)
+
+    def indices(self) -> torch.Tensor:
+        idx = sampler_indices(len(self.y), self.rank, self.world, self.seed, self.epoch)
+        return torch.tensor(idx[: len(self) * self.batch_size], dtype=torch.long).to(self.device)
+
+    def batches(self, start_step: int = 0) -> Iterator[Batch]:
+        idx = self.indices()
+        for step in range(start_step, len(self)):
+            sel = idx[step * self.batch_size:(step + 1) * self.batch_size]
+            images = self.x[sel]
+            if self.augment:
+                self.generator.manual_seed(batch_seed(self.seed, self.rank, self.epoch, step))
+                images = crop_flip(images, self.generator)
+            yield self.normalize(images), self.y[sel]
+
+
+class ArrayDataset(Dataset):
+    def __init__(self, split: Split, transform):
+        self.x, self.y, self.transform = split.x.permute(0, 3, 1, 2), split.y, transform
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.transform(self.x[i]), self.y[i]
+
+
+class TorchLoader:
+    """torchvision transforms + DataLoader (workers, pinned memory) over DistributedSampler.
+    Resuming mid-epoch skips the first batches (they are still loaded, not trained on)."""
+
+    def __init__(self, split: Split, device: torch.device, batch_size: int, rank: int, world: int,
+                 seed: int, augment: bool, mean, std, channels_last: bool = False, steps_cap: int = 0,
+                 num_workers: int = 2):
+        from torchvision.transforms import v2
+        ops = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if augment else []
+        ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+        self.sampler = DistributedSampler(range(len(split)), num_replicas=world, rank=rank,
+                                          shuffle=True, seed=seed, drop_last=True)
+        self.loader = DataLoader(
+            ArrayDataset(split, v2.Compose(ops)), batch_size=batch_size, sampler=self.sampler,
+            drop_last=True, num_workers=num_workers, pin_memory=device.type == "cuda",
+            persistent_workers=num_workers > 0,
+            generator=torch.Generator().manual_seed(seed + 7_919 * rank),
+        )
+        self.device, self.steps_cap, self.batch_size = device, steps_cap, batch_size
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return min(len(self.loader), self.steps_cap) if self.steps_cap else len(self.loader)
+
+    def batches(self, start_step: int = 0) -> Iterator[Batch]:
+        for x, y in itertools.islice(self.loader, start_step, len(self)):
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            yield x, y.to(self.device, non_blocking=True)
+
+
+class EvalShards:
+    """Exact distributed evaluation: rank r takes the r-th contiguous slice of the split, no
+    padding and no duplicates, so summed counts equal a single process's."""
+
+    def __init__(self, split: Split, device: torch.device, batch_size: int, rank: int, world: int,
+                 mean, std, channels_last: bool = False):
+        part = torch.tensor_split(torch.arange(len(split)), world)[rank]
+        self.x = split.x[part].to(device)
+        self.y = split.y[part].to(device)
+        self.batch_size = batch_size
+        self.normalize = Normalizer(mean, std, device, channels_last)
+
+    def __len__(self) -> int:
+        return (len(self.y) + self.batch_size - 1) // self.batch_size
+
+    def batches(self) -> Iterator[Batch]:
+        for start in range(0, len(self.y), self.batch_size):
+            yield self.normalize(self.x[start:start + self.batch_size]), self.y[start:start + self.batch_size]
+
+
+def build_train_loader(kind: str, split: Split, device: torch.device, batch_size: int, rank: int,
+                       world: int, seed: int, augment: bool, mean, std, channels_last: bool,
+                       steps_cap: int, num_workers: int):
+    if kind == "tensor":
+        return TensorLoader(split, device, batch_size, rank, world, seed, augment, mean, std,
+                            channels_last, steps_cap)
+    return TorchLoader(split, device, batch_size, rank, world, seed, augment, mean, std,
+                       channels_last, steps_cap, num_workers)

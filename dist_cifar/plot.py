@@ -1,0 +1,118 @@
+"""Figures: loss curves and confusion matrix of one run; overlays of several runs.
+
+    python -m dist_cifar.plot RUN_DIR [RUN_DIR ...] [--out compare.png]
+
+draws train/val loss, train/val accuracy and time-per-epoch bars of every run, overlaid.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a dist_cifar run folder?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["epoch"], r[key]) for r in records if key in r]
+    return [p[0] + 1 for p in pts], [p[1] for p in pts]
+
+
+def loss_curves(records: list[dict], path: Path, title: str = "") -> Path:
+    """Train and validation loss per epoch, as the report's figures."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("train_loss", "train loss"), ("val_loss", "validation loss")):
+        x, y = series(records, key)
+        if x:
+            ax.plot(x, y, marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title(title or "loss per epoch")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def confusion_matrix(matrix, classes: Sequence[str], path: Path, title: str = "") -> Path:
+    import numpy as np
+    m = np.asarray(matrix, dtype=float)
+    rates = m / np.maximum(m.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=7,
+                    color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix (test)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def overlay(runs: dict[str, list[dict]], path: Path, title: str = "") -> Path:
+    """Loss, accuracy and epoch time of several runs side by side."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for i, (name, records) in enumerate(runs.items()):
+        color = f"C{i % 10}"
+        for key, style in (("train_loss", "-"), ("val_loss", "--")):
+            x, y = series(records, key)
+            axes[0].plot(x, y, style, color=color, label=f"{name} {key.split('_')[0]}")
+        for key, style in (("train_accuracy", "-"), ("val_accuracy", "--")):
+            x, y = series(records, key)
+            axes[1].plot(x, y, style, color=color, label=f"{name} {key.split('_')[0]}")
+        x, y = series(records, "epoch_time_s")
+        width = 0.8 / max(len(runs), 1)
+        axes[2].bar([e + i * width for e in x], y, width=width, color=color, label=name)
+    for ax, label in zip(axes, ("loss (solid: train, dashed: val)", "accuracy % (solid: train, dashed: val)",
+                                "time per epoch (s)")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dist_cifar.plot", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl)")
+    parser.add_argument("--out", default="", help="PNG path (default: compare.png in the first run)")
+    parser.add_argument("--title", default="")
+    args = parser.parse_args(argv)
+    try:
+        runs = {Path(r).name: read_metrics(Path(r)) for r in args.runs}
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(args.runs[0]) / "compare.png"
+    overlay(runs, out, args.title)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Preemption: SIGUSR1 / SIGTERM only set a flag; the step loop acts on it.
+
+A signal handler that saved a checkpoint itself would run at an arbitrary bytecode of an
+arbitrary rank, mid-collective. Instead each rank's flag goes into the loop's agreement
+all-reduce, so all ranks stop at the same step, save one checkpoint there and exit with
+EXIT_PREEMPTED. A second signal means "now": the default action runs.
+"""
+from __future__ import annotations
+
+import signal
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early on purpose, a checkpoint holds the state
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class PreemptionFlag:
+    def __init__(self):
+        self.signal_name = ""
+
+    def __call__(self) -> bool:
+        return bool(self.signal_name)
+
+    def raise_flag(self, name: str = "injected") -> None:
+        self.signal_name = self.signal_name or name
+
+    def install(self) -> "PreemptionFlag":
+        for sig in SIGNALS:
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name:  # second signal: stop waiting for a step boundary
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
+        self.raise_flag(signal.Signals(signum).name)
+
+    def uninstall(self) -> None:
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)

@@ -1,0 +1,217 @@
+"""One sink for everything a run reports: metrics.jsonl, W&B, and the console.
+
+Only rank 0 gets a `Reporter`; every other rank gets `SilentReporter`, whose methods do
+nothing, so the training loop never asks which rank it is before reporting. The same per-epoch
+record (minus keys whose value is None) goes to metrics.jsonl and to W&B, epoch as the step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from .checkpoint import atomic_write_bytes
+
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+# What each per-epoch key means (README's table is generated from this, so they cannot drift).
+EPOCH_KEYS = {
+    "epoch": "epoch index, 0-based; W&B's step axis",
+    "train_loss": "mean cross-entropy over the epoch's training samples, all ranks",
+    "train_accuracy": "training accuracy (%) over the epoch, all ranks (dropout on)",
+    "val_loss": "validation loss (exact over ranks: every sample counted once)",
+    "val_accuracy": "validation accuracy (%)",
+    "lr": "learning rate at the end of the epoch",
+    "epoch_time_s": "wall time of the training pass, after a device sync (excludes evaluation)",
+    "images_per_s": "global training throughput: images of all ranks / epoch_time_s",
+    "data_wait_s": "time rank 0 waited for its next batch inside the step loop",
+    "compute_s": "rank 0's epoch_time_s minus data_wait_s",
+    "comm_s": "summed all-reduce time of DDP buckets (needs --ddp-comm-hook; see README)",
+    "rank_time_min_s": "fastest rank's compute time (straggler spread, with the max)",
+    "rank_time_max_s": "slowest rank's compute time",
+    "peak_memory_mb": "peak device memory of rank 0 (CUDA allocator; max RSS on CPU)",
+    "compile_s": "first epoch with --compile: its extra time over a steady epoch (estimate)",
+    "eval_time_s": "wall time of the validation pass",
+    "steps": "optimizer steps in the epoch",
+    "world_size": "number of processes",
+}
+
+
+def drop_none(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if v is not None}
+
+
+class SilentReporter:
+    """Non-zero ranks: nothing printed, nothing written."""
+
+    wandb_id = ""
+
+    def start(self, *a, **k): pass
+    def epoch_start(self, *a, **k): pass
+    def progress(self, *a, **k): pass
+    def epoch(self, *a, **k): pass
+    def note(self, *a, **k): pass
+    def restore_history(self, *a, **k): pass
+    def finish(self, *a, **k): pass
+    def close(self): pass
+
+
+class Reporter(SilentReporter):
+    def __init__(self, out_dir: Path, quiet: bool = False, wandb_mode: str = "off",
+                 wandb_kwargs: Optional[dict[str, Any]] = None):
+        self.out_dir = out_dir
+        self.metrics_path = out_dir / "metrics.jsonl"
+        self.quiet = quiet
+        self.console = make_console()
+        self.interactive = self.console.is_terminal
+        self.bar = None
+        self.run = None
+        self.wandb_mode = resolve_wandb_mode(wandb_mode, self.note)
+        self.wandb_kwargs = wandb_kwargs or {}
+        self.wandb_id = ""
+
+    # -- lifecycle ------------------------------------------------------------------
+    def start(self, config: dict[str, Any], run_config: dict[str, Any], wandb_id: str = "") -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.out_dir / "config.json", json.dumps(run_config, indent=2).encode())
+        if self.wandb_mode != "off":
+            self.run = start_wandb(self.out_dir, self.wandb_mode, run_config, wandb_id,
+                                   **self.wandb_kwargs)
+            self.wandb_id = self.run.id
+            atomic_write_bytes(self.out_dir / WANDB_ID_FILE, self.wandb_id.encode())
+
+    def note(self, message: str) -> None:
+        print(f"[dist_cifar] {message}", flush=True)
+
+    def restore_history(self, history: list[dict[str, Any]]) -> None:
+        """After a resume: metrics.jsonl holds exactly the checkpointed epochs, and W&B gets
+        any of them it never received (a crash between checkpoint and log)."""
+        body = "".join(json.dumps(r) + "\n" for r in history)
+        atomic_write_bytes(self.metrics_path, body.encode())
+        if self.run is not None:
+            for record in history:
+                if record["epoch"] >= self.run.step:
+                    self.run.log(record, step=record["epoch"])
+
+    # -- per step / per epoch -------------------------------------------------------
+    def epoch_start(self, epoch: int, total_steps: int, start_step: int = 0) -> None:
+        if self.quiet or not self.interactive:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        self.bar = Progress(TextColumn(f"epoch {epoch}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[ips]:>9.0f} img/s  loss {task.fields[loss]:.4f}"),
+                            TimeElapsedColumn(), console=self.console, transient=True)
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=total_steps, completed=start_step, ips=0.0, loss=float("nan"))
+
+    def progress(self, step: int, total: int, loss: float, images_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=loss, ips=images_per_s)
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+        record = drop_none(record)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.run is not None:
+            self.run.log(record, step=record["epoch"])
+        if not self.quiet:
+            self.console.print(epoch_line(record), markup=False, highlight=False, soft_wrap=True)
+
+    def finish(self, summary: dict[str, Any], images: dict[str, Path], per_class: list[tuple[str, float]]) -> None:
+        atomic_write_bytes(self.out_dir / "summary.json", json.dumps(summary, indent=2).encode())
+        if self.run is not None:
+            import wandb
+            self.run.summary.update(summary)
+            media = {name: wandb.Image(str(path)) for name, path in images.items() if path.exists()}
+            media["per_class_accuracy"] = wandb.Table(columns=["class", "accuracy"],
+                                                      data=[[c, a] for c, a in per_class])
+            self.run.summary.update(media)
+        self.console.print(summary_table(summary, per_class))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        if self.run is not None:
+            mode, run_dir = self.wandb_mode, getattr(self.run, "dir", "")
+            self.run.finish()
+            self.run = None
+            if mode == "offline" and run_dir:
+                self.note(f"W&B offline run saved; upload it with: wandb sync {Path(run_dir).parent}")
+
+
+def make_console():
+    from rich.console import Console
+    if sys.stdout.isatty():
+        return Console()
+    # Files and SLURM logs: no colour codes, no cursor movement, no wrapping at 80 columns.
+    return Console(force_terminal=False, no_color=True, highlight=False, width=10_000)
+
+
+def epoch_line(r: dict[str, Any]) -> str:
+    parts = [f"epoch {r['epoch']:>3}", f"train_loss {r.get('train_loss', float('nan')):.4f}",
+             f"train_acc {r.get('train_accuracy', float('nan')):6.2f}%"]
+    if "val_loss" in r:
+        parts += [f"val_loss {r['val_loss']:.4f}", f"val_acc {r['val_accuracy']:6.2f}%"]
+    parts += [f"time {r['epoch_time_s']:.2f}s", f"{r['images_per_s']:.0f} img/s",
+              f"wait {r.get('data_wait_s', 0):.2f}s", f"lr {r.get('lr', 0):.2e}"]
+    if "comm_s" in r:
+        parts.append(f"comm {r['comm_s']:.2f}s")
+    if "compile_s" in r:
+        parts.append(f"compile {r['compile_s']:.1f}s")
+    return "  ".join(parts)
+
+
+def summary_table(summary: dict[str, Any], per_class: list[tuple[str, float]]):
+    from rich.table import Table
+    table = Table(title=f"dist_cifar: {summary.get('model')} ({summary.get('out_dir')})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("train_accuracy", "val_accuracy", "test_accuracy", "test_loss", "best_epoch",
+                "best_val_loss", "epochs_run", "total_time_s", "time_to_best_s", "num_params",
+                "world_size", "global_batch_size"):
+        if summary.get(key) is not None:
+            value = summary[key]
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    for name, acc in per_class:
+        table.add_row(f"test acc {name}", f"{acc:.2f}")
+    return table
+
+
+def resolve_wandb_mode(mode: str, note) -> str:
+    if mode == "off":
+        return "off"
+    try:
+        import wandb  # noqa: F401  (imported only when W&B is wanted)
+    except ImportError:
+        if mode == "auto":
+            note("wandb is not installed; W&B logging is off (pip install wandb to enable it)")
+            return "off"
+        raise RuntimeError(f"--wandb {mode}: wandb is not installed; pip install wandb, or --wandb off")
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "online"):
+        return {"disabled": "off"}.get(os.environ["WANDB_MODE"], os.environ["WANDB_MODE"])
+    netrc = Path.home() / ".netrc"
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
+    if not has_key:
+        note("no W&B credentials found: logging offline (wandb sync the run later)")
+    return "online" if has_key else "offline"
+
+
+def start_wandb(out_dir: Path, mode: str, run_config: dict[str, Any], run_id: str = "",
+                project: str = "dist_cifar", entity: str = "", group: str = "", name: str = "",
+                tags: str = "", job_type: str = "train"):
+    import wandb
+    if not run_id and (out_dir / WANDB_ID_FILE).exists():
+        run_id = (out_dir / WANDB_ID_FILE).read_text().strip()
+    return wandb.init(
+        dir=str(out_dir), mode=mode, project=project, entity=entity or None, group=group or None,
+        name=name or out_dir.name, tags=[t for t in tags.split(",") if t] or None, job_type=job_type,
+        config=run_config, id=run_id or wandb.util.generate_id(), resume="allow",
+        settings=wandb.Settings(console="off", silent=True),
+    )
