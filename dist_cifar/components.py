@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import distributed as D
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .models import build_model
 
 
@@ -60,6 +60,8 @@ def wrap_model(cfg: TrainConfig, info: D.DistInfo) -> Model:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     module = build_model(cfg.model, cfg.batchnorm, cfg.dropout, cfg.pooling)
     if cfg.sync_bn and info.distributed:
+        if info.device.type != "cuda":
+            raise ConfigError("--sync-bn needs GPUs (DDP runs SyncBatchNorm on CUDA only): drop it on CPU")
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
     memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
     module = module.to(info.device, memory_format=memory_format)

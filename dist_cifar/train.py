@@ -164,6 +164,7 @@ def run(cfg: TrainConfig, info: D.DistInfo, flag: PreemptionFlag) -> int:
 
     finish(cfg, info, out_dir, splits, model, precision, state, reporter, run_config)
     reporter.close()
+    D.barrier(info)  # no rank tears the process group down while rank 0 still writes
     return EXIT_OK
 
 

@@ -1,0 +1,90 @@
+"""Shared test helpers: run the real trainer as a subprocess, alone or under real torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_TARBALL = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE=env.get("WANDB_MODE", "disabled"),
+               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.pop("DIST_CIFAR_FAULT", None)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train(args: list[str], timeout: float = 240, env: dict | None = None, **extra_env) -> subprocess.CompletedProcess:
+    """`python -m dist_cifar.train ARGS` as a real process; bounded."""
+    return subprocess.run([sys.executable, "-m", "dist_cifar.train", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=env or base_env(**extra_env))
+
+
+def torchrun_cmd(nproc: int, args: list[str], launcher: list[str] | None = None, module: str = "dist_cifar.train") -> list[str]:
+    launcher = launcher if launcher is not None else ["--standalone"]
+    return [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={nproc}",
+            "-m", module, *args]
+
+
+def run_torchrun(nproc: int, args: list[str], timeout: float = 300, launcher: list[str] | None = None,
+                 module: str = "dist_cifar.train", **extra_env) -> subprocess.CompletedProcess:
+    """A real torchrun job on gloo, CPU; bounded."""
+    return subprocess.run(torchrun_cmd(nproc, args, launcher, module), cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=base_env(**extra_env))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def write_official_cifar(folder: Path, per_batch: int = 20, n_test: int = 20, seed: int = 0) -> Path:
+    """Write a small CIFAR-10 in the exact official layout: cifar-10-batches-py/ with
+    data_batch_1..5 and test_batch (pickled dicts with bytes keys b'data' (N, 3072) uint8 and
+    b'labels' list) and batches.meta (b'label_names')."""
+    rng = np.random.default_rng(seed)
+    root = folder / "cifar-10-batches-py"
+    root.mkdir(parents=True, exist_ok=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = n_test if name == "test_batch" else per_batch
+        batch = {b"batch_label": f"{name} of 5".encode(), b"labels": rng.integers(0, 10, n).tolist(),
+                 b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"filenames": [f"img_{i}.png".encode() for i in range(n)]}
+        with open(root / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    meta = {b"label_names": [c.encode() for c in ("airplane", "automobile", "bird", "cat", "deer", "dog",
+                                                  "frog", "horse", "ship", "truck")],
+            b"num_cases_per_batch": per_batch, b"num_vis": 3072}
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump(meta, f, protocol=2)
+    return root
+
+
+@pytest.fixture
+def official_cifar(tmp_path) -> Path:
+    write_official_cifar(tmp_path / "data")
+    return tmp_path / "data"
+
+
+def smoke_args(out: Path, *extra: str) -> list[str]:
+    return ["--dataset", "synthetic", "--synthetic-size", "256", "--batch-size", "32", "--epochs", "1",
+            "--model", "small_cnn", "--out-dir", str(out), "--eval-batch-size", "64", *extra]

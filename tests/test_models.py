@@ -1,0 +1,46 @@
+import itertools
+
+import pytest
+import torch
+
+from dist_cifar.config import ConfigError, make_config
+from dist_cifar.models import MODELS, SmallCNN, VGG16CIFAR, build_model, count_parameters
+
+
+@pytest.mark.parametrize("name", ["linear", "simple_cnn", "small_cnn", "vgg_truncated"])
+def test_output_shape(name):
+    model = build_model(name).eval()
+    assert model(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+
+
+def test_vgg16_cifar_exact_size_and_shape():
+    with torch.device("meta"):
+        model = VGG16CIFAR()
+    assert count_parameters(model) == 332_943_818
+    assert model.flattened_size == 73_728
+    assert model.fc_layer[1].in_features == 73_728 and model.fc_layer[1].out_features == 4096
+    assert model(torch.empty(2, 3, 32, 32, device="meta")).shape == (2, 10)
+    feats = model.conv_layer(torch.empty(2, 3, 32, 32, device="meta"))
+    assert feats.shape == (2, 512, 12, 12)
+
+
+@pytest.mark.parametrize("bn,drop,pool", list(itertools.product([True, False], repeat=3)))
+def test_small_cnn_switches(bn, drop, pool):
+    model = SmallCNN(batchnorm=bn, dropout=drop, pooling=pool).eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert model.flattened_size == (16 * 8 * 8 if pool else 16 * 32 * 32)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == bn
+    assert any(isinstance(m, torch.nn.Dropout) for m in model.modules()) == drop
+
+
+def test_protocol_layer_sizes():
+    assert build_model("simple_cnn").fc1.in_features == 4608
+    assert build_model("vgg_truncated").fc_layer[1].in_features == 4096
+    assert count_parameters(build_model("linear")) == 3072 * 10 + 10
+
+
+def test_unknown_model_lists_known_ones():
+    with pytest.raises(ConfigError) as err:
+        make_config(model="resnet50")
+    for name in MODELS:
+        assert name in str(err.value)

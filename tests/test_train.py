@@ -1,0 +1,85 @@
+import json
+
+import pytest
+import torch
+
+from conftest import read_jsonl, run_train, smoke_args
+from dist_cifar.config import ConfigError, build_parser, field_docs, make_config, parse_config, TrainConfig
+
+OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "best.pt", "loss_curves.png", "confusion_matrix.png")
+
+
+def test_two_epoch_small_cnn_run_learns_and_writes_everything(tmp_path):
+    out = tmp_path / "run"
+    proc = run_train(["--dataset", "synthetic", "--synthetic-size", "1024", "--model", "small_cnn",
+                      "--epochs", "2", "--batch-size", "32", "--out-dir", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in OUTPUTS:
+        assert (out / name).stat().st_size > 0, name
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [0, 1]
+    assert metrics[1]["train_loss"] < metrics[0]["train_loss"]
+    for m in metrics:
+        assert m["epoch_time_s"] > 0 and m["images_per_s"] > 0 and 0 <= m["val_accuracy"] <= 100
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("num_params", "train_accuracy", "val_accuracy", "test_accuracy", "best_epoch", "total_time_s"):
+        assert key in summary
+    assert summary["num_params"] == 69_050 and summary["test_accuracy"] > 20  # chance is 10
+    assert summary["best_epoch"] == min(metrics, key=lambda m: m["val_loss"])["epoch"]
+    assert sum(map(sum, summary["confusion_matrix"])) == 256
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "small_cnn" and config["world_size"] == 1 and config["global_batch_size"] == 32
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["model_name"] == "small_cnn" and "fc1.weight" in best["state_dict"]
+    assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_refuses_to_overwrite_out_dir(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    proc = run_train(smoke_args(out), timeout=120)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert (out / "precious.txt").read_text() == "keep me" and not (out / "metrics.jsonl").exists()
+    proc = run_train(smoke_args(out, "--overwrite"), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "precious.txt").exists()  # --overwrite replaces the run's files, not yours
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--epochs", "-1"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--lr", "0"], "--lr"),
+    (["--preset", "report", "--dataset", "synthetic", "--synthetic-size", "100"], "--split"),
+    (["--preset", "report", "--max-train", "30000"], "--max-train"),
+    (["--device", "cpu", "--precision", "fp16"], "--precision"),
+    (["--model", "nope"], "--model"),
+])
+def test_bad_flags_fail_fast_with_one_line(tmp_path, flags, named):
+    proc = run_train([*flags, "--out-dir", str(tmp_path / "o")], timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_argparse_rejects_unknown_choice(tmp_path):
+    proc = run_train(["--optimizer", "lbfgs"], timeout=60)
+    assert proc.returncode == 2 and "--optimizer" in proc.stderr
+
+
+def test_every_field_is_documented_and_a_flag():
+    docs = field_docs()
+    parser_help = build_parser().format_help()
+    import dataclasses
+    for f in dataclasses.fields(TrainConfig):
+        assert docs.get(f.name), f"{f.name} has no docstring"
+        assert "--" + f.name.replace("_", "-") in parser_help
+
+
+def test_preset_then_explicit_flags_override():
+    cfg = parse_config(["--preset", "report", "--lr", "0.01", "--epochs", "3"])
+    assert cfg.batch_size == 32 and cfg.eval_batch_size == 128 and cfg.normalize == "half"
+    assert cfg.split == "report" and cfg.weight_decay == 0.01 and cfg.seed == 42
+    assert cfg.lr == 0.01 and cfg.epochs == 3
+    assert make_config(preset="report", weight_decay=0.0).weight_decay == 0.0
