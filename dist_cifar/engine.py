@@ -107,20 +107,21 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
         x, y = next(batches)
         result.data_wait_s += time.perf_counter() - t_wait
         hooks.faults.before_step(info.rank, global_step)
+        guarded = (step - start_step) % hooks.guard_every == 0
 
         with precision.autocast():
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         loss = hooks.faults.corrupt_loss(info.rank, global_step, loss)
 
-        if (step - start_step) % hooks.guard_every == 0:
+        if guarded:
             finite, stop = D.agree(info, torch.isfinite(loss.detach()), hooks.should_stop())
             if not finite:
                 raise NonFiniteLoss(f"non-finite loss at epoch {epoch} step {step} on some rank; "
                                     f"stopped before the optimizer step (lower --lr, or try fp32)")
-            if stop:
-                result.stopped = True
-                break
+            # A stop request still finishes this step: its forward already moved BatchNorm
+            # statistics and the RNG, so stopping here keeps the checkpoint a true step boundary.
+            result.stopped = stop
 
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -155,6 +156,8 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
             images = (step - start_step) * loader.batch_size * info.world_size
             hooks.on_progress(step, total, float(loss_sum.item()) / max(result.count, 1),
                               images / max(watch.peek(), 1e-9))
+        if result.stopped:
+            break
         if hooks.on_checkpoint_step and hooks.checkpoint_every_steps and step < total \
                 and step % hooks.checkpoint_every_steps == 0:
             result.end_step = step

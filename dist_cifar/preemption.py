@@ -3,7 +3,9 @@
 A signal handler that saved a checkpoint itself would run at an arbitrary bytecode of an
 arbitrary rank, mid-collective. Instead each rank's flag goes into the loop's agreement
 all-reduce, so all ranks stop at the same step, save one checkpoint there and exit with
-EXIT_PREEMPTED. A second signal means "now": the default action runs.
+EXIT_PREEMPTED. Repeated signals are harmless: under SLURM a worker can get SIGTERM from slurmstepd and again
+from torchrun, and must still checkpoint. Escalation is the launcher's job (torchrun sends
+SIGKILL when workers outlive its grace period).
 """
 from __future__ import annotations
 
@@ -29,10 +31,6 @@ class PreemptionFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.signal_name:  # second signal: stop waiting for a step boundary
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-            return
         self.raise_flag(signal.Signals(signum).name)
 
     def uninstall(self) -> None:

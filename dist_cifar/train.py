@@ -144,8 +144,9 @@ def run(cfg: TrainConfig, info: D.DistInfo, flag: PreemptionFlag) -> int:
         step_log.write(epoch, start_step, result.step_losses)
         if result.stopped:
             save(epoch, result.end_step, (result.loss_sum, result.correct, result.count))
-            reporter.note(f"preempted ({flag.signal_name or 'signal on another rank'}): checkpoint at "
-                          f"epoch {epoch} step {result.end_step} written; exit {EXIT_PREEMPTED}")
+            print(f"[dist_cifar] rank {info.rank}: preempted ({flag.signal_name or 'signal on another rank'}), "
+                  f"stopped at epoch {epoch} step {result.end_step}; checkpoint written; exit {EXIT_PREEMPTED}",
+                  file=sys.stderr, flush=True)
             reporter.close()
             return EXIT_PREEMPTED
         t_eval = time.perf_counter()
@@ -271,14 +272,14 @@ def track_best(state: RunState, record: dict, out_dir: Path, cfg: TrainConfig, i
 
 
 def checkpoint_state(cfg, info, module, optimizer, scheduler, precision, state: RunState) -> dict:
-    rng = [ckpt.capture_rng()]
+    rngs = [ckpt.capture_rng()]
     if info.distributed:
-        rng = [None] * info.world_size
-        torch.distributed.all_gather_object(rng, ckpt.capture_rng())
+        rngs = [None] * info.world_size
+        torch.distributed.all_gather_object(rngs, rngs[0])
     return {"format": ckpt.FORMAT, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": precision.scaler.state_dict() if precision.scaler else {},
-            "run": asdict(state), "rng": rng, "config": cfg.to_dict(), "world_size": info.world_size,
+            "run": asdict(state), "rng": rngs, "config": cfg.to_dict(), "world_size": info.world_size,
             "global_batch_size": cfg.batch_size * info.world_size}
 
 

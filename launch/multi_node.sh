@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Several nodes: run this once on every node, with the same endpoint and job id.
+#   bash launch/multi_node.sh NNODES NODE_RANK ENDPOINT [NPROC_PER_NODE] -- TRAINER ARGS...
+# or set NNODES, NODE_RANK, RDZV_ENDPOINT (host:port of node 0), NPROC_PER_NODE, RDZV_ID.
+# Example (2 nodes x 8 GPUs; on node 1 use NODE_RANK=1):
+#   bash launch/multi_node.sh 2 0 node0.cluster:29500 8 -- --preset fast --data-dir /data/cifar
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+args=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do args+=("$1"); shift; done
+[ "${1:-}" = "--" ] && shift
+nnodes=${args[0]:-${NNODES:?give NNODES}}
+node_rank=${args[1]:-${NODE_RANK:?give NODE_RANK}}
+endpoint=${args[2]:-${RDZV_ENDPOINT:?give the rendezvous endpoint host:port of node 0}}
+nproc=${args[3]:-${NPROC_PER_NODE:-$($PYTHON -c "import torch; print(torch.cuda.device_count() or 1)")}}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec $PYTHON -m torch.distributed.run --nnodes="$nnodes" --node_rank="$node_rank" \
+  --nproc_per_node="$nproc" --rdzv-backend=c10d --rdzv-endpoint="$endpoint" \
+  --rdzv-id="${RDZV_ID:-dist_cifar}" -m dist_cifar.train "$@"

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One node, one process per GPU (or NPROC CPU processes on gloo when there is no GPU).
+#   bash launch/single_node.sh [NPROC] -- TRAINER ARGS...
+#   NPROC defaults to $NPROC, else the number of GPUs, else 2.
+# Example: bash launch/single_node.sh 4 -- --model vgg16_cifar --preset fast --data-dir data
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+nproc=${NPROC:-}
+if [ $# -gt 0 ] && [ "$1" != "--" ]; then nproc=$1; shift; fi
+[ "${1:-}" = "--" ] && shift
+if [ -z "$nproc" ]; then
+  nproc=$($PYTHON -c "import torch; print(torch.cuda.device_count() or 2)")
+fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec $PYTHON -m torch.distributed.run --standalone --nproc_per_node="$nproc" -m dist_cifar.train "$@"
