@@ -16,6 +16,7 @@ import json
 import os
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -112,13 +113,14 @@ def prune(out_dir: Path, keep_last: int) -> None:
         old.with_name(old.name + ".commit").unlink(missing_ok=True)  # uncommit first
         old.unlink(missing_ok=True)
     for stray in Path(out_dir).glob(".tmp-ckpt-*"):
-        if not stray.name.endswith(f"-{os.getpid()}"):
-            stray.unlink(missing_ok=True)  # a save killed midway in an earlier process
+        stray.unlink(missing_ok=True)  # a save killed midway (only rank 0 ever writes here)
 
 
 def load(path: Path) -> dict[str, Any]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about legacy pickles before refusing them
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"refusing checkpoint {path}: it does not load as plain tensors and "

@@ -69,7 +69,14 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0) 
     if chosen == "nccl" and dev.type != "cuda":
         raise RuntimeError("--backend nccl needs CUDA devices: use --backend gloo")
     kwargs = {"device_id": dev} if chosen == "nccl" else {}
-    dist.init_process_group(backend=chosen, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # After an elastic restart torchrun's agent store still holds the dead attempt's peer
+    # addresses under the same keys, and the new workers dial them (pytorch/pytorch#167288).
+    # A per-attempt key prefix keeps each attempt's rendezvous apart.
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    store = dist.PrefixStore(f"dist_cifar/attempt_{attempt}", store)
+    dist.init_process_group(backend=chosen, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs)
     return DistInfo(rank, local_rank, world, local_world, dev, chosen)
 
 

@@ -272,10 +272,11 @@ def track_best(state: RunState, record: dict, out_dir: Path, cfg: TrainConfig, i
 
 
 def checkpoint_state(cfg, info, module, optimizer, scheduler, precision, state: RunState) -> dict:
-    rngs = [ckpt.capture_rng()]
+    mine = ckpt.capture_rng()
+    rngs = [mine]
     if info.distributed:
         rngs = [None] * info.world_size
-        torch.distributed.all_gather_object(rngs, rngs[0])
+        torch.distributed.all_gather_object(rngs, mine)
     return {"format": ckpt.FORMAT, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": precision.scaler.state_dict() if precision.scaler else {},

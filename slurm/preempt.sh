@@ -1,0 +1,33 @@
+# Sourced by the sbatch scripts: run the job in the background, turn SLURM's warning signal
+# (USR1, --signal=B:USR1@90) into SIGTERM for the trainer, and requeue once it has written
+# its checkpoint. The requeued job resumes by itself (--resume auto, same out dir).
+#   run_preemptible KILL_CMD -- CMD...   KILL_CMD is how to deliver SIGTERM to the job.
+preempted=0
+requeue_id=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
+requeue_id=${requeue_id:-$SLURM_JOB_ID}
+
+run_preemptible() {
+  local kill_cmd=$1; shift; [ "$1" = "--" ] && shift
+  on_signal() {
+    echo "[slurm] $(date +%T) got $1: asking the trainer to checkpoint and stop" >&2
+    preempted=1
+    # torchrun does not forward SIGUSR1, and signalling srun itself aborts the step: TERM the
+    # step's tasks; torchrun forwards TERM to its workers, which agree on a step and save.
+    eval "$kill_cmd" || true
+  }
+  trap 'on_signal USR1' USR1
+  trap 'on_signal TERM' TERM
+  "$@" &
+  local child=$!
+  local status=0
+  while true; do
+    wait "$child"; status=$?
+    kill -0 "$child" 2>/dev/null || break   # wait returned because of a trapped signal
+  done
+  if [ "$preempted" = 1 ]; then
+    echo "[slurm] $(date +%T) trainer exited ($status) after preemption; requeueing $requeue_id" >&2
+    scontrol requeue "$requeue_id"
+    exit 0
+  fi
+  return "$status"
+}
