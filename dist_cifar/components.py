@@ -34,7 +34,7 @@ class CommTimer:
                      "bf16": default_hooks.bf16_compress_hook}[kind]
         self.total_s = 0.0
 
-    def __call__(self, state, bucket):
+    def hook(self, state, bucket):  # DDP calls this once per gradient bucket
         t0 = time.perf_counter()
 
         def done(fut):
@@ -75,7 +75,7 @@ def wrap_model(cfg: TrainConfig, info: D.DistInfo) -> Model:
         )
         if cfg.ddp_comm_hook != "none":
             comm = CommTimer(cfg.ddp_comm_hook)
-            train_model.register_comm_hook(None, comm)
+            train_model.register_comm_hook(None, comm.hook)
     eval_model = module
     if cfg.compile:
         train_model = torch.compile(train_model, mode=cfg.compile_mode, dynamic=False)

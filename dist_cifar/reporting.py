@@ -7,6 +7,7 @@ record (minus keys whose value is None) goes to metrics.jsonl and to W&B, epoch 
 from __future__ import annotations
 
 import json
+import secrets
 import os
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from .checkpoint import atomic_write_bytes
 
 WANDB_ID_FILE = "wandb_run_id.txt"
 
-# What each per-epoch key means (README's table is generated from this, so they cannot drift).
+# What each per-epoch key means (a test checks that README's table lists every one).
 EPOCH_KEYS = {
     "epoch": "epoch index, 0-based; W&B's step axis",
     "train_loss": "mean cross-entropy over the epoch's training samples, all ranks",
@@ -86,13 +87,17 @@ class Reporter(SilentReporter):
         print(f"[dist_cifar] {message}", flush=True)
 
     def restore_history(self, history: list[dict[str, Any]]) -> None:
-        """After a resume: metrics.jsonl holds exactly the checkpointed epochs, and W&B gets
-        any of them it never received (a crash between checkpoint and log)."""
+        """After a resume: metrics.jsonl holds exactly the checkpointed epochs, and W&B gets those
+        it never received (a crash between checkpoint and log). An epoch line in metrics.jsonl
+        means W&B got it too: both are written together in `epoch`."""
+        seen = set()
+        if self.metrics_path.exists():
+            seen = {json.loads(l)["epoch"] for l in self.metrics_path.read_text().splitlines() if l.strip()}
         body = "".join(json.dumps(r) + "\n" for r in history)
         atomic_write_bytes(self.metrics_path, body.encode())
         if self.run is not None:
             for record in history:
-                if record["epoch"] >= self.run.step:
+                if record["epoch"] not in seen:
                     self.run.log(record, step=record["epoch"])
 
     # -- per step / per epoch -------------------------------------------------------
@@ -212,6 +217,6 @@ def start_wandb(out_dir: Path, mode: str, run_config: dict[str, Any], run_id: st
     return wandb.init(
         dir=str(out_dir), mode=mode, project=project, entity=entity or None, group=group or None,
         name=name or out_dir.name, tags=[t for t in tags.split(",") if t] or None, job_type=job_type,
-        config=run_config, id=run_id or wandb.util.generate_id(), resume="allow",
+        config=run_config, id=run_id or secrets.token_hex(4), resume="allow",
         settings=wandb.Settings(console="off", silent=True),
     )

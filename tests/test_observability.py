@@ -1,0 +1,112 @@
+"""W&B offline runs read back from their files, console output in and out of a TTY, plots."""
+import json
+import os
+import pty
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, base_env, read_jsonl, run_torchrun, run_train, smoke_args
+import wandb_reader
+
+pytest.importorskip("wandb")
+ANSI = re.compile(r"\x1b\[")
+
+
+def offline_runs(out):
+    return sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_two_process_offline_run_logs_every_epoch_once(tmp_path):
+    out = tmp_path / "run"
+    proc = run_torchrun(2, smoke_args(out, "--epochs", "3", "--wandb", "offline", "--ddp-comm-hook", "allreduce"),
+                        WANDB_MODE="offline")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = offline_runs(out)
+    assert len(files) == 1 and len(list((out / "wandb").glob("offline-run-*"))) == 1  # rank 0 only
+    rows = wandb_reader.history(files[0])
+    assert [r["_step"] for r in rows] == [0, 1, 2] and [r["epoch"] for r in rows] == [0, 1, 2]
+    for row in rows:
+        assert row["epoch_time_s"] > 0 and row["images_per_s"] > 0 and row["comm_s"] > 0
+        assert row["rank_time_max_s"] >= row["rank_time_min_s"] > 0
+    config = wandb_reader.config(files[0])
+    assert config["world_size"] == 2 and config["global_batch_size"] == 64 and config["model"] == "small_cnn"
+    assert config["torch_version"] and config["device_name"] == "cpu" and "git_commit" in config
+    run_id = wandb_reader.run_id(files[0])
+    assert (out / "wandb_run_id.txt").read_text() == run_id
+    assert "wandb sync" in proc.stdout
+    # metrics.jsonl carries exactly the keys W&B got
+    metrics = read_jsonl(out / "metrics.jsonl")
+    for line, row in zip(metrics, rows):
+        assert set(line) == {k for k in row if not k.startswith("_")}
+        assert line["epoch_time_s"] == pytest.approx(row["epoch_time_s"])
+
+
+def test_resumed_job_continues_the_same_run(tmp_path):
+    out = tmp_path / "run"
+    first = run_train(smoke_args(out, "--epochs", "2", "--wandb", "offline"), WANDB_MODE="offline")
+    assert first.returncode == 0, first.stderr[-2000:]
+    run_id = (out / "wandb_run_id.txt").read_text()
+    second = run_train(smoke_args(out, "--epochs", "3", "--wandb", "offline"), WANDB_MODE="offline")
+    assert second.returncode == 0, second.stderr[-2000:]
+    files = offline_runs(out)
+    assert len(files) == 2 and {wandb_reader.run_id(f) for f in files} == {run_id}
+    later = max(files, key=lambda f: f.parent.name)
+    assert [r["_step"] for r in wandb_reader.history(later)] == [2]  # no duplicate, no backwards step
+    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1, 2]
+
+
+def test_plain_output_without_a_tty(tmp_path):
+    proc = run_train(smoke_args(tmp_path / "run", "--epochs", "3"))
+    assert proc.returncode == 0
+    assert not ANSI.search(proc.stdout) and "\r" not in proc.stdout
+    epoch_lines = [l for l in proc.stdout.splitlines() if l.startswith("epoch ")]
+    assert len(epoch_lines) == 3 and all("img/s" in l and "val_loss" in l for l in epoch_lines)
+
+
+def test_progress_bar_on_a_tty(tmp_path):
+    leader, follower = pty.openpty()
+    args = smoke_args(tmp_path / "run", "--epochs", "2", "--progress-every", "1", "--synthetic-size", "1024")
+    proc = subprocess.Popen([sys.executable, "-m", "dist_cifar.train", *args], cwd=ROOT, env=base_env(TERM="xterm"),
+                            stdout=follower, stderr=follower, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=120) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    assert ANSI.search(text)  # a live display, redrawn in place
+    assert "img/s" in text and "loss" in text and "epoch 0" in text and "━" in text
+
+
+def test_quiet_prints_only_the_summary(tmp_path):
+    proc = run_train(smoke_args(tmp_path / "run", "--quiet"))
+    assert proc.returncode == 0 and "epoch   0" not in proc.stdout and "test_accuracy" in proc.stdout
+
+
+def test_plot_overlays_runs(tmp_path):
+    for name in ("a", "b"):
+        assert run_train(smoke_args(tmp_path / name, "--epochs", "2")).returncode == 0
+    out = tmp_path / "cmp.png"
+    proc = subprocess.run([sys.executable, "-m", "dist_cifar.plot", str(tmp_path / "a"), str(tmp_path / "b"),
+                           "--out", str(out)], cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 10_000
+    bad = subprocess.run([sys.executable, "-m", "dist_cifar.plot", str(tmp_path / "nope")], cwd=ROOT,
+                         env=base_env(), capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "metrics.jsonl" in bad.stderr
+
+
+def test_readme_documents_every_logged_key():
+    from dist_cifar.reporting import EPOCH_KEYS
+    readme = (ROOT / "README.md").read_text()
+    for key in EPOCH_KEYS:
+        assert f"`{key}`" in readme, key
