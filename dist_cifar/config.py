@@ -298,8 +298,6 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if cfg.dist_timeout <= 0:
         raise ConfigError(f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}")
-    if cfg.device == "cpu" and cfg.precision == "fp16":
-        raise ConfigError("--precision fp16 needs a GPU: use --precision bf16 or fp32 with --device cpu")
     if cfg.device == "cpu" and cfg.backend == "nccl":
         raise ConfigError("--backend nccl needs GPUs: use --backend gloo with --device cpu")
     if cfg.split == "report":

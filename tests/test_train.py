@@ -52,7 +52,8 @@ def test_refuses_to_overwrite_out_dir(tmp_path):
     (["--lr", "0"], "--lr"),
     (["--preset", "report", "--dataset", "synthetic", "--synthetic-size", "100"], "--split"),
     (["--preset", "report", "--max-train", "30000"], "--max-train"),
-    (["--device", "cpu", "--precision", "fp16"], "--precision"),
+    (["--device", "cpu", "--backend", "nccl"], "--backend"),
+    (["--label-smoothing", "1.5"], "--label-smoothing"),
     (["--model", "nope"], "--model"),
 ])
 def test_bad_flags_fail_fast_with_one_line(tmp_path, flags, named):
