@@ -141,9 +141,11 @@ class TrainConfig:
 
     # ---- fault tolerance -----------------------------------------------------------
     checkpoint_every: int = 1
-    """Write a checkpoint every N epochs (0: only on preemption and at the end)."""
+    """Write a checkpoint every N epochs and after the last (0: only on preemption; for benchmarks)."""
     checkpoint_every_steps: int = 0
     """Also write a checkpoint every N training steps inside an epoch (0: off)."""
+    save_best: bool = True
+    """Keep best.pt (the lowest-validation-loss weights) and evaluate them at the end; off: the last weights."""
     keep_last: int = 2
     """Keep the newest K committed checkpoints, prune older ones."""
     resume: str = "auto"

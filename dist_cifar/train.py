@@ -260,7 +260,7 @@ def track_best(state: RunState, record: dict, out_dir: Path, cfg: TrainConfig, i
     if val_loss < state.best_val_loss:
         state.best_val_loss, state.best_epoch = val_loss, record["epoch"]
         state.time_to_best_s = state.train_time_s
-        if info.is_main:
+        if info.is_main and cfg.save_best:
             blob = {"format": ckpt.FORMAT, "model_name": cfg.model, "epoch": record["epoch"],
                     "val_loss": record["val_loss"], "state_dict": module.state_dict(), "config": cfg.to_dict()}
             tmp = out_dir / ".tmp-best.pt"
@@ -320,7 +320,7 @@ def resume(path, cfg, info, module, optimizer, scheduler, precision, state: RunS
 def finish(cfg, info, out_dir, splits, model, precision, state: RunState, reporter, run_config) -> None:
     """The report's compute_accuracy on the best weights, the confusion matrix, plots, summary."""
     best = out_dir / "best.pt"
-    if info.is_main and best.exists():
+    if info.is_main and cfg.save_best and best.exists():
         model.module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
     D.broadcast_module(info, model.module)
     mean, std = normalization(cfg.normalize)

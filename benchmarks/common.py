@@ -1,0 +1,79 @@
+"""Shared by the benchmark scripts: provenance, JSON output, tables, running the real trainer."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SHARED_TARBALL = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+sys.path.insert(0, str(ROOT))
+
+
+def provenance(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    import torch
+    cuda = torch.cuda.is_available()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=5).stdout.strip()
+    except Exception:
+        commit = ""
+    return {
+        "host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
+        "torch_version": torch.__version__, "device_name": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "gpus": torch.cuda.device_count() if cuda else 0, "cpu_count": os.cpu_count(),
+        "command": " ".join([Path(sys.argv[0]).name if argv is None else "", *(sys.argv[1:] if argv is None else argv)]).strip(),
+        "git_commit": commit or "unknown", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    return path
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
+        return str(v)
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def data_args(dataset: str, data_dir: str) -> list[str]:
+    """--dataset auto picks the shared real CIFAR-10 when it is there, else synthetic."""
+    if dataset == "auto":
+        if SHARED_TARBALL.exists():
+            return ["--dataset", "imagefolder", "--data-dir", str(SHARED_TARBALL)]
+        return ["--dataset", "synthetic", "--synthetic-size", "8192"]
+    return ["--dataset", dataset, "--data-dir", data_dir]
+
+
+def run_trainer(args: list[str], out_dir: Path, nproc: int = 1, env: dict | None = None,
+                timeout: float = 3600) -> list[dict]:
+    """Run the real trainer (under torchrun when nproc > 1); return its metrics.jsonl records."""
+    launcher = [sys.executable, "-m", "dist_cifar.train"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dist_cifar.train"]
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    proc = subprocess.run([*launcher, *args, "--out-dir", str(out_dir), "--overwrite", "--quiet",
+                           "--checkpoint-every", "0"], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"trainer failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]

@@ -1,0 +1,84 @@
+"""Training time per epoch along the feature ladder, every rung measured in one run.
+
+    python benchmarks/epoch_time.py --model small_cnn --batch-size 256 --steps-per-epoch 60
+    python benchmarks/epoch_time.py --model vgg16_cifar --batch-size 512 --nproc 8   # GPUs
+
+Rungs (each adds one feature to the previous): fp32 eager + torch DataLoader, +bf16,
++channels_last, +compile, +tensor loader, and under torchrun (--nproc > 1) +bf16 comm hook.
+Each rung is the real trainer in its own process; the time per epoch is the steady state
+(the last epoch; the first one compiles/warms up), projected to a full pass when
+--steps-per-epoch caps it. CUDA epochs are timed after a device sync.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from common import RESULTS, data_args, provenance, run_trainer, table, write_json
+
+RUNGS = [
+    ("fp32 eager, torch loader", ["--precision", "fp32", "--loader", "torch"]),
+    ("+bf16", ["--precision", "bf16", "--loader", "torch"]),
+    ("+channels_last", ["--precision", "bf16", "--loader", "torch", "--channels-last"]),
+    ("+compile", ["--precision", "bf16", "--loader", "torch", "--channels-last", "--compile"]),
+    ("+tensor loader", ["--precision", "bf16", "--loader", "tensor", "--channels-last", "--compile"]),
+]
+HOOK_RUNG = ("+bf16 comm hook", ["--precision", "bf16", "--loader", "tensor", "--channels-last", "--compile",
+                                 "--ddp-comm-hook", "bf16"])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="small_cnn")
+    p.add_argument("--batch-size", type=int, default=256, help="per process")
+    p.add_argument("--dataset", default="auto", help="auto: the shared real CIFAR-10 if present, else synthetic")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--steps-per-epoch", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=2, help="per rung; the last one is reported")
+    p.add_argument("--nproc", type=int, default=1, help="processes (torchrun when > 1)")
+    p.add_argument("--num-workers", type=int, default=2, help="torch loader workers")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch default)")
+    p.add_argument("--skip", default="", help="comma-separated rung names to skip (e.g. '+compile')")
+    p.add_argument("--out", default="", help="JSON path (default benchmarks/results/epoch_time_<model>_<device>.json)")
+    args = p.parse_args(argv)
+
+    rungs = RUNGS + ([HOOK_RUNG] if args.nproc > 1 else [])
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    common = ["--model", args.model, "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
+              "--steps-per-epoch", str(args.steps_per_epoch), "--num-workers", str(args.num_workers),
+              "--split", "full", "--val-size", "0", "--no-save-best", "--eval-batch-size", "1024",
+              *data_args(args.dataset, args.data_dir)] + (["--threads", str(args.threads)] if args.threads else [])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, flags in rungs:
+            if name in skip:
+                continue
+            records = run_trainer([*common, *flags], Path(tmp) / "run", nproc=args.nproc)
+            import json
+            config = json.loads((Path(tmp) / "run" / "config.json").read_text())
+            last = records[-1]
+            full_steps = config["split_sizes"]["train"] // (args.batch_size * args.nproc)
+            step_s = last["epoch_time_s"] / last["steps"]
+            rows.append({"rung": name, "images_per_s": last["images_per_s"], "step_ms": 1000 * step_s,
+                         "epoch_s_measured": last["epoch_time_s"], "steps_measured": last["steps"],
+                         "epoch_s_full": step_s * full_steps, "full_epoch_steps": full_steps,
+                         "data_wait_s": last["data_wait_s"], "peak_memory_mb": last["peak_memory_mb"],
+                         "first_epoch_s": records[0]["epoch_time_s"], "compile_s": records[0].get("compile_s"),
+                         "flags": " ".join(flags)})
+            print(f"{name:<28} {last['images_per_s']:>10,.0f} img/s", flush=True)
+    base = rows[0]["images_per_s"] if rows else 1.0
+    for row in rows:
+        row["speedup"] = row["images_per_s"] / base
+    cols = ["rung", "images_per_s", "speedup", "step_ms", "epoch_s_full", "data_wait_s", "peak_memory_mb", "first_epoch_s"]
+    print()
+    print(table(rows, cols))
+    meta = provenance()
+    device = "gpu" if meta["gpus"] else "cpu"
+    out = Path(args.out) if args.out else RESULTS / f"epoch_time_{args.model}_bs{args.batch_size}_{device}.json"
+    write_json(out, {"benchmark": "epoch_time", "provenance": meta, "args": vars(args), "data": common, "rungs": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""Images/s of the training data path alone: device-resident `tensor` loader vs torchvision
+DataLoader (`torch`) with 0 and 2 workers, both with crop+flip augmentation and normalisation.
+
+    python benchmarks/loader.py [--batch-size 256] [--epochs 2] [--device auto]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from common import RESULTS, SHARED_TARBALL, provenance, table, write_json
+from dist_cifar.data import load_source, make_splits, normalization
+from dist_cifar.loaders import TensorLoader, TorchLoader
+from dist_cifar.timing import synchronize
+
+
+def epoch_rate(loader, device, epoch: int) -> float:
+    """Images/s of one full pass over the loader."""
+    loader.set_epoch(epoch)
+    synchronize(device)
+    start, images = time.perf_counter(), 0
+    for x, y in loader.batches():
+        images += y.shape[0]
+    synchronize(device)
+    return images / (time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=5, help="measured rounds per loader (after one warm-up)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default="")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    raw = load_source("imagefolder", str(SHARED_TARBALL)) if SHARED_TARBALL.exists() else load_source("synthetic", "", synthetic_size=50_000)
+    train = make_splits(raw, "full", val_size=0).train
+    mean, std = normalization("cifar")
+    variants = [
+        ("tensor (on device)", lambda: TensorLoader(train, device, args.batch_size, 0, 1, 0, True, mean, std)),
+        ("torch, 0 workers", lambda: TorchLoader(train, device, args.batch_size, 0, 1, 0, True, mean, std, num_workers=0)),
+        ("torch, 2 workers", lambda: TorchLoader(train, device, args.batch_size, 0, 1, 0, True, mean, std, num_workers=2)),
+    ]
+    loaders = [(name, make()) for name, make in variants]
+    for _, loader in loaders:
+        epoch_rate(loader, device, 0)  # warm-up: worker start-up, first allocations
+    # interleaved rounds, median per loader: machine drift hits every variant alike
+    rates = {name: [] for name, _ in loaders}
+    for epoch in range(1, args.epochs + 1):
+        for name, loader in loaders:
+            rates[name].append(epoch_rate(loader, device, epoch))
+    rows = []
+    for name, _ in loaders:
+        ips = statistics.median(rates[name])
+        rows.append({"loader": name, "images_per_s": ips, "rounds": rates[name]})
+        print(f"{name:<22} {ips:>12,.0f} img/s (median of {len(rates[name])})", flush=True)
+    for row in rows:
+        row["vs_torch_2_workers"] = row["images_per_s"] / rows[2]["images_per_s"]
+    print()
+    print(table(rows, ["loader", "images_per_s", "vs_torch_2_workers"]))
+    meta = provenance()
+    out = args.out or str(RESULTS / f"loader_{'gpu' if device.type == 'cuda' else 'cpu'}.json")
+    write_json(__import__("pathlib").Path(out), {"benchmark": "loader", "provenance": meta, "args": vars(args),
+                                                  "data_source": raw.source, "train_images": len(train), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

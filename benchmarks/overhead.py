@@ -1,0 +1,89 @@
+"""The trainer's step loop vs a minimal hand-written loop: same model, data, batch, optimizer.
+
+    python benchmarks/overhead.py [--model small_cnn] [--batch-size 128] [--steps 150] [--repeats 5]
+
+Both consume the same device-resident batches; the hand loop is forward, loss, backward,
+step and nothing else. The trainer side is `engine.train_epoch` with everything the real
+runs have (agreement check, device-side sums, progress reads, LR schedule). A and B alternate
+and the median of each is compared, so drift of the shared machine hits both alike.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common import RESULTS, SHARED_TARBALL, provenance, table, write_json
+from dist_cifar import distributed as D
+from dist_cifar.components import build_optimizer, build_scheduler
+from dist_cifar.config import make_config
+from dist_cifar.data import load_source, make_splits, normalization
+from dist_cifar.engine import Precision, StepHooks, train_epoch
+from dist_cifar.loaders import TensorLoader
+from dist_cifar.models import build_model
+from dist_cifar.timing import synchronize
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="small_cnn")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default="")
+    args = p.parse_args(argv)
+    info = D.DistInfo(device=D.resolve_device(args.device, 0))
+    dev = info.device
+    raw = load_source("imagefolder", str(SHARED_TARBALL)) if SHARED_TARBALL.exists() else load_source("synthetic", "", synthetic_size=20_000)
+    train = make_splits(raw, "full", val_size=0).train
+    mean, std = normalization("cifar")
+    cfg = make_config(model=args.model, batch_size=args.batch_size, precision="fp32", steps_per_epoch=args.steps)
+    loader = TensorLoader(train, dev, args.batch_size, 0, 1, 0, True, mean, std, steps_cap=args.steps)
+    torch.manual_seed(0)
+    model = build_model(args.model).to(dev)
+    opt = build_optimizer(cfg, model, dev)
+    sched = build_scheduler(cfg, opt, args.steps)
+    precision = Precision.build("fp32", dev)
+    hooks = StepHooks(progress_every=cfg.progress_every, on_progress=lambda *a: None)
+
+    def hand_loop(epoch: int) -> float:
+        loader.set_epoch(epoch)
+        model.train()
+        synchronize(dev)
+        start = time.perf_counter()
+        for x, y in loader.batches():
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        synchronize(dev)
+        return time.perf_counter() - start
+
+    def trainer(epoch: int) -> float:
+        loader.set_epoch(epoch)
+        return train_epoch(model, loader, opt, sched, precision, info, epoch, 0, 0, 0.0, hooks).wall_s
+
+    hand_loop(0), trainer(0)  # warm-up
+    hand, train = [], []
+    for r in range(args.repeats):
+        hand.append(hand_loop(r + 1))
+        train.append(trainer(r + 1))
+    images = args.steps * args.batch_size
+    rows = [{"loop": "hand-written", "median_s": statistics.median(hand), "images_per_s": images / statistics.median(hand)},
+            {"loop": "dist_cifar trainer", "median_s": statistics.median(train), "images_per_s": images / statistics.median(train)}]
+    overhead = statistics.median(train) / statistics.median(hand) - 1
+    print(table(rows, ["loop", "median_s", "images_per_s"]))
+    print(f"trainer overhead: {100 * overhead:+.2f}% (target: within 5%)")
+    out = Path(args.out) if args.out else RESULTS / f"overhead_{args.model}_{dev.type}.json"
+    write_json(out, {"benchmark": "overhead", "provenance": provenance(), "args": vars(args), "rows": rows,
+                     "hand_s": hand, "trainer_s": train, "overhead_fraction": overhead})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
