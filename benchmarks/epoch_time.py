@@ -12,6 +12,7 @@ Each rung is the real trainer in its own process; the time per epoch is the stea
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -39,23 +40,22 @@ def main(argv=None) -> int:
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun when > 1)")
     p.add_argument("--num-workers", type=int, default=2, help="torch loader workers")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch default)")
-    p.add_argument("--skip", default="", help="comma-separated rung names to skip (e.g. '+compile')")
+    p.add_argument("--rungs", default="", help="comma-separated rung numbers to run (0-based; default all)")
     p.add_argument("--out", default="", help="JSON path (default benchmarks/results/epoch_time_<model>_<device>.json)")
     args = p.parse_args(argv)
 
     rungs = RUNGS + ([HOOK_RUNG] if args.nproc > 1 else [])
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    chosen = {int(r) for r in args.rungs.split(",") if r.strip()} or set(range(len(rungs)))
     common = ["--model", args.model, "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
               "--steps-per-epoch", str(args.steps_per_epoch), "--num-workers", str(args.num_workers),
               "--split", "full", "--val-size", "0", "--no-save-best", "--eval-batch-size", "1024",
               *data_args(args.dataset, args.data_dir)] + (["--threads", str(args.threads)] if args.threads else [])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, flags in rungs:
-            if name in skip:
+        for number, (name, flags) in enumerate(rungs):
+            if number not in chosen:
                 continue
             records = run_trainer([*common, *flags], Path(tmp) / "run", nproc=args.nproc)
-            import json
             config = json.loads((Path(tmp) / "run" / "config.json").read_text())
             last = records[-1]
             full_steps = config["split_sizes"]["train"] // (args.batch_size * args.nproc)
