@@ -76,6 +76,7 @@ def wrap_model(cfg: TrainConfig, info: D.DistInfo) -> Model:
         if cfg.ddp_comm_hook != "none":
             comm = CommTimer(cfg.ddp_comm_hook)
             train_model.register_comm_hook(None, comm.hook)
+    torch.manual_seed(cfg.seed + 7_919 * (info.rank + 1))  # dropout masks differ between ranks
     eval_model = module
     if cfg.compile:
         train_model = torch.compile(train_model, mode=cfg.compile_mode, dynamic=False)

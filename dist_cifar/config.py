@@ -197,7 +197,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         batch_size=512, eval_batch_size=1024, optimizer="adamw", lr=2e-3, weight_decay=0.05,
         schedule="onecycle", label_smoothing=0.1, epochs=12, precision="bf16",
         channels_last=True, compile=True, loader="tensor", ddp_comm_hook="bf16",
-        ddp_static_graph=False, guard_every=25, progress_every=50, checkpoint_every=4,
+        ddp_static_graph=False, guard_every=25, progress_every=50, checkpoint_every=4, save_best=False,
     ),
     "smoke": dict(
         dataset="synthetic", synthetic_size=512, epochs=2, batch_size=64, split="full",

@@ -97,6 +97,26 @@ def overlay(runs: dict[str, list[dict]], path: Path, title: str = "") -> Path:
     return path
 
 
+def loss_overlay(runs: dict[str, list[dict]], path: Path, title: str = "") -> Path:
+    """Train (solid) and validation (dashed) loss of several runs on one axis."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, records) in enumerate(runs.items()):
+        for key, style in (("train_loss", "-"), ("val_loss", "--")):
+            x, y = series(records, key)
+            if x:
+                ax.plot(x, y, style, color=f"C{i % 10}", marker="o", markersize=3,
+                        label=f"{name} ({key.split('_')[0]})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dist_cifar.plot", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl)")

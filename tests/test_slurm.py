@@ -117,3 +117,19 @@ def test_ablation_array_job_runs_every_variant(slurm, tmp_path):
     configs = {n: json.loads((tmp_path / n / "config.json").read_text()) for n in ("bn", "no_bn", "no_drop")}
     assert configs["no_bn"]["batchnorm"] is False and configs["no_drop"]["dropout"] is False
     assert all(c["world_size"] == 1 for c in configs.values())
+
+
+def test_ablate_slurm_builds_and_runs_an_array(slurm, tmp_path):
+    out = tmp_path / "abl"
+    proc = subprocess.run([sys.executable, "-m", "dist_cifar.ablate", "dropout", "--dataset", "synthetic",
+                           "--synthetic-size", "128", "--epochs", "1", "--out", str(out), "--slurm", "--wait",
+                           "--slurm-timeout", "300"], cwd=ROOT, env=job_env(), capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "--array=0-1" in proc.stdout
+    lines = (out / "dropout" / "variants.txt").read_text().splitlines()
+    assert len(lines) == 2 and "--no-dropout" in lines[1] and "--no-dropout" not in lines[0]
+    for name in ("with_dropout", "without_dropout"):
+        assert (out / "dropout" / name / "summary.json").exists()
+    assert len(list((out / "dropout").glob("slurm-*_*.out"))) == 2
+    assert "without_dropout" in (out / "dropout" / "report.md").read_text()

@@ -1,0 +1,298 @@
+"""The report's ablation studies, each variant an ordinary single-process training job.
+
+    python -m dist_cifar.ablate batchnorm --dataset imagefolder --data-dir ../shared/data/cifar10-jpeg.tar.gz
+    python -m dist_cifar.ablate weight_decay --epochs 5 --out runs/ablations
+    python -m dist_cifar.ablate all
+    python -m dist_cifar.ablate dropout --slurm --wait     # one SLURM array task per variant
+
+Every variant trains with the report preset into <out>/<study>/<variant>/ (a normal run folder).
+A variant whose summary.json exists is skipped; a failed one is reported and run again next
+time (resuming from its last checkpoint when it has one). <out>/<study>/report.md puts the
+results in the report's table format next to the report's own numbers; `all` also writes
+<out>/REPORT.md linking every study.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from . import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Variant:
+    name: str
+    flags: list[str]
+    report: dict = field(default_factory=dict)  # the report's numbers for this variant, if any
+
+
+@dataclass
+class Study:
+    name: str
+    model: str
+    table: str  # loss | accuracy | epochs | general
+    question: str
+    variants: list[Variant]
+    report_note: str = ""
+
+
+def _v(name, flags="", **report):
+    return Variant(name, shlex.split(flags), report)
+
+
+STUDIES: dict[str, Study] = {s.name: s for s in [
+    Study("dropout", "small_cnn", "general", "Does Dropout(0.35) after conv2 curb overfitting?",
+          [_v("with_dropout"), _v("without_dropout", "--no-dropout")],
+          "figures only: without dropout the validation loss rises at the end (overfitting)"),
+    Study("pooling", "small_cnn", "general", "What do the two 2x2 max-pools buy?",
+          [_v("with_pooling"), _v("without_pooling", "--no-pooling")],
+          "figures only: without pooling the model overfits"),
+    Study("batchnorm", "small_cnn", "loss", "Does BatchNorm(16) before conv2 help?",
+          [_v("with_bn", "", train_loss=0.78, val_loss=1.03),
+           _v("without_bn", "--no-batchnorm", train_loss=1.07, val_loss=1.11)]),
+    Study("weight_decay", "vgg_truncated", "accuracy", "Adam weight decay (L2) on the truncated VGG16",
+          [_v("wd_0", "--weight-decay 0", train=77.53, val=71.62, test=66.30),
+           _v("wd_0.01", "--weight-decay 0.01", train=73.81, val=73.66, test=67.64),
+           _v("wd_0.001", "--weight-decay 0.001", train=82.19, val=75.96, test=70.86),
+           _v("wd_0.0001", "--weight-decay 0.0001", train=79.26, val=72.98, test=68.50),
+           _v("wd_1", "--weight-decay 1", note="ridiculous")],
+          "weight decay 1: 'results are ridiculous' (no table)"),
+    Study("epochs", "small_cnn", "epochs", "How many epochs before validation loss turns up?",
+          [_v(f"epochs_{e}", f"--epochs {e}", train_loss=tl, val_loss=vl, time_s=ts)
+           for e, tl, vl, ts in [(10, 0.93, 1.03, 61.31), (15, 0.79, 1.01, 92.63), (20, 0.67, 1.06, 114.30),
+                                 (25, 0.57, 1.11, 153.08), (30, 0.51, 1.17, 182.98)]],
+          "validation loss bottoms out near epoch 15; times on the authors' machine"),
+    Study("batch_size", "small_cnn", "general", "Mini-batch size (the report discussed it without numbers)",
+          [_v(f"batch_{b}", f"--batch-size {b}") for b in (16, 32, 64, 128, 256)],
+          "no numbers in the report"),
+    Study("vgg16", "vgg16_cifar", "general", "The adapted VGG16 (73728->4096 FC) against the truncated one",
+          [_v("vgg16_cifar", "--model vgg16_cifar --epochs 40"), _v("vgg_truncated", "--model vgg_truncated --epochs 40")],
+          "vgg16_cifar: 40 epochs, ~1 h on a Colab GPU; slightly worse than the truncated model, smaller gap"),
+]}
+
+
+def variant_dir(out: Path, study: Study, variant: Variant) -> Path:
+    return out / study.name / variant.name
+
+
+def train_args(study: Study, variant: Variant, args, out_dir: Path) -> list[str]:
+    """The trainer command line of one variant (later flags win, so the variant's come last)."""
+    cmd = ["--preset", "report", "--model", study.model, "--dataset", args.dataset, "--data-dir", args.data_dir,
+           "--out-dir", str(out_dir), "--job-type", "ablation", "--wandb-group", study.name,
+           "--wandb-name", f"{study.name}/{variant.name}", "--quiet"]
+    if args.dataset == "synthetic":
+        cmd += ["--synthetic-size", str(args.synthetic_size), "--split", "full"]
+    if args.max_train:
+        cmd += ["--max-train", str(args.max_train)]
+    cmd += shlex.split(args.extra) + variant.flags
+    if args.epochs:
+        cmd += ["--epochs", str(args.epochs)]
+    # a failed earlier attempt either resumes from its checkpoint or starts over
+    cmd += ["--resume", "auto"] if out_dir.is_dir() and ckpt.find_latest(out_dir) else ["--overwrite"]
+    return cmd
+
+
+def pending(study: Study, args) -> list[Variant]:
+    chosen = [v for v in study.variants if not args.variants or v.name in args.variants.split(",")]
+    return [v for v in chosen if not (variant_dir(Path(args.out), study, v) / "summary.json").exists()]
+
+
+def run_local(study: Study, args) -> dict[str, str]:
+    """Run the unfinished variants one after another; name -> 'ok' | 'failed (...)'."""
+    status = {}
+    for variant in pending(study, args):
+        out_dir = variant_dir(Path(args.out), study, variant)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "dist_cifar.train", *train_args(study, variant, args, out_dir)]
+        print(f"[ablate] {study.name}/{variant.name}: {shlex.join(cmd[3:])}", flush=True)
+        t0 = time.time()
+        with open(out_dir.parent / f"{variant.name}.log", "w") as log:
+            code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        status[variant.name] = "ok" if code == 0 else f"failed (exit {code}, see {variant.name}.log)"
+        print(f"[ablate] {study.name}/{variant.name}: {status[variant.name]} in {time.time() - t0:.0f}s", flush=True)
+    return status
+
+
+def submit_slurm(study: Study, args) -> Optional[str]:
+    """One array task per unfinished variant; returns the job id."""
+    todo = pending(study, args)
+    if not todo:
+        return None
+    folder = Path(args.out) / study.name
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [shlex.join(train_args(study, v, args, variant_dir(Path(args.out), study, v).resolve())) for v in todo]
+    variants_file = folder / "variants.txt"
+    variants_file.write_text("\n".join(lines) + "\n")
+    cmd = ["sbatch", "--parsable", f"--array=0-{len(todo) - 1}", f"--chdir={ROOT}",
+           f"--output={folder.resolve()}/slurm-%A_%a.out", *shlex.split(args.sbatch_args),
+           str(ROOT / "slurm" / "ablations.sbatch"), str(variants_file.resolve())]
+    print(f"[ablate] {shlex.join(cmd)}", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"sbatch failed: {proc.stderr.strip()}")
+    job = proc.stdout.strip().split(";")[0]
+    print(f"[ablate] submitted array job {job} ({len(todo)} variants)", flush=True)
+    return job
+
+
+def wait_slurm(job: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=30)
+        if not out.stdout.strip():
+            return
+        time.sleep(2)
+    raise TimeoutError(f"array job {job} still running after {timeout_s:.0f}s")
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def load_run(folder: Path) -> Optional[dict]:
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        metrics = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    except (OSError, ValueError):
+        return None
+    return {"summary": summary, "metrics": metrics}
+
+
+def fmt(x, digits=2) -> str:
+    return "" if x is None else f"{x:.{digits}f}" if isinstance(x, (int, float)) else str(x)
+
+
+def study_table(study: Study, runs: dict[str, Optional[dict]], status: dict[str, str]) -> list[str]:
+    kind = study.table
+    if kind == "accuracy":
+        head = ["weight decay", "train", "validation", "test", "report train", "report val", "report test",
+                "train-val gap (pts)"]
+    elif kind == "loss":
+        head = ["variant", "train loss", "validation loss", "report train", "report val", "val-train gap", "test acc %"]
+    elif kind == "epochs":
+        head = ["epochs", "train loss", "validation loss", "train time/s", "report train", "report val",
+                "report time/s", "val-train gap", "best epoch"]
+    else:
+        head = ["variant", "train loss", "val loss", "min val loss (epoch)", "train acc %", "val acc %",
+                "test acc %", "train time/s", "val-train gap"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in study.variants:
+        run = runs.get(v.name)
+        if run is None:
+            state = status.get(v.name, "not run")
+            rows.append(f"| {v.name} | " + " | ".join([state] + [""] * (len(head) - 2)) + " |")
+            continue
+        s, m = run["summary"], run["metrics"]
+        last = m[-1] if m else {}
+        tl, vl = last.get("train_loss"), last.get("val_loss")
+        gap_loss = (vl - tl) if tl is not None and vl is not None else None
+        r = v.report
+        if kind == "accuracy":
+            cells = [v.name.replace("wd_", ""), fmt(s["train_accuracy"]), fmt(s["val_accuracy"]), fmt(s["test_accuracy"]),
+                     fmt(r.get("train", r.get("note"))), fmt(r.get("val")), fmt(r.get("test")),
+                     fmt(s["train_accuracy"] - s["val_accuracy"] if s["val_accuracy"] is not None else None)]
+        elif kind == "loss":
+            cells = [v.name, fmt(tl), fmt(vl), fmt(r.get("train_loss")), fmt(r.get("val_loss")), fmt(gap_loss),
+                     fmt(s["test_accuracy"])]
+        elif kind == "epochs":
+            cells = [str(len(m)), fmt(tl), fmt(vl), fmt(s["total_time_s"]), fmt(r.get("train_loss")),
+                     fmt(r.get("val_loss")), fmt(r.get("time_s")), fmt(gap_loss), str(s["best_epoch"] + 1)]
+        else:
+            best = min((x for x in m if "val_loss" in x), key=lambda x: x["val_loss"], default=None)
+            cells = [v.name, fmt(tl), fmt(vl), f"{fmt(best['val_loss'])} ({best['epoch'] + 1})" if best else "",
+                     fmt(s["train_accuracy"]), fmt(s["val_accuracy"]), fmt(s["test_accuracy"]),
+                     fmt(s["total_time_s"], 1), fmt(gap_loss)]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def write_report(study: Study, out: Path, status: dict[str, str]) -> Path:
+    from . import plot
+    folder = out / study.name
+    folder.mkdir(parents=True, exist_ok=True)
+    runs = {v.name: load_run(folder / v.name) for v in study.variants}
+    done = {k: r for k, r in runs.items() if r}
+    png = folder / f"{study.name}_loss_curves.png"
+    if done:
+        plot.loss_overlay({k: r["metrics"] for k, r in done.items()}, png, f"{study.name}: train (solid) and validation (dashed) loss")
+    first = next(iter(done.values()), None)
+    cfg = json.loads((folder / next(iter(done)) / "config.json").read_text()) if done else {}
+    lines = [f"# Ablation: {study.name}", "", study.question, "",
+             f"Model `{study.model}`, report preset (Adam lr 1e-3, batch 32, mean/std 0.5, seed 42); "
+             f"data: {cfg.get('data_source', '?')}, split {cfg.get('split_sizes', '?')}, "
+             f"{cfg.get('epochs', '?')} epochs unless the variant sets them. Accuracies are the best-validation-loss "
+             f"weights' (the report's compute_accuracy); losses are the last epoch's.", ""]
+    lines += study_table(study, runs, status)
+    if study.report_note:
+        lines += ["", f"Report: {study.report_note}."]
+    failed = [k for k, v in status.items() if v != "ok"]
+    if failed:
+        lines += ["", "Failed this time (re-run the same command to retry): " + ", ".join(f"`{k}` {status[k]}" for k in failed)]
+    if done:
+        lines += ["", f"![{study.name} loss curves]({png.name})"]
+    path = folder / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dist_cifar.ablate", description=__doc__.splitlines()[0])
+    p.add_argument("study", choices=[*STUDIES, "all"])
+    p.add_argument("--epochs", type=int, default=0, help="override every variant's epochs (0: the study's)")
+    p.add_argument("--max-train", type=int, default=0, help="train on the first N images of the split")
+    p.add_argument("--dataset", default="auto", choices=["auto", "cifar10", "imagefolder", "synthetic"])
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--synthetic-size", type=int, default=2000)
+    p.add_argument("--out", default="runs/ablations")
+    p.add_argument("--variants", default="", help="comma-separated subset of variant names")
+    p.add_argument("--extra", default="", help="extra trainer flags for every variant, e.g. '--device cuda'")
+    p.add_argument("--slurm", action="store_true", help="submit a SLURM array job, one task per variant")
+    p.add_argument("--wait", action="store_true", help="with --slurm: wait for the array, then write the report")
+    p.add_argument("--slurm-timeout", type=float, default=24 * 3600)
+    p.add_argument("--sbatch-args", default="", help="extra sbatch flags, e.g. '--gres=gpu:1 --time=2:00:00'")
+    p.add_argument("--report-only", action="store_true", help="only (re)write the report from finished runs")
+    args = p.parse_args(argv)
+    studies = list(STUDIES.values()) if args.study == "all" else [STUDIES[args.study]]
+    unknown = set(filter(None, args.variants.split(","))) - {v.name for s in studies for v in s.variants}
+    if unknown:
+        print(f"error: unknown variant(s) {sorted(unknown)}; known: "
+              f"{', '.join(v.name for s in studies for v in s.variants)}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    failures = 0
+    for study in studies:
+        status: dict[str, str] = {}
+        if not args.report_only:
+            if args.slurm:
+                job = submit_slurm(study, args)
+                if job and not args.wait:
+                    print(f"[ablate] when job {job} is done: python -m dist_cifar.ablate {study.name} --report-only "
+                          f"--out {args.out}")
+                    continue
+                if job:
+                    wait_slurm(job, args.slurm_timeout)
+                    status = {v.name: "ok" if (variant_dir(out, study, v) / "summary.json").exists() else "failed (SLURM task)"
+                              for v in study.variants if not args.variants or v.name in args.variants.split(",")}
+            else:
+                status = run_local(study, args)
+        failures += sum(1 for v in status.values() if v != "ok")
+        print(f"[ablate] wrote {write_report(study, out, status)}", flush=True)
+    if args.study == "all":
+        index = ["# The report, regenerated", "", "Each study below reruns one of the report's ablations with "
+                 "`python -m dist_cifar.ablate`, next to the report's numbers.", ""]
+        index += [f"- [{s.name}]({s.name}/report.md): {s.question}" for s in studies]
+        (out / "REPORT.md").write_text("\n".join(index) + "\n")
+        print(f"[ablate] wrote {out / 'REPORT.md'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
