@@ -113,16 +113,22 @@ def test_multi_node_simulated_with_c10d(tmp_path):
     port = free_port()
     out = tmp_path / "run"
     args = smoke_args(out, "--epochs", "2")
+    logs = [open(tmp_path / f"node{r}.log", "w") for r in range(2)]  # files, not pipes: no full-pipe stalls
     procs = [subprocess.Popen(torchrun_cmd(1, args, ["--nnodes=2", f"--node_rank={r}", "--rdzv-backend=c10d",
                                                      f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=sim"]),
-                              cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=ROOT, env=base_env(), stdout=logs[r], stderr=subprocess.STDOUT)
              for r in range(2)]
+    deadline = time.monotonic() + 240
     try:
-        results = [p.communicate(timeout=240) for p in procs]
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.5)
     finally:
         for p in procs:
             p.kill()
-    assert [p.returncode for p in procs] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+        for f in logs:
+            f.close()
+    text = "".join((tmp_path / f"node{r}.log").read_text()[-2000:] for r in range(2))
+    assert [p.returncode for p in procs] == [0, 0], text
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1]
 
