@@ -79,7 +79,7 @@ def cache_path_for(anchor: Path, tag: str) -> Path:
 
 def fingerprint(paths: list[Path]) -> str:
     """Cheap identity of the source files: names, sizes and mtimes."""
-    items = sorted((str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in paths)
+    items = sorted((str(p.resolve()), p.stat().st_size, int(p.stat().st_mtime)) for p in paths)
     return hashlib.sha1(json.dumps(items).encode()).hexdigest()
 
 

@@ -114,8 +114,10 @@ def run(cfg: TrainConfig, info: D.DistInfo, flag: PreemptionFlag) -> int:
     step_log = rundir.StepLossLog(out_dir, cfg.record_step_losses and info.is_main)
     step_log.truncate_to(state.epoch, state.step)
 
-    def save(epoch: int, step: int, carry=(0.0, 0, 0)) -> None:
+    def save(epoch: int, step: int, carry=(0.0, 0, 0), global_step: Optional[int] = None) -> None:
         state.epoch, state.step, state.carry = epoch, step, carry
+        if global_step is not None:
+            state.global_step = global_step
         blob = checkpoint_state(cfg, info, model.module, optimizer, scheduler, precision, state)
         if info.is_main:
             ckpt.save(out_dir, blob, epoch, step, cfg.keep_last)
@@ -123,7 +125,8 @@ def run(cfg: TrainConfig, info: D.DistInfo, flag: PreemptionFlag) -> int:
 
     def save_mid_epoch(result) -> None:
         step_log.write(epoch, start_step, result.step_losses)
-        save(epoch, result.end_step, (result.loss_sum, result.correct, result.count))
+        save(epoch, result.end_step, (result.loss_sum, result.correct, result.count),
+             epoch_start_global + result.end_step - start_step)
 
     hooks = StepHooks(should_stop=flag, on_checkpoint_step=save_mid_epoch,
                       checkpoint_every_steps=cfg.checkpoint_every_steps, on_progress=reporter.progress,
@@ -133,13 +136,14 @@ def run(cfg: TrainConfig, info: D.DistInfo, flag: PreemptionFlag) -> int:
     compiled_yet = False
     for epoch in range(state.epoch, cfg.epochs):
         start_step = state.step if epoch == state.epoch else 0
+        epoch_start_global = state.global_step
         loader.set_epoch(epoch)
         reset_peak_memory(info.device)
         reporter.epoch_start(epoch, len(loader), start_step)
         result = train_epoch(model.train_model, loader, optimizer, scheduler, precision, info, epoch,
                              start_step, state.global_step, cfg.label_smoothing, hooks,
                              state.carry if epoch == state.epoch else (0.0, 0, 0))
-        state.global_step += result.steps
+        state.global_step = epoch_start_global + result.steps
         state.train_time_s += result.wall_s
         step_log.write(epoch, start_step, result.step_losses)
         if result.stopped:
