@@ -6,6 +6,15 @@ preempted=0
 requeue_id=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
 requeue_id=${requeue_id:-$SLURM_JOB_ID}
 
+steps_done() {
+  # srun returns before its step's processes have all exited; a job requeued (and restarted at
+  # once) while they still run is refused by slurmd ("credential revoked") and ends FAILED.
+  for _ in $(seq 1 120); do
+    squeue -h --steps -j "$SLURM_JOB_ID" -o %i 2>/dev/null | grep -qE '\.[0-9]+$' || return 0
+    sleep 0.5
+  done
+}
+
 run_preemptible() {
   local kill_cmd=$1; shift; [ "$1" = "--" ] && shift
   on_signal() {
@@ -25,6 +34,7 @@ run_preemptible() {
     kill -0 "$child" 2>/dev/null || break   # wait returned because of a trapped signal
   done
   if [ "$preempted" = 1 ]; then
+    steps_done
     echo "[slurm] $(date +%T) trainer exited ($status) after preemption; requeueing $requeue_id" >&2
     scontrol requeue "$requeue_id"
     exit 0

@@ -91,7 +91,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=10)
     deadline = time.monotonic() + 90
-    while job_field(job, "Restarts") in ("", "0"):
+    while job_field(job, "Restarts") in ("", "0") or job_field(job, "JobState") != "PENDING":
         assert time.monotonic() < deadline, "job was not requeued"
         time.sleep(0.5)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=10)
