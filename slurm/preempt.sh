@@ -7,10 +7,14 @@ requeue_id=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
 requeue_id=${requeue_id:-$SLURM_JOB_ID}
 
 steps_done() {
-  # srun returns before its step's processes have all exited; a job requeued (and restarted at
-  # once) while they still run is refused by slurmd ("credential revoked") and ends FAILED.
+  # srun returns before its step's processes have all exited; a job requeued (and restarted)
+  # while they still run is refused by slurmd ("credential revoked") and ends FAILED. Wait
+  # until the controller lists no step and this node holds no process of one.
   for _ in $(seq 1 120); do
-    squeue -h --steps -j "$SLURM_JOB_ID" -o %i 2>/dev/null | grep -qE '\.[0-9]+$' || return 0
+    if ! squeue -h --steps -j "$SLURM_JOB_ID" -o %i 2>/dev/null | grep -qE '\.[0-9]+$' \
+        && ! scontrol listpids "$SLURM_JOB_ID.0" 2>/dev/null | grep -qE '^[0-9]'; then
+      return 0
+    fi
     sleep 0.5
   done
 }

@@ -94,6 +94,11 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
     while job_field(job, "Restarts") in ("", "0") or job_field(job, "JobState") != "PENDING":
         assert time.monotonic() < deadline, "job was not requeued"
         time.sleep(0.5)
+    # SLURM holds a requeued job ~2 min (BeginTime) so the old steps can finish; skipping that wait
+    # is only safe once slurmd's step daemons of the first run are gone (else: credential revoked)
+    while subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job}\."], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "the first run's job steps never ended"
+        time.sleep(0.5)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=10)
     assert wait_done(job, 300) == "COMPLETED", log.read_text()[-3000:]
     text = log.read_text()
