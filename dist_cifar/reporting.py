@@ -48,6 +48,7 @@ class SilentReporter:
     """Non-zero ranks: nothing printed, nothing written."""
 
     wandb_id = ""
+    shows_progress = False  # nobody watches: the step loop need not read the loss back
 
     def start(self, *a, **k): pass
     def epoch_start(self, *a, **k): pass
@@ -67,6 +68,7 @@ class Reporter(SilentReporter):
         self.quiet = quiet
         self.console = make_console()
         self.interactive = self.console.is_terminal
+        self.shows_progress = self.interactive and not quiet
         self.bar = None
         self.run = None
         self.wandb_mode = resolve_wandb_mode(wandb_mode, self.note)

@@ -129,7 +129,8 @@ def run(cfg: TrainConfig, info: D.DistInfo, flag: PreemptionFlag) -> int:
              epoch_start_global + result.end_step - start_step)
 
     hooks = StepHooks(should_stop=flag, on_checkpoint_step=save_mid_epoch,
-                      checkpoint_every_steps=cfg.checkpoint_every_steps, on_progress=reporter.progress,
+                      checkpoint_every_steps=cfg.checkpoint_every_steps,
+                      on_progress=reporter.progress if reporter.shows_progress else None,
                       progress_every=cfg.progress_every, guard_every=cfg.guard_every,
                       max_skipped_steps=cfg.max_skipped_steps, faults=FaultInjector(on_preempt=flag.raise_flag),
                       record_step_losses=cfg.record_step_losses, time_first_step=cfg.compile)
