@@ -35,25 +35,6 @@ class Stopwatch:
         return time.perf_counter() - self.t0
 
 
-class CudaEventTimer:
-    """Device-side elapsed time between two points of the stream (benchmarks use it)."""
-
-    def __init__(self):
-        self.begin = torch.cuda.Event(enable_timing=True)
-        self.end = torch.cuda.Event(enable_timing=True)
-
-    def __enter__(self):
-        self.begin.record()
-        return self
-
-    def __exit__(self, *exc):
-        self.end.record()
-
-    def seconds(self) -> float:
-        self.end.synchronize()
-        return self.begin.elapsed_time(self.end) / 1000.0
-
-
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
