@@ -16,7 +16,6 @@ reported for no overlap (0) and full overlap (t_step = max(t1, ring)).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 

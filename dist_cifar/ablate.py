@@ -223,7 +223,6 @@ def write_report(study: Study, out: Path, status: dict[str, str]) -> Path:
     png = folder / f"{study.name}_loss_curves.png"
     if done:
         plot.loss_overlay({k: r["metrics"] for k, r in done.items()}, png, f"{study.name}: train (solid) and validation (dashed) loss")
-    first = next(iter(done.values()), None)
     cfg = json.loads((folder / next(iter(done)) / "config.json").read_text()) if done else {}
     lines = [f"# Ablation: {study.name}", "", study.question, "",
              f"Model `{study.model}`, report preset (Adam lr 1e-3, batch 32, mean/std 0.5, seed 42); "

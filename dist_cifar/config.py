@@ -13,8 +13,10 @@ import inspect
 import json
 import sys
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
+
+from .data import REPORT_TEST, REPORT_TRAIN, REPORT_VAL
 
 
 class ConfigError(ValueError):
@@ -204,7 +206,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-REPORT_TRAIN, REPORT_VAL, REPORT_TEST = 20_000, 5_000, 5_000
 
 
 def field_docs(cls=TrainConfig) -> dict[str, str]:

@@ -23,6 +23,7 @@ import torch
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+REPORT_TRAIN, REPORT_VAL, REPORT_TEST = 20_000, 5_000, 5_000  # PROTOCOL.md's split, by index
 CACHE_VERSION = 1
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm")
 
@@ -262,9 +263,9 @@ def load_imagefolder(data_dir: Path) -> RawData:
                         if where:
                             blob = tar.extractfile(member).read()
                             entries.append((*where, lambda b=blob: b))
-            except (tarfile.TarError, OSError, EOFError, Exception) as exc:
-                if isinstance(exc, DataError):
-                    raise
+            except DataError:
+                raise
+            except Exception as exc:  # tarfile/gzip/zlib errors of a truncated or foreign file
                 raise DataError(f"corrupt archive {archive} ({type(exc).__name__}); "
                                 f"download or copy it again") from None
             return collect(entries)
@@ -332,12 +333,11 @@ def load_source(dataset: str, data_dir: str, download: bool = False, synthetic_s
     raise DataError(f"--dataset {dataset!r} is not one of cifar10, imagefolder, synthetic, auto")
 
 
-def make_splits(raw: RawData, split: str, val_size: int = -1, max_train: int = 0,
-                report_sizes: tuple[int, int, int] = (20_000, 5_000, 5_000)) -> Splits:
+def make_splits(raw: RawData, split: str, val_size: int = -1, max_train: int = 0) -> Splits:
     """The report protocol (by index) or the full one (random hold-out with a fixed seed)."""
     n_pool, n_test = len(raw.train_y), len(raw.test_y)
     if split == "report":
-        n_tr, n_val, n_te = report_sizes
+        n_tr, n_val, n_te = REPORT_TRAIN, REPORT_VAL, REPORT_TEST
         if n_pool < n_tr + n_val or n_test < n_te:
             raise DataError(f"--split report needs {n_tr + n_val} train and {n_te} test images; "
                             f"{raw.source} has {n_pool} and {n_test}: use --split full")

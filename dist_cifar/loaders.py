@@ -7,7 +7,7 @@ loaders see the same images in the same order. Both yield normalised float NCHW 
 from __future__ import annotations
 
 import itertools
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler

@@ -220,5 +220,5 @@ def start_wandb(out_dir: Path, mode: str, run_config: dict[str, Any], run_id: st
         dir=str(out_dir), mode=mode, project=project, entity=entity or None, group=group or None,
         name=name or out_dir.name, tags=[t for t in tags.split(",") if t] or None, job_type=job_type,
         config=run_config, id=run_id or secrets.token_hex(4), resume="allow",
-        settings=wandb.Settings(console="off", silent=True),
+        settings=wandb.Settings(console="off", silent=True, init_timeout=120),  # slow, busy hosts
     )

@@ -61,9 +61,9 @@ class StepLossLog:
         """Keep only entries before (epoch, step): the resumed run recomputes the rest."""
         if not self.enabled or not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line and (json.loads(line)["epoch"], json.loads(line)["step"]) < (epoch, step)]
-        ckpt.atomic_write_bytes(self.path, "".join(l + "\n" for l in keep).encode())
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        keep = [r for r in rows if (r["epoch"], r["step"]) < (epoch, step)]
+        ckpt.atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
         self.written = {epoch: step}
 
     def write(self, epoch: int, start_step: int, losses: list[float]) -> None:

@@ -92,9 +92,7 @@ def run(cfg: TrainConfig, info: D.DistInfo, flag: PreemptionFlag) -> int:
     if len(loader) == 0:
         raise ConfigError(f"--batch-size {cfg.batch_size} x {info.world_size} processes exceeds the "
                           f"{len(splits.train)} training images: lower --batch-size")
-    shard = lambda split: EvalShards(split, info.device, cfg.eval_batch_size, info.rank, info.world_size,
-                                     mean, std, cfg.channels_last) if split is not None else None
-    val_shards, test_shards = shard(splits.val), shard(splits.test)
+    val_shards = eval_shards(cfg, info, splits.val) if splits.val is not None else None
     model = wrap_model(cfg, info)
     optimizer = build_optimizer(cfg, model.module, info.device)
     scheduler = build_scheduler(cfg, optimizer, len(loader))
@@ -213,6 +211,13 @@ def load_data(cfg: TrainConfig, info: D.DistInfo) -> Splits:
     return splits if splits is not None else load()
 
 
+def eval_shards(cfg: TrainConfig, info: D.DistInfo, split) -> EvalShards:
+    """This rank's exact slice of an evaluation split, normalised like training."""
+    mean, std = normalization(cfg.normalize)
+    return EvalShards(split, info.device, cfg.eval_batch_size, info.rank, info.world_size, mean, std,
+                      cfg.channels_last)
+
+
 def wandb_kwargs(cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
     return dict(project=cfg.wandb_project, entity=cfg.wandb_entity, group=cfg.wandb_group,
                 name=cfg.wandb_name or out_dir.name, tags=cfg.wandb_tags, job_type=cfg.job_type)
@@ -328,12 +333,10 @@ def finish(cfg, info, out_dir, splits, model, precision, state: RunState, report
     if info.is_main and cfg.save_best and best.exists():
         model.module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
     D.broadcast_module(info, model.module)
-    mean, std = normalization(cfg.normalize)
-    shard = lambda split: EvalShards(split, info.device, cfg.eval_batch_size, info.rank, info.world_size,
-                                     mean, std, cfg.channels_last)
-    train_eval = evaluate(model.eval_model, shard(splits.train), precision, info)
-    val_eval = evaluate(model.eval_model, shard(splits.val), precision, info) if splits.val else None
-    test_eval = evaluate(model.eval_model, shard(splits.test), precision, info, len(splits.classes), confusion=True)
+    train_eval = evaluate(model.eval_model, eval_shards(cfg, info, splits.train), precision, info)
+    val_eval = evaluate(model.eval_model, eval_shards(cfg, info, splits.val), precision, info) if splits.val else None
+    test_eval = evaluate(model.eval_model, eval_shards(cfg, info, splits.test), precision, info,
+                         len(splits.classes), confusion=True)
     if not info.is_main:
         return
     cm = test_eval.confusion

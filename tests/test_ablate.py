@@ -40,7 +40,7 @@ def test_every_study_tiny_then_rerun_skips(tmp_path):
     assert "0.78" in (out / "batchnorm" / "report.md").read_text()
     assert "61.31" in (out / "epochs" / "report.md").read_text()
     index = (out / "REPORT.md").read_text()
-    assert all(f"({s}/report.md)" for s in PAIRS) and "vgg16/report.md" in index
+    assert all(f"({s}/report.md)" in index for s in PAIRS) and "(vgg16/report.md)" in index
     # variants keep their own switches
     import json
     cfg = json.loads((out / "batchnorm" / "without_bn" / "config.json").read_text())

@@ -1,7 +1,4 @@
-import io
 import pickle
-import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path

@@ -4,7 +4,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from conftest import (ROOT, base_env, free_port, read_jsonl, run_torchrun, run_train, smoke_args,

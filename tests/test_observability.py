@@ -1,5 +1,4 @@
 """W&B offline runs read back from their files, console output in and out of a TTY, plots."""
-import json
 import os
 import pty
 import re

@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -113,7 +112,7 @@ def test_ablation_array_job_runs_every_variant(slurm, tmp_path):
     common = "--dataset synthetic --synthetic-size 256 --batch-size 32 --epochs 1 --quiet"
     variants.write_text("".join(f"{common} {flags} --out-dir {tmp_path / name}\n" for name, flags in
                                 [("bn", ""), ("no_bn", "--no-batchnorm"), ("no_drop", "--no-dropout")]))
-    job = sbatch(["--array=0-2", f"--output={tmp_path}/task-%a.out", "slurm/ablations.sbatch", str(variants)])
+    sbatch(["--array=0-2", f"--output={tmp_path}/task-%a.out", "slurm/ablations.sbatch", str(variants)])
     deadline = time.monotonic() + 300
     for name in ("bn", "no_bn", "no_drop"):
         while not (tmp_path / name / "summary.json").exists():

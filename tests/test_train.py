@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import read_jsonl, run_train, smoke_args
-from dist_cifar.config import ConfigError, build_parser, field_docs, make_config, parse_config, TrainConfig
+from dist_cifar.config import build_parser, field_docs, make_config, parse_config, TrainConfig
 
 OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "best.pt", "loss_curves.png", "confusion_matrix.png")
 
