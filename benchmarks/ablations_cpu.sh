@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # The report's ablations on the real (JPEG) CIFAR-10, CPU, report protocol; results (reports,
 # PNGs, each variant's summary/metrics/config, no weights) are copied to
-# benchmarks/results/ablations/. weight_decay trains vgg_truncated for WD_EPOCHS epochs only
-# (about 90 s an epoch on 2 cores); the vgg16 study needs a GPU and is not run here.
-#   bash benchmarks/ablations_cpu.sh [STUDY ...]
+# benchmarks/results/ablations/. Each argument is one study plus its ablate flags; a study with
+# recipe overrides lands in its own folder (weight_decay-e10, dropout-wd0, ...). Interrupted runs
+# resume from their last checkpoint when the same command is run again.
+#   bash benchmarks/ablations_cpu.sh "weight_decay --epochs 10" "dropout --weight-decay 0"
+# vgg_truncated takes about 90 s an epoch on 2 cores; the vgg16 study needs a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 data=${DATA:-../shared/data/cifar10-jpeg.tar.gz}
 runs=${RUNS:-runs/ablations}
-studies=${*:-batchnorm dropout pooling epochs batch_size weight_decay}
-for study in $studies; do
-  extra=()
-  [ "$study" = weight_decay ] && extra=(--epochs "${WD_EPOCHS:-2}")
-  $PY -m dist_cifar.ablate "$study" --dataset imagefolder --data-dir "$data" --out "$runs" \
-      --extra "--keep-last 1" "${extra[@]}" || echo "[ablations] $study had failures"
+specs=("$@")
+[ ${#specs[@]} -gt 0 ] || specs=(batchnorm dropout pooling epochs batch_size "weight_decay --epochs 10")
+for spec in "${specs[@]}"; do
+  read -r -a words <<< "$spec"
+  $PY -m dist_cifar.ablate "${words[@]}" --dataset imagefolder --data-dir "$data" --out "$runs" \
+      --extra "--keep-last 1" || echo "[ablations] $spec had failures"
 done
 $PY -m dist_cifar.ablate all --report-only --out "$runs"
 dest=benchmarks/results/ablations

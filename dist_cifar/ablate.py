@@ -6,6 +6,10 @@
     python -m dist_cifar.ablate dropout --slurm --wait     # one SLURM array task per variant
 
 Every variant trains with the report preset into <out>/<study>/<variant>/ (a normal run folder).
+Recipe overrides (`--weight-decay`, `--epochs`, `--optimizer`, `--lr`) apply to every variant,
+are recorded in each variant's config.json and the study's report.md header, and put the study
+in its own folder (<out>/<study>-wd0, <out>/<study>-e10-wd0, ...) so results of different
+recipes never share a table.
 A variant whose summary.json exists is skipped; a failed one is reported and run again next
 time (resuming from its last checkpoint when it has one). <out>/<study>/report.md puts the
 results in the report's table format next to the report's own numbers; `all` also writes
@@ -80,8 +84,25 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
 ]}
 
 
-def variant_dir(out: Path, study: Study, variant: Variant) -> Path:
-    return out / study.name / variant.name
+# Recipe overrides ablate accepts: config field -> (short tag for the folder name, flag).
+OVERRIDES = {"epochs": ("e", "--epochs"), "weight_decay": ("wd", "--weight-decay"),
+             "optimizer": ("opt", "--optimizer"), "lr": ("lr", "--lr")}
+
+
+def overrides(args) -> dict[str, object]:
+    """The recipe overrides given on the command line, in a fixed order."""
+    return {name: getattr(args, name) for name in OVERRIDES if getattr(args, name, None) is not None}
+
+
+def study_folder(out: Path, study: Study, args) -> Path:
+    """One folder per (study, overrides): `weight_decay-e10`, `dropout-wd0`."""
+    tags = [f"{OVERRIDES[name][0]}{value:g}" if isinstance(value, float) else f"{OVERRIDES[name][0]}{value}"
+            for name, value in overrides(args).items()]
+    return out / "-".join([study.name, *tags])
+
+
+def variant_dir(out: Path, study: Study, variant: Variant, args) -> Path:
+    return study_folder(out, study, args) / variant.name
 
 
 def train_args(study: Study, variant: Variant, args, out_dir: Path) -> list[str]:
@@ -94,8 +115,8 @@ def train_args(study: Study, variant: Variant, args, out_dir: Path) -> list[str]
     if args.max_train:
         cmd += ["--max-train", str(args.max_train)]
     cmd += shlex.split(args.extra) + variant.flags
-    if args.epochs:
-        cmd += ["--epochs", str(args.epochs)]
+    for name, value in overrides(args).items():
+        cmd += [OVERRIDES[name][1], str(value)]
     # a failed earlier attempt either resumes from its checkpoint or starts over
     cmd += ["--resume", "auto"] if out_dir.is_dir() and ckpt.find_latest(out_dir) else ["--overwrite"]
     return cmd
@@ -103,14 +124,14 @@ def train_args(study: Study, variant: Variant, args, out_dir: Path) -> list[str]
 
 def pending(study: Study, args) -> list[Variant]:
     chosen = [v for v in study.variants if not args.variants or v.name in args.variants.split(",")]
-    return [v for v in chosen if not (variant_dir(Path(args.out), study, v) / "summary.json").exists()]
+    return [v for v in chosen if not (variant_dir(Path(args.out), study, v, args) / "summary.json").exists()]
 
 
 def run_local(study: Study, args) -> dict[str, str]:
     """Run the unfinished variants one after another; name -> 'ok' | 'failed (...)'."""
     status = {}
     for variant in pending(study, args):
-        out_dir = variant_dir(Path(args.out), study, variant)
+        out_dir = variant_dir(Path(args.out), study, variant, args)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "dist_cifar.train", *train_args(study, variant, args, out_dir)]
         print(f"[ablate] {study.name}/{variant.name}: {shlex.join(cmd[3:])}", flush=True)
@@ -127,9 +148,10 @@ def submit_slurm(study: Study, args) -> Optional[str]:
     todo = pending(study, args)
     if not todo:
         return None
-    folder = Path(args.out) / study.name
+    folder = study_folder(Path(args.out), study, args)
     folder.mkdir(parents=True, exist_ok=True)
-    lines = [shlex.join(train_args(study, v, args, variant_dir(Path(args.out), study, v).resolve())) for v in todo]
+    lines = [shlex.join(train_args(study, v, args, variant_dir(Path(args.out), study, v, args).resolve()))
+             for v in todo]
     variants_file = folder / "variants.txt"
     variants_file.write_text("\n".join(lines) + "\n")
     cmd = ["sbatch", "--parsable", f"--array=0-{len(todo) - 1}", f"--chdir={ROOT}",
@@ -214,19 +236,24 @@ def study_table(study: Study, runs: dict[str, Optional[dict]], status: dict[str,
     return rows
 
 
-def write_report(study: Study, out: Path, status: dict[str, str]) -> Path:
+def write_report(study: Study, out: Path, status: dict[str, str], args) -> Path:
     from . import plot
-    folder = out / study.name
+    folder = study_folder(out, study, args)
     folder.mkdir(parents=True, exist_ok=True)
     runs = {v.name: load_run(folder / v.name) for v in study.variants}
     done = {k: r for k, r in runs.items() if r}
     png = folder / f"{study.name}_loss_curves.png"
     if done:
-        plot.loss_overlay({k: r["metrics"] for k, r in done.items()}, png, f"{study.name}: train (solid) and validation (dashed) loss")
+        plot.loss_overlay({k: r["metrics"] for k, r in done.items()}, png, f"{folder.name}: train (solid) and validation (dashed) loss")
     cfg = json.loads((folder / next(iter(done)) / "config.json").read_text()) if done else {}
-    lines = [f"# Ablation: {study.name}", "", study.question, "",
-             f"Model `{study.model}`, report preset (Adam lr 1e-3, batch 32, mean/std 0.5, seed 42); "
-             f"data: {cfg.get('data_source', '?')}, split {cfg.get('split_sizes', '?')}, "
+    given = overrides(args)
+    recipe = ("recipe overrides for every variant: " + ", ".join(f"`{OVERRIDES[k][1]} {v}`" for k, v in given.items())
+              if given else "no recipe overrides (the report preset as is)")
+    wd = "per variant" if study.name == "weight_decay" else cfg.get("weight_decay", "?")
+    lines = [f"# Ablation: {folder.name}", "", study.question, "",
+             f"Model `{study.model}`, report preset, {recipe}. As run: optimizer {cfg.get('optimizer', '?')}, "
+             f"lr {cfg.get('lr', '?')}, weight decay {wd}, batch {cfg.get('batch_size', '?')}, mean/std 0.5, "
+             f"seed {cfg.get('seed', '?')}; data: {cfg.get('data_source', '?')}, split {cfg.get('split_sizes', '?')}, "
              f"{cfg.get('epochs', '?')} epochs unless the variant sets them. Accuracies are the best-validation-loss "
              f"weights' (the report's compute_accuracy); losses are the last epoch's.", ""]
     lines += study_table(study, runs, status)
@@ -236,8 +263,28 @@ def write_report(study: Study, out: Path, status: dict[str, str]) -> Path:
     if failed:
         lines += ["", "Failed this time (re-run the same command to retry): " + ", ".join(f"`{k}` {status[k]}" for k in failed)]
     if done:
-        lines += ["", f"![{study.name} loss curves]({png.name})"]
+        lines += ["", f"![{folder.name} loss curves]({png.name})"]
     path = folder / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_index(out: Path) -> Path:
+    """<out>/REPORT.md: every study folder found under <out>, overrides included. The verdict
+    table, when <out>/VERDICTS.md exists (written by hand from these tables), opens it."""
+    lines = ["# The report, regenerated", ""]
+    verdicts = out / "VERDICTS.md"
+    if verdicts.exists():
+        lines += [verdicts.read_text().strip(), ""]
+    lines += ["## Studies", "", "Each folder reruns one of the report's ablations with `python -m dist_cifar.ablate`, "
+              "next to the report's numbers; a suffix names the recipe overrides (`-e10`: 10 epochs, `-wd0`: weight "
+              "decay 0).", ""]
+    for study in STUDIES.values():
+        for folder in sorted(out.glob(f"{study.name}*/report.md")):
+            name = folder.parent.name
+            if name == study.name or name[len(study.name)] == "-":
+                lines.append(f"- [{name}]({name}/report.md): {study.question}")
+    path = out / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -245,7 +292,10 @@ def write_report(study: Study, out: Path, status: dict[str, str]) -> Path:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dist_cifar.ablate", description=__doc__.splitlines()[0])
     p.add_argument("study", choices=[*STUDIES, "all"])
-    p.add_argument("--epochs", type=int, default=0, help="override every variant's epochs (0: the study's)")
+    p.add_argument("--epochs", type=int, default=None, help="override every variant's epochs")
+    p.add_argument("--weight-decay", type=float, default=None, help="override every variant's weight decay")
+    p.add_argument("--optimizer", default=None, choices=["adam", "adamw", "sgd"], help="override every variant's optimizer")
+    p.add_argument("--lr", type=float, default=None, help="override every variant's learning rate")
     p.add_argument("--max-train", type=int, default=0, help="train on the first N images of the split")
     p.add_argument("--dataset", default="auto", choices=["auto", "cifar10", "imagefolder", "synthetic"])
     p.add_argument("--data-dir", default="data")
@@ -265,6 +315,13 @@ def main(argv=None) -> int:
         print(f"error: unknown variant(s) {sorted(unknown)}; known: "
               f"{', '.join(v.name for s in studies for v in s.variants)}", file=sys.stderr)
         return 2
+    if "weight_decay" in overrides(args):  # the weight_decay study varies it itself
+        if args.study == "weight_decay":
+            print("error: the weight_decay study sets --weight-decay per variant: drop --weight-decay", file=sys.stderr)
+            return 2
+        if args.study == "all":
+            print("[ablate] skipping the weight_decay study: it sets --weight-decay per variant", flush=True)
+        studies = [s for s in studies if s.name != "weight_decay"]
     out = Path(args.out)
     failures = 0
     for study in studies:
@@ -278,18 +335,14 @@ def main(argv=None) -> int:
                     continue
                 if job:
                     wait_slurm(job, args.slurm_timeout)
-                    status = {v.name: "ok" if (variant_dir(out, study, v) / "summary.json").exists() else "failed (SLURM task)"
+                    status = {v.name: "ok" if (variant_dir(out, study, v, args) / "summary.json").exists() else "failed (SLURM task)"
                               for v in study.variants if not args.variants or v.name in args.variants.split(",")}
             else:
                 status = run_local(study, args)
         failures += sum(1 for v in status.values() if v != "ok")
-        print(f"[ablate] wrote {write_report(study, out, status)}", flush=True)
+        print(f"[ablate] wrote {write_report(study, out, status, args)}", flush=True)
     if args.study == "all":
-        index = ["# The report, regenerated", "", "Each study below reruns one of the report's ablations with "
-                 "`python -m dist_cifar.ablate`, next to the report's numbers.", ""]
-        index += [f"- [{s.name}]({s.name}/report.md): {s.question}" for s in studies]
-        (out / "REPORT.md").write_text("\n".join(index) + "\n")
-        print(f"[ablate] wrote {out / 'REPORT.md'}")
+        print(f"[ablate] wrote {write_index(out)}")
     return 1 if failures else 0
 
 
