@@ -5,7 +5,10 @@
 # recipe overrides lands in its own folder (weight_decay-e10, dropout-wd0, ...). Interrupted runs
 # resume from their last checkpoint when the same command is run again.
 #   bash benchmarks/ablations_cpu.sh "weight_decay --epochs 10" "dropout --weight-decay 0"
-# vgg_truncated takes about 90 s an epoch on 2 cores; the vgg16 study needs a GPU.
+# EXTRA adds trainer flags to every variant (recorded in each config.json), e.g.
+#   EXTRA="--precision bf16 --channels-last" bash benchmarks/ablations_cpu.sh "weight_decay --epochs 10"
+# vgg_truncated takes about 90 s an epoch on 2 cores in fp32, about 30 s with bf16 autocast +
+# channels_last; the vgg16 study needs a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -16,7 +19,7 @@ specs=("$@")
 for spec in "${specs[@]}"; do
   read -r -a words <<< "$spec"
   $PY -m dist_cifar.ablate "${words[@]}" --dataset imagefolder --data-dir "$data" --out "$runs" \
-      --extra "--keep-last 1" || echo "[ablations] $spec had failures"
+      --extra "--keep-last 1 ${EXTRA:-}" || echo "[ablations] $spec had failures"
 done
 $PY -m dist_cifar.ablate all --report-only --out "$runs"
 dest=benchmarks/results/ablations

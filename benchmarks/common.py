@@ -72,7 +72,7 @@ def run_trainer(args: list[str], out_dir: Path, nproc: int = 1, env: dict | None
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dist_cifar.train"]
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     proc = subprocess.run([*launcher, *args, "--out-dir", str(out_dir), "--overwrite", "--quiet",
-                           "--checkpoint-every", "0"], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                           "--checkpoint-every", "0", "--checkpoint-interval-min", "0"], cwd=ROOT, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"trainer failed ({proc.returncode}): {proc.stderr[-2000:]}")

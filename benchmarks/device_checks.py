@@ -14,26 +14,21 @@ import torch
 
 from common import RESULTS, provenance, table, write_json
 from dist_cifar import distributed as D
-from dist_cifar.components import build_optimizer, build_scheduler
+from dist_cifar.assembly import assemble
 from dist_cifar.config import make_config
-from dist_cifar.data import make_splits, make_synthetic, normalization
-from dist_cifar.engine import Precision, StepHooks, train_epoch
-from dist_cifar.loaders import build_train_loader
+from dist_cifar.data import make_splits, make_synthetic
+from dist_cifar.engine import EpochStart, StepHooks, train_epoch
 from dist_cifar.models import build_model
 
 
 def two_steps(device, precision: str, loader_kind: str, compile_model: bool, channels_last: bool) -> dict:
-    cfg = make_config(model="small_cnn", precision=precision, optimizer="adamw")
-    split = make_splits(make_synthetic(512), "full").train
-    mean, std = normalization("cifar")
-    loader = build_train_loader(loader_kind, split, device, 64, 0, 1, 0, True, mean, std, channels_last, 2, 0)
-    torch.manual_seed(0)
-    module = build_model("small_cnn").to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    model = torch.compile(module, dynamic=False) if compile_model else module
-    opt = build_optimizer(cfg, module, device)
+    cfg = make_config(model="small_cnn", precision=precision, optimizer="adamw", loader=loader_kind, batch_size=64,
+                      augment=True, channels_last=channels_last, compile=compile_model, steps_per_epoch=2,
+                      num_workers=0, seed=0)
+    info = D.DistInfo(device=device)
+    run = assemble(cfg, info, make_splits(make_synthetic(512), "full"))
     t0 = time.perf_counter()
-    result = train_epoch(model, loader, opt, build_scheduler(cfg, opt, 2), Precision.build(precision, device),
-                         D.DistInfo(device=device), 0, 0, 0, 0.0, StepHooks(record_step_losses=True))
+    result = train_epoch(run.step_parts, run.loader, info, EpochStart(0), StepHooks(record_step_losses=True))
     losses = result.step_losses
     ok = result.steps == 2 and all(torch.isfinite(torch.tensor(losses)))
     return {"ok": bool(ok), "losses": losses, "seconds": time.perf_counter() - t0}
@@ -61,7 +56,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
-    device = D.resolve_device("auto", 0)
+    device = D.local_device("auto", 0)
     rows = []
     combos = [(prec, loader, False, False) for prec in ("fp32", "bf16", "fp16") for loader in ("tensor", "torch")]
     combos += [("bf16", "tensor", False, True), ("bf16", "tensor", True, True), ("fp16", "tensor", True, False)]

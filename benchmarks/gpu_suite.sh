@@ -62,7 +62,7 @@ if [ "$epochs" -gt 0 ]; then
   else
     fast="--preset fast $data"
   fi
-  $PY -m dist_cifar.train $fast --epochs "$epochs" --out-dir "$out/fast_run" --overwrite --checkpoint-every 0 \
+  $PY -m dist_cifar.train $fast --epochs "$epochs" --out-dir "$out/fast_run" --overwrite --checkpoint-every 0 --checkpoint-interval-min 0 \
       --no-save-best > "$out/fast_run.log" 2>&1 || log "fast run failed: $(tail -3 "$out/fast_run.log")"
   cp "$out/fast_run/metrics.jsonl" "$out/fast_metrics.jsonl" 2>/dev/null
   cp "$out/fast_run/summary.json" "$out/fast_summary.json" 2>/dev/null

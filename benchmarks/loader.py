@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
 from common import RESULTS, SHARED_TARBALL, provenance, table, write_json
 from dist_cifar.data import load_source, make_splits, normalization
-from dist_cifar.loaders import TensorLoader, TorchLoader
+from dist_cifar.loaders import LoaderSpec, TensorLoader, TorchLoader
 from dist_cifar.timing import synchronize
 
 
@@ -39,10 +40,11 @@ def main(argv=None) -> int:
     raw = load_source("imagefolder", str(SHARED_TARBALL)) if SHARED_TARBALL.exists() else load_source("synthetic", "", synthetic_size=50_000)
     train = make_splits(raw, "full", val_size=0).train
     mean, std = normalization("cifar")
+    spec = LoaderSpec(args.batch_size, mean=mean, std=std, augment=True)
     variants = [
-        ("tensor (on device)", lambda: TensorLoader(train, device, args.batch_size, 0, 1, 0, True, mean, std)),
-        ("torch, 0 workers", lambda: TorchLoader(train, device, args.batch_size, 0, 1, 0, True, mean, std, num_workers=0)),
-        ("torch, 2 workers", lambda: TorchLoader(train, device, args.batch_size, 0, 1, 0, True, mean, std, num_workers=2)),
+        ("tensor (on device)", lambda: TensorLoader(train, device, spec)),
+        ("torch, 0 workers", lambda: TorchLoader(train, device, replace(spec, num_workers=0))),
+        ("torch, 2 workers", lambda: TorchLoader(train, device, replace(spec, num_workers=2))),
     ]
     loaders = [(name, make()) for name, make in variants]
     for _, loader in loaders:

@@ -19,12 +19,10 @@ import torch.nn.functional as F
 
 from common import RESULTS, SHARED_TARBALL, provenance, table, write_json
 from dist_cifar import distributed as D
-from dist_cifar.components import build_optimizer, build_scheduler
+from dist_cifar.assembly import assemble
 from dist_cifar.config import make_config
-from dist_cifar.data import load_source, make_splits, normalization
-from dist_cifar.engine import Precision, StepHooks, train_epoch
-from dist_cifar.loaders import TensorLoader
-from dist_cifar.models import build_model
+from dist_cifar.data import load_source, make_splits
+from dist_cifar.engine import EpochStart, StepHooks, train_epoch
 from dist_cifar.timing import synchronize
 
 
@@ -37,18 +35,13 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
-    info = D.DistInfo(device=D.resolve_device(args.device, 0))
+    info = D.DistInfo(device=D.local_device(args.device, 0))
     dev = info.device
     raw = load_source("imagefolder", str(SHARED_TARBALL)) if SHARED_TARBALL.exists() else load_source("synthetic", "", synthetic_size=20_000)
-    train = make_splits(raw, "full", val_size=0).train
-    mean, std = normalization("cifar")
-    cfg = make_config(model=args.model, batch_size=args.batch_size, precision="fp32", steps_per_epoch=args.steps)
-    loader = TensorLoader(train, dev, args.batch_size, 0, 1, 0, True, mean, std, steps_cap=args.steps)
-    torch.manual_seed(0)
-    model = build_model(args.model).to(dev)
-    opt = build_optimizer(cfg, model, dev)
-    sched = build_scheduler(cfg, opt, args.steps)
-    precision = Precision.build("fp32", dev)
+    cfg = make_config(model=args.model, batch_size=args.batch_size, precision="fp32", steps_per_epoch=args.steps,
+                      augment=True, seed=0)
+    run = assemble(cfg, info, make_splits(raw, "full", val_size=0))
+    model, opt, loader = run.model.module, run.optimizer, run.loader
     hooks = StepHooks(progress_every=cfg.progress_every, on_progress=lambda *a: None)
 
     def hand_loop(epoch: int) -> float:
@@ -66,7 +59,7 @@ def main(argv=None) -> int:
 
     def trainer(epoch: int) -> float:
         loader.set_epoch(epoch)
-        return train_epoch(model, loader, opt, sched, precision, info, epoch, 0, 0, 0.0, hooks).wall_s
+        return train_epoch(run.step_parts, loader, info, EpochStart(epoch), hooks).wall_s
 
     hand_loop(0), trainer(0)  # warm-up
     hand, train = [], []

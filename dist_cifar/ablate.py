@@ -1,6 +1,6 @@
 """The report's ablation studies, each variant an ordinary single-process training job.
 
-    python -m dist_cifar.ablate batchnorm --dataset imagefolder --data-dir ../shared/data/cifar10-jpeg.tar.gz
+    python -m dist_cifar.ablate batchnorm --dataset imagefolder --data-dir data/cifar10-jpeg.tar.gz
     python -m dist_cifar.ablate weight_decay --epochs 5 --out runs/ablations
     python -m dist_cifar.ablate all
     python -m dist_cifar.ablate dropout --slurm --wait     # one SLURM array task per variant
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import checkpoint as ckpt
+from . import files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +40,7 @@ class Variant:
     report: dict = field(default_factory=dict)  # the report's numbers for this variant, if any
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Study:
     name: str
     model: str
@@ -54,33 +55,33 @@ def _v(name, flags="", **report):
 
 
 STUDIES: dict[str, Study] = {s.name: s for s in [
-    Study("dropout", "small_cnn", "general", "Does Dropout(0.35) after conv2 curb overfitting?",
-          [_v("with_dropout"), _v("without_dropout", "--no-dropout")],
-          "figures only: without dropout the validation loss rises at the end (overfitting)"),
-    Study("pooling", "small_cnn", "general", "What do the two 2x2 max-pools buy?",
-          [_v("with_pooling"), _v("without_pooling", "--no-pooling")],
-          "figures only: without pooling the model overfits"),
-    Study("batchnorm", "small_cnn", "loss", "Does BatchNorm(16) before conv2 help?",
-          [_v("with_bn", "", train_loss=0.78, val_loss=1.03),
+    Study(name="dropout", model="small_cnn", table="general", question="Does Dropout(0.35) after conv2 curb overfitting?",
+          variants=[_v("with_dropout"), _v("without_dropout", "--no-dropout")],
+          report_note="figures only: without dropout the validation loss rises at the end (overfitting)"),
+    Study(name="pooling", model="small_cnn", table="general", question="What do the two 2x2 max-pools buy?",
+          variants=[_v("with_pooling"), _v("without_pooling", "--no-pooling")],
+          report_note="figures only: without pooling the model overfits"),
+    Study(name="batchnorm", model="small_cnn", table="loss", question="Does BatchNorm(16) before conv2 help?",
+          variants=[_v("with_bn", "", train_loss=0.78, val_loss=1.03),
            _v("without_bn", "--no-batchnorm", train_loss=1.07, val_loss=1.11)]),
-    Study("weight_decay", "vgg_truncated", "accuracy", "Adam weight decay (L2) on the truncated VGG16",
-          [_v("wd_0", "--weight-decay 0", train=77.53, val=71.62, test=66.30),
+    Study(name="weight_decay", model="vgg_truncated", table="accuracy", question="Adam weight decay (L2) on the truncated VGG16",
+          variants=[_v("wd_0", "--weight-decay 0", train=77.53, val=71.62, test=66.30),
            _v("wd_0.01", "--weight-decay 0.01", train=73.81, val=73.66, test=67.64),
            _v("wd_0.001", "--weight-decay 0.001", train=82.19, val=75.96, test=70.86),
            _v("wd_0.0001", "--weight-decay 0.0001", train=79.26, val=72.98, test=68.50),
            _v("wd_1", "--weight-decay 1", note="ridiculous")],
-          "weight decay 1: 'results are ridiculous' (no table)"),
-    Study("epochs", "small_cnn", "epochs", "How many epochs before validation loss turns up?",
-          [_v(f"epochs_{e}", f"--epochs {e}", train_loss=tl, val_loss=vl, time_s=ts)
+          report_note="weight decay 1: 'results are ridiculous' (no table)"),
+    Study(name="epochs", model="small_cnn", table="epochs", question="How many epochs before validation loss turns up?",
+          variants=[_v(f"epochs_{e}", f"--epochs {e}", train_loss=tl, val_loss=vl, time_s=ts)
            for e, tl, vl, ts in [(10, 0.93, 1.03, 61.31), (15, 0.79, 1.01, 92.63), (20, 0.67, 1.06, 114.30),
                                  (25, 0.57, 1.11, 153.08), (30, 0.51, 1.17, 182.98)]],
-          "validation loss bottoms out near epoch 15; times on the authors' machine"),
-    Study("batch_size", "small_cnn", "general", "Mini-batch size (the report discussed it without numbers)",
-          [_v(f"batch_{b}", f"--batch-size {b}") for b in (16, 32, 64, 128, 256)],
-          "no numbers in the report"),
-    Study("vgg16", "vgg16_cifar", "general", "The adapted VGG16 (73728->4096 FC) against the truncated one",
-          [_v("vgg16_cifar", "--model vgg16_cifar --epochs 40"), _v("vgg_truncated", "--model vgg_truncated --epochs 40")],
-          "vgg16_cifar: 40 epochs, ~1 h on a Colab GPU; slightly worse than the truncated model, smaller gap"),
+          report_note="validation loss bottoms out near epoch 15; times on the authors' machine"),
+    Study(name="batch_size", model="small_cnn", table="general", question="Mini-batch size (the report discussed it without numbers)",
+          variants=[_v(f"batch_{b}", f"--batch-size {b}") for b in (16, 32, 64, 128, 256)],
+          report_note="no numbers in the report"),
+    Study(name="vgg16", model="vgg16_cifar", table="general", question="The adapted VGG16 (73728->4096 FC) against the truncated one",
+          variants=[_v("vgg16_cifar", "--model vgg16_cifar --epochs 40"), _v("vgg_truncated", "--model vgg_truncated --epochs 40")],
+          report_note="vgg16_cifar: 40 epochs, ~1 h on a Colab GPU; slightly worse than the truncated model, smaller gap"),
 ]}
 
 
@@ -124,7 +125,7 @@ def train_args(study: Study, variant: Variant, args, out_dir: Path) -> list[str]
 
 def pending(study: Study, args) -> list[Variant]:
     chosen = [v for v in study.variants if not args.variants or v.name in args.variants.split(",")]
-    return [v for v in chosen if not (variant_dir(Path(args.out), study, v, args) / "summary.json").exists()]
+    return [v for v in chosen if not (variant_dir(Path(args.out), study, v, args) / files.SUMMARY).exists()]
 
 
 def run_local(study: Study, args) -> dict[str, str]:
@@ -181,8 +182,8 @@ def wait_slurm(job: str, timeout_s: float) -> None:
 
 def load_run(folder: Path) -> Optional[dict]:
     try:
-        summary = json.loads((folder / "summary.json").read_text())
-        metrics = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        summary = json.loads((folder / files.SUMMARY).read_text())
+        metrics = files.read_jsonl(folder / files.METRICS)
     except (OSError, ValueError):
         return None
     return {"summary": summary, "metrics": metrics}
@@ -245,7 +246,7 @@ def write_report(study: Study, out: Path, status: dict[str, str], args) -> Path:
     png = folder / f"{study.name}_loss_curves.png"
     if done:
         plot.loss_overlay({k: r["metrics"] for k, r in done.items()}, png, f"{folder.name}: train (solid) and validation (dashed) loss")
-    cfg = json.loads((folder / next(iter(done)) / "config.json").read_text()) if done else {}
+    cfg = json.loads((folder / next(iter(done)) / files.CONFIG).read_text()) if done else {}
     given = overrides(args)
     recipe = ("recipe overrides for every variant: " + ", ".join(f"`{OVERRIDES[k][1]} {v}`" for k, v in given.items())
               if given else "no recipe overrides (the report preset as is)")
@@ -335,7 +336,7 @@ def main(argv=None) -> int:
                     continue
                 if job:
                     wait_slurm(job, args.slurm_timeout)
-                    status = {v.name: "ok" if (variant_dir(out, study, v, args) / "summary.json").exists() else "failed (SLURM task)"
+                    status = {v.name: "ok" if (variant_dir(out, study, v, args) / files.SUMMARY).exists() else "failed (SLURM task)"
                               for v in study.variants if not args.variants or v.name in args.variants.split(",")}
             else:
                 status = run_local(study, args)

@@ -1,10 +1,24 @@
-"""Checkpoints: the full training state, written atomically, found and loaded safely.
+"""Checkpoints: what goes into one, written atomically in the background, found and loaded safely.
 
-Layout in the out dir: `ckpt-e{epoch}-s{step}.pt` plus `ckpt-...pt.commit`. A save writes a
-temporary file, fsyncs it, renames it into place, fsyncs the folder, and only then writes the
-commit marker (holding the file's size and sha256). A checkpoint without a marker, or whose
-size/hash disagree with it, does not exist as far as `find_latest` is concerned. Older
-checkpoints are pruned only after the new one is committed.
+`CheckpointManager` owns a checkpoint's content: it asks each registered part (model,
+optimizer, schedule, GradScaler) for its `state_dict`, adds every rank's RNG state and the
+`RunState`, and restores them in reverse. It also writes `best.pt` (weights only) through the
+same atomic path.
+
+Saving does not stall training: the step loop waits only while the state is copied off the
+training device into host buffers (reused, pinned buffers on CUDA; a copy on CPU, since training
+goes on mutating the parameters in place). A background thread then serialises, writes, fsyncs,
+renames and commits. At most one checkpoint write is in flight: a periodic save that finds one
+still running is skipped (and said), the run's last save and a preemption save wait for it.
+`close()` waits for every write on every exit path. The commit marker's sha256 is computed from
+the bytes as they are written, so nothing is read back; loading still verifies it. A snapshot
+whose weights are not all finite is never committed.
+
+Layout in the out dir: `ckpt-e{epoch}-s{step}.pt` plus `ckpt-...pt.commit`. A write goes to a
+temporary file, is fsynced, renamed into place, the folder fsynced, and only then is the commit
+marker (size and sha256) written. A checkpoint without a marker, or whose size/hash disagree
+with it, does not exist as far as `find_latest` is concerned. Older checkpoints are pruned only
+after the new one is committed.
 
 Files load with `torch.load(weights_only=True)`: tensors, numbers, strings and containers
 only, so a checkpoint can never run code.
@@ -13,17 +27,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
+import threading
+import time
 import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-FORMAT = 1
+from . import distributed as D
+from . import files
+from .engine import EpochSums, EpochStart
+
+FORMAT = 2  # 2: RunState.sums replaced the anonymous carry tuple
 NAME = re.compile(r"^ckpt-e(\d+)-s(\d+)\.pt$")
 # Config fields that must match for a checkpoint to be resumable into this run.
 MUST_MATCH = ("model", "batchnorm", "dropout", "pooling", "optimizer", "sync_bn")
@@ -33,22 +55,60 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message is one line naming why and the fix."""
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+@dataclass
+class RunState:
+    """Progress that a checkpoint must carry besides weights and optimizer."""
+
+    epoch: int = 0                    # epoch in progress (== epochs when finished)
+    step: int = 0                     # steps done within `epoch`
+    global_step: int = 0
+    sums: EpochSums = field(default_factory=EpochSums)  # of the steps done in `epoch`
+    best_val_loss: float = math.inf
+    best_epoch: int = -1
+    time_to_best_s: float = 0.0
+    train_time_s: float = 0.0         # summed over restarts
+    wandb_id: str = ""
+    history: list = field(default_factory=list)  # per-epoch records, for metrics.jsonl and W&B
+
+    def epoch_start(self) -> EpochStart:
+        return EpochStart(self.epoch, self.step, self.global_step, EpochSums(**asdict(self.sums)))
+
+    def to_state(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state(self, saved: dict[str, Any]) -> None:
+        for key, value in saved.items():
+            setattr(self, key, EpochSums(**value) if key == "sums" else value)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+class HashingWriter:
+    """A binary file that hashes what passes through it (torch.save writes sequentially)."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def write_torch(path: Path, blob: dict[str, Any], *, before_publish=None) -> tuple[int, str]:
+    """torch.save into a temporary file, fsync, rename into place, fsync the folder; returns the
+    (size, sha256) of the bytes written. `before_publish` runs after the fsync (fault injection)."""
+    tmp = files.temp_path(path)
     with open(tmp, "wb") as f:
-        f.write(data)
+        writer = HashingWriter(f)
+        torch.save(blob, writer)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if before_publish is not None:
+        before_publish()
+    files.publish(tmp, path)
+    return writer.size, writer.sha256.hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -63,20 +123,18 @@ def checkpoint_name(epoch: int, step: int) -> str:
     return f"ckpt-e{epoch:04d}-s{step:07d}.pt"
 
 
-def save(out_dir: Path, state: dict[str, Any], epoch: int, step: int, keep_last: int) -> Path:
-    """Write `state` as the checkpoint for (epoch, step done in it); prune to `keep_last`."""
+def marker_path(path: Path) -> Path:
+    return path.with_name(path.name + ".commit")
+
+
+def save(out_dir: Path, state: dict[str, Any], epoch: int, step: int, keep_last: int, *,
+         before_publish=None) -> Path:
+    """Write `state` as the checkpoint for (epoch, step done in it), commit it, prune to `keep_last`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / checkpoint_name(epoch, step)
-    tmp = out_dir / f".tmp-{path.name}-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(out_dir)
-    marker = {"file": path.name, "size": path.stat().st_size, "sha256": sha256_file(path),
-              "epoch": epoch, "step": step}
-    atomic_write_bytes(path.with_name(path.name + ".commit"), json.dumps(marker).encode())
+    size, sha256 = write_torch(path, state, before_publish=before_publish)
+    marker = {"file": path.name, "size": size, "sha256": sha256, "epoch": epoch, "step": step}
+    files.atomic_write_bytes(marker_path(path), json.dumps(marker).encode())
     prune(out_dir, keep_last)
     return path
 
@@ -86,14 +144,14 @@ def committed(out_dir: Path) -> list[Path]:
     found = []
     for p in Path(out_dir).glob("ckpt-e*-s*.pt"):
         m = NAME.match(p.name)
-        if m and p.with_name(p.name + ".commit").exists():
+        if m and marker_path(p).exists():
             found.append((int(m.group(1)), int(m.group(2)), p))
     return [p for _, _, p in sorted(found)]
 
 
 def verify(path: Path) -> bool:
     try:
-        marker = json.loads(path.with_name(path.name + ".commit").read_text())
+        marker = json.loads(marker_path(path).read_text())
         return marker["size"] == path.stat().st_size and marker["sha256"] == sha256_file(path)
     except (OSError, ValueError, KeyError):
         return False
@@ -110,9 +168,9 @@ def find_latest(out_dir: Path) -> Optional[Path]:
 
 def prune(out_dir: Path, keep_last: int) -> None:
     for old in committed(out_dir)[:-keep_last]:
-        old.with_name(old.name + ".commit").unlink(missing_ok=True)  # uncommit first
+        marker_path(old).unlink(missing_ok=True)  # uncommit first
         old.unlink(missing_ok=True)
-    for stray in Path(out_dir).glob(".tmp-ckpt-*"):
+    for stray in Path(out_dir).glob(files.TMP_PREFIX + "ckpt-*"):
         stray.unlink(missing_ok=True)  # a save killed midway (only rank 0 ever writes here)
 
 
@@ -138,6 +196,215 @@ def check_compatible(state: dict[str, Any], config: dict[str, Any], path: Path) 
             raise CheckpointError(f"checkpoint {path.name} was written with {key}={saved.get(key)!r} but "
                                   f"this run has {key}={config.get(key)!r}: use a new --out-dir or "
                                   f"--resume none")
+
+
+class HostSnapshot:
+    """Copies a nested state (dicts, lists, tensors) off the training device, reusing its host
+    buffers from one save to the next (pinned on CUDA, so the copy runs at full bandwidth)."""
+
+    def __init__(self):
+        self.buffers: list[torch.Tensor] = []
+
+    def take(self, state: Any) -> Any:
+        index = [0]
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        out = self._copy(state, index, copies)
+        if any(src.is_cuda for src, _ in copies):
+            torch.cuda.synchronize()  # the non_blocking copies have landed
+        return out
+
+    def _copy(self, obj: Any, index: list, copies: list) -> Any:
+        if isinstance(obj, torch.Tensor):
+            i = index[0]
+            index[0] += 1
+            src = obj.detach()
+            if i >= len(self.buffers):
+                self.buffers.append(torch.empty(0))
+            buf = self.buffers[i]
+            if buf.shape != src.shape or buf.dtype != src.dtype:
+                buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
+                self.buffers[i] = buf
+            buf.copy_(src, non_blocking=src.is_cuda)
+            copies.append((src, buf))
+            return buf
+        if isinstance(obj, dict):
+            return {k: self._copy(v, index, copies) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._copy(v, index, copies) for v in obj)
+        return obj
+
+
+def all_finite(state_dict: dict[str, Any]) -> bool:
+    return all(torch.isfinite(t).all() for t in state_dict.values()
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+class CheckpointManager:
+    """Saves and restores one run's full training state. Every rank calls `save` and `restore`
+    at the same point (RNG states are gathered); only rank 0 writes, in a background thread."""
+
+    def __init__(self, out_dir: Path, info: D.DistInfo, *, config: dict[str, Any], parts: dict[str, Any],
+                 keep_last: int, global_batch_size: int, faults=None):
+        self.out_dir, self.info, self.config = out_dir, info, config
+        self.parts = parts            # name -> object with state_dict() / load_state_dict()
+        self.keep_last, self.global_batch_size = keep_last, global_batch_size
+        self.faults = faults
+        self.snapshots = {"checkpoint": HostSnapshot(), "best": HostSnapshot()}
+        self.threads: dict[str, Optional[threading.Thread]] = {"checkpoint": None, "best": None}
+        self.errors: list[BaseException] = []
+        self.blocked_s = 0.0          # step loop stood still for checkpoints, since take_times()
+        self.write_s = 0.0            # background writes finished since take_times()
+        self.lock = threading.Lock()
+        self.last_commit = time.monotonic()
+
+    # -- timing, for the per-epoch record --------------------------------------------
+    def take_times(self) -> tuple[float, float]:
+        with self.lock:
+            times, self.blocked_s, self.write_s = (self.blocked_s, self.write_s), 0.0, 0.0
+        return times
+
+    def minutes_since_last_save(self) -> float:
+        return (time.monotonic() - self.last_commit) / 60.0
+
+    # -- saving ----------------------------------------------------------------------
+    def capture(self, state: RunState) -> dict[str, Any]:
+        mine = capture_rng()
+        rngs = [mine]
+        if self.info.distributed:
+            rngs = [None] * self.info.world_size
+            torch.distributed.all_gather_object(rngs, mine)
+        return {"format": FORMAT, **{name: part.state_dict() for name, part in self.parts.items()},
+                "run": state.to_state(), "rng": rngs, "config": self.config,
+                "world_size": self.info.world_size, "global_batch_size": self.global_batch_size}
+
+    def save(self, state: RunState, *, wait: bool = True) -> bool:
+        """Checkpoint `state`. wait=False (periodic saves): skipped, and said, while the previous
+        write is still running; wait=True (end of run, preemption): waits for it. Returns whether
+        a save was started. Every rank must make the same call."""
+        t0 = time.perf_counter()
+        busy = self.info.is_main and self._running("checkpoint")
+        if self.info.distributed:  # every rank takes the same decision (only rank 0 writes)
+            busy = D.broadcast_object(self.info, busy)
+        if busy and not wait:
+            self._note(f"checkpoint at epoch {state.epoch} step {state.step} skipped: the previous one "
+                       f"is still being written")
+            return False
+        blob = self.capture(state)  # collective: every rank, same point
+        if self.info.is_main:
+            self._join("checkpoint")
+            snapshot = self.snapshots["checkpoint"].take(blob)
+            delay = self.faults.save_delay(state.global_step) if self.faults else 0.0
+            self._start("checkpoint", self._write_checkpoint, snapshot, state.epoch, state.step, delay)
+        with self.lock:
+            self.blocked_s += time.perf_counter() - t0
+        return True
+
+    def save_best(self, module: torch.nn.Module, *, epoch: int, val_loss: Optional[float]) -> None:
+        """best.pt: the weights alone (evaluation, fine-tuning), rank 0 only, in the background."""
+        if not self.info.is_main:
+            return
+        t0 = time.perf_counter()
+        self._join("best")
+        weights = self.snapshots["best"].take(module.state_dict())
+        blob = {"format": FORMAT, "model_name": self.config["model"], "epoch": epoch, "val_loss": val_loss,
+                "state_dict": weights, "config": self.config}
+        self._start("best", self._write_best, blob)
+        with self.lock:
+            self.blocked_s += time.perf_counter() - t0
+
+    def close(self, *, raise_errors: bool = True) -> None:
+        """Wait for every write in flight; raise the first background error, if any."""
+        for kind in self.threads:
+            self._join(kind)
+        if self.errors and raise_errors:
+            error, self.errors = self.errors[0], []
+            raise error
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # every exit path (done, preempted, non-finite, Ctrl-C) waits for the writes in flight;
+        # an exception already on its way out is not replaced by a background one
+        self.close(raise_errors=exc_type is None)
+
+    # -- background ------------------------------------------------------------------
+    def _running(self, kind: str) -> bool:
+        thread = self.threads[kind]
+        return thread is not None and thread.is_alive()
+
+    def _join(self, kind: str) -> None:
+        thread = self.threads[kind]
+        if thread is not None:
+            thread.join()
+            self.threads[kind] = None
+
+    def _start(self, kind: str, target, *args) -> None:
+        def run():
+            t0 = time.perf_counter()
+            try:
+                target(*args)
+            except BaseException as exc:  # surfaced by close(): a failed write must not pass silently
+                self.errors.append(exc)
+            with self.lock:
+                self.write_s += time.perf_counter() - t0
+        # not a daemon: the interpreter waits for a write in flight even on an unexpected exit
+        self.threads[kind] = threading.Thread(target=run, name=f"dist_cifar-{kind}-writer")
+        self.threads[kind].start()
+
+    def _write_checkpoint(self, snapshot: dict[str, Any], epoch: int, step: int, delay_s: float) -> None:
+        if not all_finite(snapshot["model"]):
+            self._note(f"checkpoint at epoch {epoch} step {step} NOT committed: its weights are not finite")
+            return
+        save(self.out_dir, snapshot, epoch, step, self.keep_last,
+             before_publish=(lambda: time.sleep(delay_s)) if delay_s else None)
+        self.last_commit = time.monotonic()
+
+    def _write_best(self, blob: dict[str, Any]) -> None:
+        if all_finite(blob["state_dict"]):
+            write_torch(self.out_dir / files.BEST, blob)
+
+    def _note(self, message: str) -> None:
+        if self.info.is_main:
+            print(f"[dist_cifar] {message}", flush=True)
+
+    # -- loading ---------------------------------------------------------------------
+    def load_best(self, module: torch.nn.Module) -> bool:
+        self._join("best")
+        best = self.out_dir / files.BEST
+        if not best.exists():
+            return False
+        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+        return True
+
+    def restore(self, path: Path, state: RunState, *, steps_per_epoch: int, seed: int) -> list[str]:
+        """Load `path` into the parts and `state`; returns what to tell the user."""
+        blob = load(path)
+        check_compatible(blob, self.config, path)
+        same_sharding = (blob["world_size"] == self.info.world_size
+                         and blob["global_batch_size"] == self.global_batch_size)
+        for name, part in self.parts.items():
+            if blob.get(name) and (name != "scheduler" or same_sharding):
+                part.load_state_dict(blob[name])
+        state.load_state(blob["run"])
+        notes = []
+        if same_sharding:
+            restore_rng(blob["rng"][self.info.rank])
+        else:
+            # Different sharding: continue the epoch after the same number of samples, rebuild the
+            # schedule for the new step count. Exact replay is impossible; say so.
+            old_world, old_global = blob["world_size"], blob["global_batch_size"]
+            state.step = min(state.step * old_global // self.global_batch_size, steps_per_epoch)
+            state.sums = EpochSums()
+            state.global_step = state.epoch * steps_per_epoch + state.step
+            for _ in range(state.global_step):
+                self.parts["scheduler"].step()
+            torch.manual_seed(seed + 1000 * state.epoch + self.info.rank)
+            notes.append(f"world size changed {old_world} -> {self.info.world_size} (global batch {old_global} -> "
+                         f"{self.global_batch_size}): data re-sharded, resuming epoch {state.epoch} "
+                         f"at step {state.step}")
+        notes.append(f"resumed from {path} at epoch {state.epoch} step {state.step}")
+        return notes
 
 
 # ---------------------------------------------------------------------------- RNG state

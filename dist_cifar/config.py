@@ -16,7 +16,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .data import REPORT_TEST, REPORT_TRAIN, REPORT_VAL
+from .data import REPORT_TRAIN, report_split_problem
 
 
 class ConfigError(ValueError):
@@ -45,7 +45,7 @@ class TrainConfig:
     synthetic_size: int = 2000
     """synthetic: number of training images; validation and test get a quarter of it each."""
     split: str = "full"
-    """Split protocol: report (train images 0..19999 / val 20000..24999 / test 0..4999, PROTOCOL.md) or full (all 50k train less --val-size held out with a fixed seed, all 10k test)."""
+    """Split protocol: report (train images 0..19999 / val 20000..24999 / test 0..4999, docs/report_protocol.md) or full (all 50k train less --val-size held out with a fixed seed, all 10k test)."""
     val_size: int = -1
     """full split: images held out of train for validation (-1: 5000 for real data, a quarter of --synthetic-size for synthetic; 0: none)."""
     max_train: int = 0
@@ -143,7 +143,9 @@ class TrainConfig:
 
     # ---- fault tolerance -----------------------------------------------------------
     checkpoint_every: int = 1
-    """Write a checkpoint every N epochs and after the last (0: only on preemption; for benchmarks)."""
+    """Write a checkpoint every N epochs (0: no epoch cadence). With this or --checkpoint-interval-min set, the run also saves after its last epoch; preemption always saves. Writes run in the background."""
+    checkpoint_interval_min: float = 10.0
+    """Also write a checkpoint at the end of an epoch when this many minutes passed since the last one (0: off). Both 0: only on preemption (benchmarks)."""
     checkpoint_every_steps: int = 0
     """Also write a checkpoint every N training steps inside an epoch (0: off)."""
     save_best: bool = True
@@ -184,7 +186,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "preset": ("", "report", "fast", "smoke"),
 }
 
-# The report protocol (PROTOCOL.md): the notebook's split, preprocessing, batch sizes,
+# The report protocol (docs/report_protocol.md): the notebook's split, preprocessing, batch sizes,
 # optimizer and seed. Epochs are the report's usual 10.
 PRESETS: dict[str, dict[str, Any]] = {
     "report": dict(
@@ -199,7 +201,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         batch_size=512, eval_batch_size=1024, optimizer="adamw", lr=2e-3, weight_decay=0.05,
         schedule="onecycle", label_smoothing=0.1, epochs=12, precision="bf16",
         channels_last=True, compile=True, loader="tensor", ddp_comm_hook="bf16",
-        ddp_static_graph=False, guard_every=25, progress_every=50, checkpoint_every=4, save_best=False,
+        ddp_static_graph=False, guard_every=25, progress_every=50, checkpoint_every=0, save_best=False,
     ),
     "smoke": dict(
         dataset="synthetic", synthetic_size=512, epochs=2, batch_size=64, split="full",
@@ -288,7 +290,7 @@ def validate(cfg: TrainConfig) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{flag_name(name)} must be > 0, got {getattr(cfg, name)}")
-    non_negative = ("steps_per_epoch", "max_train", "num_workers", "checkpoint_every",
+    non_negative = ("steps_per_epoch", "max_train", "num_workers", "checkpoint_every", "checkpoint_interval_min",
                     "checkpoint_every_steps", "threads", "weight_decay", "ddp_bucket_mb")
     for name in non_negative:
         if getattr(cfg, name) < 0:
@@ -301,19 +303,15 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if cfg.dist_timeout <= 0:
         raise ConfigError(f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}")
-    if cfg.device == "cpu" and cfg.backend == "nccl":
-        raise ConfigError("--backend nccl needs GPUs: use --backend gloo with --device cpu")
     if cfg.split == "report":
         if cfg.max_train > REPORT_TRAIN:
             raise ConfigError(f"--max-train {cfg.max_train} exceeds the report split's "
                               f"{REPORT_TRAIN} training images: use --split full")
-        if cfg.dataset == "synthetic":
-            pool = cfg.synthetic_size + cfg.synthetic_size // 4
-            if pool < REPORT_TRAIN + REPORT_VAL or cfg.synthetic_size // 4 < REPORT_TEST:
-                raise ConfigError(
-                    f"--split report takes train images 0..{REPORT_TRAIN + REPORT_VAL - 1} but "
-                    f"--synthetic-size {cfg.synthetic_size} makes {pool}: use --split full "
-                    f"or --synthetic-size >= {4 * REPORT_TEST}")
+        if cfg.dataset == "synthetic":  # sizes known now: fail before any work
+            problem = report_split_problem(cfg.synthetic_size + cfg.synthetic_size // 4,
+                                           max(cfg.synthetic_size // 4, 1), f"--synthetic-size {cfg.synthetic_size}")
+            if problem:
+                raise ConfigError(problem)
     from .models import MODELS  # late import: models is a sibling, not a dependency of config
     if cfg.model not in MODELS:
         raise ConfigError(f"--model {cfg.model!r} is unknown; known models: {', '.join(MODELS)}")

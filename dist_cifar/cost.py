@@ -64,15 +64,16 @@ def measure(name: str, **switches) -> ModelCost:
     with FlopCounterMode(display=False) as train:
         nn.functional.cross_entropy(model(x), y).backward()
     params = sum(p.numel() for p in model.parameters())
-    return ModelCost(name, params, param_groups(model), fwd.get_total_flops() / 2,
-                     train.get_total_flops() / 2, params * 4, params * 2)
+    return ModelCost(model=name, params=params, param_groups=param_groups(model),
+                     forward_flops_per_image=fwd.get_total_flops() / 2, train_flops_per_image=train.get_total_flops() / 2,
+                     grad_bytes_fp32=params * 4, grad_bytes_bf16=params * 2)
 
 
 def ring_allreduce_s(grad_bytes: float, gpus: int, link_gbs: float) -> float:
     return 0.0 if gpus <= 1 else 2 * (gpus - 1) / gpus * grad_bytes / (link_gbs * 1e9)
 
 
-def floors(cost: ModelCost, batch_size: int, gpus: int, peak_tflops: float, link_gbs: float,
+def floors(cost: ModelCost, *, batch_size: int, gpus: int, peak_tflops: float, link_gbs: float,
            images: int = TRAIN_IMAGES) -> dict[str, float]:
     steps = images // (batch_size * gpus)
     compute = cost.train_flops_per_image * images / (gpus * peak_tflops * 1e12)
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
         print("error: --batch-size and --gpus must be > 0", file=sys.stderr)
         return 2
     cost = measure(args.model)
-    fl = floors(cost, args.batch_size, args.gpus, args.peak_tflops, args.link_gbs)
+    fl = floors(cost, batch_size=args.batch_size, gpus=args.gpus, peak_tflops=args.peak_tflops, link_gbs=args.link_gbs)
     if args.json:
         print(json.dumps({**asdict(cost), **fl, **vars(args)}, indent=2))
         return 0

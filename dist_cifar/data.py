@@ -23,7 +23,15 @@ import torch
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-REPORT_TRAIN, REPORT_VAL, REPORT_TEST = 20_000, 5_000, 5_000  # PROTOCOL.md's split, by index
+REPORT_TRAIN, REPORT_VAL, REPORT_TEST = 20_000, 5_000, 5_000  # docs/report_protocol.md's split, by index
+
+
+def report_split_problem(n_pool: int, n_test: int, source: str) -> Optional[str]:
+    """Why `--split report` cannot be cut from this many train-pool and test images (None: it can)."""
+    if n_pool < REPORT_TRAIN + REPORT_VAL or n_test < REPORT_TEST:
+        return (f"--split report takes train images 0..{REPORT_TRAIN + REPORT_VAL - 1} and test images "
+                f"0..{REPORT_TEST - 1}, but {source} has {n_pool} and {n_test}: use --split full")
+    return None
 CACHE_VERSION = 1
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm")
 
@@ -32,7 +40,7 @@ class DataError(RuntimeError):
     """Missing or unreadable data; the message is one line that names the fix."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RawData:
     train_x: torch.Tensor  # uint8 (N, 32, 32, 3)
     train_y: torch.Tensor  # int64 (N,)
@@ -89,8 +97,8 @@ def load_cached(cache: Path, fp: str, build: Callable[[], RawData]) -> RawData:
         try:
             blob = torch.load(cache, weights_only=True)
             if blob.get("version") == CACHE_VERSION and blob.get("fingerprint") == fp:
-                return RawData(blob["train_x"], blob["train_y"], blob["test_x"], blob["test_y"],
-                               tuple(blob["classes"]), blob["source"])
+                return RawData(train_x=blob["train_x"], train_y=blob["train_y"], test_x=blob["test_x"],
+                               test_y=blob["test_y"], classes=tuple(blob["classes"]), source=blob["source"])
             print(f"[dist_cifar] cache {cache} is stale; rebuilding it")
         except Exception as exc:  # a torn or foreign file: rebuild rather than fail
             print(f"[dist_cifar] cache {cache} is unreadable ({type(exc).__name__}); rebuilding it")
@@ -188,9 +196,9 @@ def load_cifar10(data_dir: Path, download: bool = False) -> RawData:
                 classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
             except Exception:
                 raise DataError(f"corrupt CIFAR-10 metadata file {meta}; re-extract the archive") from None
-        return RawData(torch.from_numpy(train_x), torch.from_numpy(train_y),
-                       torch.from_numpy(parts[5][0]), torch.from_numpy(parts[5][1]), classes,
-                       f"cifar10:{folder}")
+        return RawData(train_x=torch.from_numpy(train_x), train_y=torch.from_numpy(train_y),
+                       test_x=torch.from_numpy(parts[5][0]), test_y=torch.from_numpy(parts[5][1]),
+                       classes=classes, source=f"cifar10:{folder}")
 
     return load_cached(cache_path_for(folder, "cifar10"), fingerprint(files), build)
 
@@ -228,7 +236,9 @@ def collect(entries: list[tuple[str, str, str, Callable[[], bytes]]]) -> RawData
         y = np.array([index[c] for _, c, _, _ in items], dtype=np.int64)
         order = mix_order(len(y))
         out[split] = (torch.from_numpy(x[order]), torch.from_numpy(y[order]))
-    return RawData(*out["train"], *out["test"], classes, "imagefolder")
+    (train_x, train_y), (test_x, test_y) = out["train"], out["test"]
+    return RawData(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes,
+                   source="imagefolder")
 
 
 def mix_order(n: int) -> np.ndarray:
@@ -306,7 +316,8 @@ def make_synthetic(n_train: int, seed: int = 1234) -> RawData:
 
     train_x, train_y = images(n_pool)
     test_x, test_y = images(n_test)
-    return RawData(train_x, train_y, test_x, test_y, CLASSES, f"synthetic:{n_train}")
+    return RawData(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=CLASSES,
+                   source=f"synthetic:{n_train}")
 
 
 # ---------------------------------------------------------------------------- entry points
@@ -338,9 +349,9 @@ def make_splits(raw: RawData, split: str, val_size: int = -1, max_train: int = 0
     n_pool, n_test = len(raw.train_y), len(raw.test_y)
     if split == "report":
         n_tr, n_val, n_te = REPORT_TRAIN, REPORT_VAL, REPORT_TEST
-        if n_pool < n_tr + n_val or n_test < n_te:
-            raise DataError(f"--split report needs {n_tr + n_val} train and {n_te} test images; "
-                            f"{raw.source} has {n_pool} and {n_test}: use --split full")
+        problem = report_split_problem(n_pool, n_test, raw.source)
+        if problem:
+            raise DataError(problem)
         train_idx = torch.arange(n_tr)
         val_idx = torch.arange(n_tr, n_tr + n_val)
         test = Split(raw.test_x[:n_te], raw.test_y[:n_te])

@@ -2,7 +2,8 @@
 
 torchrun (and our SLURM scripts, which start torchrun) set RANK, LOCAL_RANK, WORLD_SIZE and
 LOCAL_WORLD_SIZE. Without them the job is a single process with no process group, and every
-helper here degrades to the identity, so the training loop never branches on the launch mode.
+collective helper here degrades to the identity, so the training loop calls them the same way
+under every launcher (it branches only on `is_main` for printing and writing files).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
+
+from .config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -43,31 +46,31 @@ def env_int(name: str, default: int) -> int:
     return default if value in (None, "") else int(value)
 
 
-def resolve_device(requested: str, local_rank: int) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is visible; use --device cpu")
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        count = torch.cuda.device_count()
-        if local_rank >= count:
-            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {count} GPU(s) visible: "
-                               f"lower --nproc_per_node to {count}")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+def local_device(device_type: str, local_rank: int) -> torch.device:
+    """This process's device: its own GPU (LOCAL_RANK) on a GPU host, else the CPU. `device_type`
+    is already resolved (runtime.py); "auto" is accepted for scripts that skip that step."""
+    if device_type == "auto":
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type != "cuda":
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ConfigError(f"LOCAL_RANK {local_rank} but only {count} GPU(s) visible: "
+                          f"lower --nproc_per_node to {count}")
+    return torch.device("cuda", local_rank)
 
 
-def init(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0) -> DistInfo:
+def init(device_type: str = "cpu", backend: str = "gloo", timeout_s: float = 300.0) -> DistInfo:
     """Read the launcher's environment; start a process group when WORLD_SIZE is set."""
     world = env_int("WORLD_SIZE", 1)
     rank, local_rank = env_int("RANK", 0), env_int("LOCAL_RANK", 0)
     local_world = env_int("LOCAL_WORLD_SIZE", world)
-    dev = resolve_device(device, local_rank)
+    dev = local_device(device_type, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)  # before init, so NCCL binds this rank to its own GPU
     if "WORLD_SIZE" not in os.environ:
         return DistInfo(device=dev)
-    chosen = backend if backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
-    if chosen == "nccl" and dev.type != "cuda":
-        raise RuntimeError("--backend nccl needs CUDA devices: use --backend gloo")
+    chosen = backend
     kwargs = {"device_id": dev} if chosen == "nccl" else {}
     timeout = datetime.timedelta(seconds=timeout_s)
     # After an elastic restart torchrun's agent store still holds the dead attempt's peer
@@ -77,7 +80,8 @@ def init(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0) 
     attempt = env_int("TORCHELASTIC_RESTART_COUNT", 0)
     store = dist.PrefixStore(f"dist_cifar/attempt_{attempt}", store)
     dist.init_process_group(backend=chosen, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs)
-    return DistInfo(rank, local_rank, world, local_world, dev, chosen)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world, device=dev,
+                    backend=chosen)
 
 
 def cleanup() -> None:
@@ -86,9 +90,9 @@ def cleanup() -> None:
 
 
 @contextlib.contextmanager
-def session(device: str = "auto", backend: str = "auto", timeout_s: float = 300.0) -> Iterator[DistInfo]:
+def session(device_type: str = "cpu", backend: str = "gloo", timeout_s: float = 300.0) -> Iterator[DistInfo]:
     """A process group for the duration of the block, destroyed on every exit path."""
-    info = init(device, backend, timeout_s)
+    info = init(device_type, backend, timeout_s)
     try:
         yield info
     finally:

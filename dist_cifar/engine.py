@@ -34,12 +34,8 @@ class Precision:
     scaler: Optional[torch.amp.GradScaler] = None
 
     @classmethod
-    def build(cls, requested: str, device: torch.device) -> "Precision":
-        name = requested
-        if requested == "auto":
-            name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-        if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("--precision bf16: this GPU has no bf16 support; use --precision fp16")
+    def build(cls, name: str, device: torch.device) -> "Precision":
+        """`name` is resolved already (runtime.resolve_precision): fp32, bf16 or fp16."""
         scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
         return cls(name, device.type, scaler)
 
@@ -70,10 +66,40 @@ class StepHooks:
 
 
 @dataclass
-class EpochResult:
-    loss_sum: float = 0.0       # summed over this rank's samples
+class EpochSums:
+    """Training loss sum, correct predictions and sample count of one rank's steps so far in an
+    epoch; a mid-epoch checkpoint carries them so the resumed epoch reports the whole epoch."""
+
+    loss_sum: float = 0.0
     correct: int = 0
     count: int = 0
+
+
+@dataclass
+class StepParts:
+    """What one optimizer step touches."""
+
+    model: nn.Module                      # the callable the loop trains (DDP and/or compiled)
+    optimizer: torch.optim.Optimizer
+    scheduler: object                     # stepped once per optimizer step
+    precision: Precision
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class EpochStart:
+    """Where `train_epoch` begins: a fresh epoch, or the middle of one after a resume."""
+
+    epoch: int
+    step: int = 0                         # steps already done in this epoch
+    global_step: int = 0                  # steps done since the run began (fault injection)
+    sums: EpochSums = field(default_factory=EpochSums)
+
+
+@dataclass
+class EpochResult:
+    epoch: int = 0
+    sums: EpochSums = field(default_factory=EpochSums)  # this rank's, whole epoch so far
     steps: int = 0              # steps run in this call (excludes skipped, resumed-over steps)
     end_step: int = 0           # steps done in the epoch when the call returned
     wall_s: float = 0.0
@@ -83,20 +109,19 @@ class EpochResult:
     step_losses: list = field(default_factory=list)
 
 
-def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler,
-                precision: Precision, info: D.DistInfo, epoch: int, start_step: int,
-                global_step: int, label_smoothing: float, hooks: StepHooks,
-                carry: tuple[float, int, int] = (0.0, 0, 0)) -> EpochResult:
-    """Train from `start_step` to the epoch's end (or an agreed stop). `carry` holds the
-    (loss sum, correct, count) of the steps already done this epoch before a resume."""
+def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
+                hooks: StepHooks) -> EpochResult:
+    """Train from `start.step` to the epoch's end (or an agreed stop)."""
+    model, optimizer, scheduler, precision = parts.model, parts.optimizer, parts.scheduler, parts.precision
+    epoch, start_step, global_step = start.epoch, start.step, start.global_step
     model.train()
     dev = info.device
-    loss_sum = torch.tensor(carry[0], dtype=torch.float64, device=dev)
-    correct = torch.tensor(carry[1], dtype=torch.int64, device=dev)
+    loss_sum = torch.tensor(start.sums.loss_sum, dtype=torch.float64, device=dev)
+    correct = torch.tensor(start.sums.correct, dtype=torch.int64, device=dev)
     losses: list[torch.Tensor] = []
     scaler = precision.scaler
     skipped_in_row, last_scale = 0, scaler.get_scale() if scaler else None
-    result = EpochResult(end_step=start_step, count=carry[2])
+    result = EpochResult(epoch, EpochSums(count=start.sums.count), end_step=start_step)
     total = len(loader)
     watch = Stopwatch(dev)
     watch.start()
@@ -111,7 +136,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
 
         with precision.autocast():
             logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+            loss = F.cross_entropy(logits, y, label_smoothing=parts.label_smoothing)
         loss = hooks.faults.corrupt_loss(info.rank, global_step, loss)
 
         if guarded:
@@ -138,7 +163,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
         correct += (logits.detach().argmax(1) == y).sum()
         if hooks.record_step_losses:
             losses.append(loss.detach().float())
-        result.count += n
+        result.sums.count += n
         result.steps += 1
         step += 1
         global_step += 1
@@ -154,7 +179,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
                                     f"step {step} (raise --max-skipped-steps or use bf16)")
         if hooks.on_progress and (step % hooks.progress_every == 0 or step == total):
             images = (step - start_step) * loader.batch_size * info.world_size
-            hooks.on_progress(step, total, float(loss_sum.item()) / max(result.count, 1),
+            hooks.on_progress(step, total, float(loss_sum.item()) / max(result.sums.count, 1),
                               images / max(watch.peek(), 1e-9))
         if result.stopped:
             break
@@ -172,8 +197,8 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
 
 def flush(result: EpochResult, loss_sum: torch.Tensor, correct: torch.Tensor, losses: list) -> None:
     """Copy device sums into the host-side result (one sync)."""
-    result.loss_sum = float(loss_sum.item())
-    result.correct = int(correct.item())
+    result.sums.loss_sum = float(loss_sum.item())
+    result.sums.correct = int(correct.item())
     if losses:
         result.step_losses = torch.stack(losses).tolist()
 
@@ -187,7 +212,7 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, shards, precision: Precision, info: D.DistInfo,
+def evaluate(module: nn.Module, shards, precision: Precision, info: D.DistInfo, *,
              num_classes: int = 10, confusion: bool = False) -> EvalResult:
     """Exact over ranks: sums and counts are all-reduced; each sample counted once."""
     module.eval()
@@ -214,7 +239,8 @@ def evaluate(module: nn.Module, shards, precision: Precision, info: D.DistInfo,
 
 def global_mean(info: D.DistInfo, result: EpochResult) -> tuple[float, float, int]:
     """Train loss and accuracy (%) over every rank's samples of the epoch."""
-    t = torch.tensor([result.loss_sum, result.correct, result.count], dtype=torch.float64, device=info.device)
+    sums = result.sums
+    t = torch.tensor([sums.loss_sum, sums.correct, sums.count], dtype=torch.float64, device=info.device)
     D.all_reduce_sum(info, t)
     loss_sum, correct, count = t.tolist()
     if count == 0:

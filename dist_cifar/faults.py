@@ -5,6 +5,8 @@ DIST_CIFAR_FAULT holds one or more ';'-separated specs, each `KIND:key=value:...
   sleep:rank=1:step=3:seconds=600  rank 1 stalls (tests the collective timeout)
   nan:rank=0:step=2              rank 0's loss becomes NaN at global step 2
   preempt:rank=0:step=5          rank 0 raises its preemption flag (as SIGTERM would)
+  slow_save:step=16:seconds=60   the checkpoint taken at global step 16 waits 60 s between its
+                                 fsync and its rename (tests a kill while a write is in flight)
 Add `attempt=0` to fire only on torchrun's first attempt (TORCHELASTIC_RESTART_COUNT==0).
 Steps count optimizer steps from the start of the run (0-based), across epochs.
 """
@@ -17,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-KINDS = ("crash", "sleep", "nan", "preempt")
+KINDS = ("crash", "sleep", "nan", "preempt", "slow_save")
 
 
 @dataclass
@@ -65,6 +67,11 @@ class FaultInjector:
             time.sleep(fault.seconds)
         if self._due("preempt", rank, step) and self.on_preempt:
             self.on_preempt()
+
+    def save_delay(self, step: int) -> float:
+        """Seconds the checkpoint writer stalls before publishing the checkpoint of `step`."""
+        fault = self._due("slow_save", 0, step)
+        return fault.seconds if fault else 0.0
 
     def corrupt_loss(self, rank: int, step: int, loss: torch.Tensor) -> torch.Tensor:
         if self.faults and self._due("nan", rank, step):

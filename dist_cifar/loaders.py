@@ -7,6 +7,7 @@ loaders see the same images in the same order. Both yield normalised float NCHW 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -15,6 +16,22 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from .data import Split
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """How one rank batches a split; built once per run by the assembler."""
+
+    batch_size: int                  # per process
+    mean: tuple = (0.5, 0.5, 0.5)    # normalisation, per channel, in [0, 1] units
+    std: tuple = (0.5, 0.5, 0.5)
+    rank: int = 0                    # this process's shard ...
+    world: int = 1                   # ... of this many
+    seed: int = 0                    # shuffling (all ranks) and augmentation (mixed with the rank)
+    augment: bool = False            # random crop (4-pixel padding) + horizontal flip
+    channels_last: bool = False
+    steps_cap: int = 0               # training steps per epoch at most (0: a full pass)
+    num_workers: int = 2             # torch loader only
 
 
 def sampler_indices(n: int, rank: int, world: int, seed: int, epoch: int) -> list[int]:
@@ -53,10 +70,11 @@ def pack_padded(images: torch.Tensor, pad: int = 4) -> torch.Tensor:
     return torch.nn.functional.pad(images, (0, 4 - c, pad, pad, pad, pad)).view(torch.int32).view(n, -1)
 
 
-def crop_flip_packed(pixels: torch.Tensor, h: int, w: int, c: int, generator: torch.Generator,
+def crop_flip_packed(pixels: torch.Tensor, shape: tuple[int, int, int], generator: torch.Generator, *,
                      pad: int = 4) -> torch.Tensor:
     """Random crop + random horizontal flip of packed padded pixels -> uint8 (N, h, w, c):
-    one gather for the whole batch, no per-image Python work."""
+    one gather for the whole batch, no per-image Python work. `shape` is the unpadded (h, w, c)."""
+    h, w, c = shape
     n, dev, width = pixels.shape[0], pixels.device, w + 2 * pad
     dy = torch.randint(0, 2 * pad + 1, (n,), device=dev, generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (n,), device=dev, generator=generator)
@@ -72,7 +90,7 @@ def crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 4) ->
     """Random crop after `pad` pixels of zero padding, and a random horizontal flip, of a uint8
     NHWC batch."""
     _, h, w, c = images.shape
-    return crop_flip_packed(pack_padded(images, pad), h, w, c, generator, pad)
+    return crop_flip_packed(pack_padded(images, pad), (h, w, c), generator, pad=pad)
 
 
 def batch_seed(seed: int, rank: int, epoch: int, step: int) -> int:
@@ -85,18 +103,16 @@ class TensorLoader:
     """The whole uint8 split lives on the training device; batches are gathered, augmented and
     normalised there. On a GPU the loop never waits for a host worker or a copy."""
 
-    def __init__(self, split: Split, device: torch.device, batch_size: int, rank: int, world: int,
-                 seed: int, augment: bool, mean, std, channels_last: bool = False, steps_cap: int = 0):
+    def __init__(self, split: Split, device: torch.device, spec: LoaderSpec):
         self.x = split.x.to(device)
         self.y = split.y.to(device)
         # augmenting: keep the padded, pixel-packed copy instead (1.6x the bytes, no per-batch pad)
-        self.packed = pack_padded(self.x) if augment else None
-        if augment:
+        self.packed = pack_padded(self.x) if spec.augment else None
+        if spec.augment:
             self.x = None
         self.shape = tuple(split.x.shape[1:])
-        self.device, self.batch_size, self.rank, self.world = device, batch_size, rank, world
-        self.seed, self.augment, self.steps_cap = seed, augment, steps_cap
-        self.normalize = Normalizer(mean, std, device, channels_last)
+        self.device, self.spec, self.batch_size = device, spec, spec.batch_size
+        self.normalize = Normalizer(spec.mean, spec.std, device, spec.channels_last)
         self.generator = torch.Generator(device=device)
         self.epoch = 0
 
@@ -104,20 +120,19 @@ class TensorLoader:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return steps_in_epoch(len(self.y), self.world, self.batch_size, self.steps_cap)
-
+        return steps_in_epoch(len(self.y), self.spec.world, self.batch_size, self.spec.steps_cap)
 
     def indices(self) -> torch.Tensor:
-        idx = sampler_indices(len(self.y), self.rank, self.world, self.seed, self.epoch)
+        idx = sampler_indices(len(self.y), self.spec.rank, self.spec.world, self.spec.seed, self.epoch)
         return torch.tensor(idx[: len(self) * self.batch_size], dtype=torch.long).to(self.device)
 
     def batches(self, start_step: int = 0) -> Iterator[Batch]:
         idx = self.indices()
         for step in range(start_step, len(self)):
             sel = idx[step * self.batch_size:(step + 1) * self.batch_size]
-            if self.augment:
-                self.generator.manual_seed(batch_seed(self.seed, self.rank, self.epoch, step))
-                images = crop_flip_packed(self.packed.index_select(0, sel), *self.shape, self.generator)
+            if self.spec.augment:
+                self.generator.manual_seed(batch_seed(self.spec.seed, self.spec.rank, self.epoch, step))
+                images = crop_flip_packed(self.packed.index_select(0, sel), self.shape, self.generator)
             else:
                 images = self.x.index_select(0, sel)  # much faster than x[sel] for uint8 rows
             yield self.normalize(images), self.y.index_select(0, sel)
@@ -138,22 +153,20 @@ class TorchLoader:
     """torchvision transforms + DataLoader (workers, pinned memory) over DistributedSampler.
     Resuming mid-epoch skips the first batches (they are still loaded, not trained on)."""
 
-    def __init__(self, split: Split, device: torch.device, batch_size: int, rank: int, world: int,
-                 seed: int, augment: bool, mean, std, channels_last: bool = False, steps_cap: int = 0,
-                 num_workers: int = 2):
+    def __init__(self, split: Split, device: torch.device, spec: LoaderSpec):
         from torchvision.transforms import v2
-        ops = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if augment else []
-        ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-        self.sampler = DistributedSampler(range(len(split)), num_replicas=world, rank=rank,
-                                          shuffle=True, seed=seed, drop_last=True)
+        ops = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if spec.augment else []
+        ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std))]
+        self.sampler = DistributedSampler(range(len(split)), num_replicas=spec.world, rank=spec.rank,
+                                          shuffle=True, seed=spec.seed, drop_last=True)
         self.loader = DataLoader(
-            ArrayDataset(split, v2.Compose(ops)), batch_size=batch_size, sampler=self.sampler,
-            drop_last=True, num_workers=num_workers, pin_memory=device.type == "cuda",
-            persistent_workers=num_workers > 0,
-            generator=torch.Generator().manual_seed(seed + 7_919 * rank),
+            ArrayDataset(split, v2.Compose(ops)), batch_size=spec.batch_size, sampler=self.sampler,
+            drop_last=True, num_workers=spec.num_workers, pin_memory=device.type == "cuda",
+            persistent_workers=spec.num_workers > 0,
+            generator=torch.Generator().manual_seed(spec.seed + 7_919 * spec.rank),
         )
-        self.device, self.steps_cap, self.batch_size = device, steps_cap, batch_size
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.device, self.steps_cap, self.batch_size = device, spec.steps_cap, spec.batch_size
+        self.memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -171,13 +184,12 @@ class EvalShards:
     """Exact distributed evaluation: rank r takes the r-th contiguous slice of the split, no
     padding and no duplicates, so summed counts equal a single process's."""
 
-    def __init__(self, split: Split, device: torch.device, batch_size: int, rank: int, world: int,
-                 mean, std, channels_last: bool = False):
-        part = torch.tensor_split(torch.arange(len(split)), world)[rank]
+    def __init__(self, split: Split, device: torch.device, spec: LoaderSpec):
+        part = torch.tensor_split(torch.arange(len(split)), spec.world)[spec.rank]
         self.x = split.x[part].to(device)
         self.y = split.y[part].to(device)
-        self.batch_size = batch_size
-        self.normalize = Normalizer(mean, std, device, channels_last)
+        self.batch_size = spec.batch_size
+        self.normalize = Normalizer(spec.mean, spec.std, device, spec.channels_last)
 
     def __len__(self) -> int:
         return (len(self.y) + self.batch_size - 1) // self.batch_size
@@ -187,11 +199,6 @@ class EvalShards:
             yield self.normalize(self.x[start:start + self.batch_size]), self.y[start:start + self.batch_size]
 
 
-def build_train_loader(kind: str, split: Split, device: torch.device, batch_size: int, rank: int,
-                       world: int, seed: int, augment: bool, mean, std, channels_last: bool,
-                       steps_cap: int, num_workers: int):
-    if kind == "tensor":
-        return TensorLoader(split, device, batch_size, rank, world, seed, augment, mean, std,
-                            channels_last, steps_cap)
-    return TorchLoader(split, device, batch_size, rank, world, seed, augment, mean, std,
-                       channels_last, steps_cap, num_workers)
+def build_train_loader(kind: str, split: Split, device: torch.device, spec: LoaderSpec):
+    """`tensor`: the device-resident loader; `torch`: torchvision transforms + DataLoader."""
+    return (TensorLoader if kind == "tensor" else TorchLoader)(split, device, spec)

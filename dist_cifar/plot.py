@@ -7,10 +7,11 @@ draws train/val loss, train/val accuracy and time-per-epoch bars of every run, o
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
+
+from . import files
 
 import matplotlib
 
@@ -19,10 +20,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / files.METRICS
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a dist_cifar run folder?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return files.read_jsonl(path)
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:

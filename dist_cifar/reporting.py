@@ -1,21 +1,20 @@
-"""One sink for everything a run reports: metrics.jsonl, W&B, and the console.
+"""Where the per-epoch records, notes and the end-of-run summary go: metrics.jsonl,
+summary.json, config.json, W&B and the console.
 
 Only rank 0 gets a `Reporter`; every other rank gets `SilentReporter`, whose methods do
 nothing, so the training loop never asks which rank it is before reporting. The same per-epoch
 record (minus keys whose value is None) goes to metrics.jsonl and to W&B, epoch as the step.
+Not here: errors (train.py prints them to stderr), checkpoints and best.pt (checkpoint.py),
+step_losses.jsonl (rundir.py) and the PNG plots (plot.py; this module only uploads them).
 """
 from __future__ import annotations
 
-import json
 import secrets
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from .checkpoint import atomic_write_bytes
-
-WANDB_ID_FILE = "wandb_run_id.txt"
+from . import files
 
 # What each per-epoch key means (a test checks that README's table lists every one).
 EPOCH_KEYS = {
@@ -33,8 +32,10 @@ EPOCH_KEYS = {
     "rank_time_min_s": "fastest rank's compute time (straggler spread, with the max)",
     "rank_time_max_s": "slowest rank's compute time",
     "peak_memory_mb": "peak device memory of rank 0 (CUDA allocator; max RSS on CPU)",
-    "compile_s": "first epoch with --compile: its extra time over a steady epoch (estimate)",
+    "compile_s": "first epoch with --compile: wall time of its first step, which compilation dominates",
     "eval_time_s": "wall time of the validation pass",
+    "checkpoint_blocked_s": "time the step loop stood still for checkpoints and best.pt this epoch (device-to-host copy, RNG gather, waiting for a previous write)",
+    "checkpoint_write_s": "background time of the checkpoint / best.pt writes that finished during this epoch",
     "steps": "optimizer steps in the epoch",
     "world_size": "number of processes",
 }
@@ -61,29 +62,30 @@ class SilentReporter:
 
 
 class Reporter(SilentReporter):
-    def __init__(self, out_dir: Path, quiet: bool = False, wandb_mode: str = "off",
+    def __init__(self, out_dir: Path, *, quiet: bool = False, wandb_mode: str = "off",
                  wandb_kwargs: Optional[dict[str, Any]] = None):
+        """`wandb_mode` is resolved already (runtime.resolve_wandb): online, offline or off."""
         self.out_dir = out_dir
-        self.metrics_path = out_dir / "metrics.jsonl"
+        self.metrics_path = out_dir / files.METRICS
         self.quiet = quiet
         self.console = make_console()
         self.interactive = self.console.is_terminal
         self.shows_progress = self.interactive and not quiet
         self.bar = None
         self.run = None
-        self.wandb_mode = resolve_wandb_mode(wandb_mode, self.note)
+        self.wandb_mode = wandb_mode
         self.wandb_kwargs = wandb_kwargs or {}
         self.wandb_id = ""
 
     # -- lifecycle ------------------------------------------------------------------
-    def start(self, config: dict[str, Any], run_config: dict[str, Any], wandb_id: str = "") -> None:
+    def start(self, run_config: dict[str, Any], wandb_id: str = "") -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.out_dir / "config.json", json.dumps(run_config, indent=2).encode())
+        files.atomic_write_json(self.out_dir / files.CONFIG, run_config)
         if self.wandb_mode != "off":
             self.run = start_wandb(self.out_dir, self.wandb_mode, run_config, wandb_id,
                                    **self.wandb_kwargs)
             self.wandb_id = self.run.id
-            atomic_write_bytes(self.out_dir / WANDB_ID_FILE, self.wandb_id.encode())
+            files.atomic_write_bytes(self.out_dir / files.WANDB_ID, self.wandb_id.encode())
 
     def note(self, message: str) -> None:
         print(f"[dist_cifar] {message}", flush=True)
@@ -92,11 +94,8 @@ class Reporter(SilentReporter):
         """After a resume: metrics.jsonl holds exactly the checkpointed epochs, and W&B gets those
         it never received (a crash between checkpoint and log). An epoch line in metrics.jsonl
         means W&B got it too: both are written together in `epoch`."""
-        seen = set()
-        if self.metrics_path.exists():
-            seen = {json.loads(l)["epoch"] for l in self.metrics_path.read_text().splitlines() if l.strip()}
-        body = "".join(json.dumps(r) + "\n" for r in history)
-        atomic_write_bytes(self.metrics_path, body.encode())
+        seen = {record["epoch"] for record in files.read_jsonl(self.metrics_path)}
+        files.write_jsonl(self.metrics_path, history)
         if self.run is not None:
             for record in history:
                 if record["epoch"] not in seen:
@@ -122,15 +121,14 @@ class Reporter(SilentReporter):
             self.bar.stop()
             self.bar = None
         record = drop_none(record)
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        files.append_jsonl(self.metrics_path, [record])
         if self.run is not None:
             self.run.log(record, step=record["epoch"])
         if not self.quiet:
             self.console.print(epoch_line(record), markup=False, highlight=False, soft_wrap=True)
 
     def finish(self, summary: dict[str, Any], images: dict[str, Path], per_class: list[tuple[str, float]]) -> None:
-        atomic_write_bytes(self.out_dir / "summary.json", json.dumps(summary, indent=2).encode())
+        files.atomic_write_json(self.out_dir / files.SUMMARY, summary)
         if self.run is not None:
             import wandb
             self.run.summary.update(summary)
@@ -189,33 +187,12 @@ def summary_table(summary: dict[str, Any], per_class: list[tuple[str, float]]):
     return table
 
 
-def resolve_wandb_mode(mode: str, note) -> str:
-    if mode == "off":
-        return "off"
-    try:
-        import wandb  # noqa: F401  (imported only when W&B is wanted)
-    except ImportError:
-        if mode == "auto":
-            note("wandb is not installed; W&B logging is off (pip install wandb to enable it)")
-            return "off"
-        raise RuntimeError(f"--wandb {mode}: wandb is not installed; pip install wandb, or --wandb off")
-    if mode != "auto":
-        return mode
-    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "online"):
-        return {"disabled": "off"}.get(os.environ["WANDB_MODE"], os.environ["WANDB_MODE"])
-    netrc = Path.home() / ".netrc"
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
-    if not has_key:
-        note("no W&B credentials found: logging offline (wandb sync the run later)")
-    return "online" if has_key else "offline"
-
-
-def start_wandb(out_dir: Path, mode: str, run_config: dict[str, Any], run_id: str = "",
+def start_wandb(out_dir: Path, mode: str, run_config: dict[str, Any], run_id: str = "", *,
                 project: str = "dist_cifar", entity: str = "", group: str = "", name: str = "",
                 tags: str = "", job_type: str = "train"):
     import wandb
-    if not run_id and (out_dir / WANDB_ID_FILE).exists():
-        run_id = (out_dir / WANDB_ID_FILE).read_text().strip()
+    if not run_id and (out_dir / files.WANDB_ID).exists():
+        run_id = (out_dir / files.WANDB_ID).read_text().strip()
     return wandb.init(
         dir=str(out_dir), mode=mode, project=project, entity=entity or None, group=group or None,
         name=name or out_dir.name, tags=[t for t in tags.split(",") if t] or None, job_type=job_type,

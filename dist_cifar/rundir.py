@@ -1,17 +1,14 @@
 """The out dir: choose it, refuse to clobber it, find what to resume from, keep logs consistent."""
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
 from . import checkpoint as ckpt
+from . import files
 from .config import ConfigError, TrainConfig
-
-ARTEFACTS = ("config.json", "metrics.jsonl", "step_losses.jsonl", "summary.json", "best.pt",
-             "loss_curves.png", "confusion_matrix.png", "wandb_run_id.txt")
 
 
 def default_out_dir(cfg: TrainConfig) -> Path:
@@ -43,35 +40,32 @@ def prepare(cfg: TrainConfig) -> tuple[Path, Optional[Path]]:
 
 def clear(out: Path) -> None:
     """Remove a previous run's artefacts (and nothing else the user may keep there)."""
-    for name in ARTEFACTS:
+    for name in files.ARTEFACTS:
         (out / name).unlink(missing_ok=True)
-    for path in list(out.glob("ckpt-*")) + list(out.glob(".tmp-*")):
+    for path in list(out.glob("ckpt-*")) + list(out.glob(files.TMP_PREFIX + "*")):
         path.unlink(missing_ok=True)
-    shutil.rmtree(out / "wandb", ignore_errors=True)
+    shutil.rmtree(out / files.WANDB_DIR, ignore_errors=True)
 
 
 class StepLossLog:
     """step_losses.jsonl: one line per training step, never duplicated across resumes."""
 
     def __init__(self, out: Path, enabled: bool):
-        self.path, self.enabled = out / "step_losses.jsonl", enabled
+        self.path, self.enabled = out / files.STEP_LOSSES, enabled
         self.written: dict[int, int] = {}  # epoch -> steps written
 
     def truncate_to(self, epoch: int, step: int) -> None:
         """Keep only entries before (epoch, step): the resumed run recomputes the rest."""
         if not self.enabled or not self.path.exists():
             return
-        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line]
-        keep = [r for r in rows if (r["epoch"], r["step"]) < (epoch, step)]
-        ckpt.atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+        keep = [r for r in files.read_jsonl(self.path) if (r["epoch"], r["step"]) < (epoch, step)]
+        files.write_jsonl(self.path, keep)
         self.written = {epoch: step}
 
     def write(self, epoch: int, start_step: int, losses: list[float]) -> None:
         if not self.enabled:
             return
         first = max(self.written.get(epoch, start_step), start_step)
-        new = [(start_step + i, loss) for i, loss in enumerate(losses) if start_step + i >= first]
-        with open(self.path, "a") as f:
-            for step, loss in new:
-                f.write(json.dumps({"epoch": epoch, "step": step, "loss": loss}) + "\n")
+        files.append_jsonl(self.path, ({"epoch": epoch, "step": start_step + i, "loss": loss}
+                                       for i, loss in enumerate(losses) if start_step + i >= first))
         self.written[epoch] = start_step + len(losses)

@@ -1,8 +1,9 @@
 """Wall-clock timing that is honest about asynchronous devices.
 
 CUDA work is queued, not done, when Python returns; a stopwatch that does not synchronise
-measures launch time. `Stopwatch.stop()` synchronises the device once, at the end of the
-timed region, and nowhere else.
+measures launch time. `Stopwatch` synchronises the device twice per timed region: in `start()`
+(so earlier queued work is not counted) and in `stop()` (so the region's work is); `peek()`
+never does.
 """
 from __future__ import annotations
 

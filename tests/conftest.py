@@ -85,6 +85,7 @@ def official_cifar(tmp_path) -> Path:
     return tmp_path / "data"
 
 
-def smoke_args(out: Path, *extra: str) -> list[str]:
+def smoke_args(out: Path, extra: list[str] = ()) -> list[str]:
+    """A seconds-long synthetic run into `out`; `extra` flags win (they come last)."""
     return ["--dataset", "synthetic", "--synthetic-size", "256", "--batch-size", "32", "--epochs", "1",
             "--model", "small_cnn", "--out-dir", str(out), "--eval-batch-size", "64", *extra]

@@ -11,8 +11,8 @@ PAIRS = {"dropout": "with_dropout,without_dropout", "pooling": "with_pooling,wit
          "epochs": "epochs_10,epochs_15", "batch_size": "batch_16,batch_32"}
 
 
-def ablate(*args, timeout=600, **env):
-    return subprocess.run([sys.executable, "-m", "dist_cifar.ablate", *args], cwd=ROOT, capture_output=True,
+def ablate(argv: list[str], timeout=600, **env):
+    return subprocess.run([sys.executable, "-m", "dist_cifar.ablate", *argv], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env=base_env(**env))
 
 
@@ -24,48 +24,68 @@ def table_rows(report: str) -> list[str]:
 def test_every_study_tiny_then_rerun_skips(tmp_path):
     out = tmp_path / "abl"
     variants = ",".join(PAIRS.values())
-    proc = ablate("all", *TINY, "--variants", variants, "--out", str(out))
+    proc = ablate(["all", *TINY, "--variants", variants, "--out", str(out)])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     for study, pair in PAIRS.items():
-        report = (out / study / "report.md").read_text()
+        report = (out / f"{study}-e1" / "report.md").read_text()
         rows = table_rows(report)
         assert len(rows) >= 2, report
         for name in pair.split(","):
-            assert (out / study / name / "summary.json").exists()
+            assert (out / f"{study}-e1" / name / "summary.json").exists()
         done = [r for r in rows if "not run" not in r]
         assert len(done) == 2, report
-        assert (out / study / f"{study}_loss_curves.png").read_bytes()[:4] == b"\x89PNG"
-    wd = (out / "weight_decay" / "report.md").read_text()
+        assert (out / f"{study}-e1" / f"{study}_loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+        assert "`--epochs 1`" in report  # the override is stated in the header
+    wd = (out / "weight_decay-e1" / "report.md").read_text()
     assert "77.53" in wd and "73.66" in wd  # the report's numbers beside ours
-    assert "0.78" in (out / "batchnorm" / "report.md").read_text()
-    assert "61.31" in (out / "epochs" / "report.md").read_text()
+    assert "0.78" in (out / "batchnorm-e1" / "report.md").read_text()
+    assert "61.31" in (out / "epochs-e1" / "report.md").read_text()
     index = (out / "REPORT.md").read_text()
-    assert all(f"({s}/report.md)" in index for s in PAIRS) and "(vgg16/report.md)" in index
+    assert all(f"({s}-e1/report.md)" in index for s in PAIRS) and "(vgg16-e1/report.md)" in index
     # variants keep their own switches
     import json
-    cfg = json.loads((out / "batchnorm" / "without_bn" / "config.json").read_text())
+    cfg = json.loads((out / "batchnorm-e1" / "without_bn" / "config.json").read_text())
     assert cfg["batchnorm"] is False and cfg["job_type"] == "ablation" and cfg["wandb_group"] == "batchnorm"
-    assert json.loads((out / "batch_size" / "batch_16" / "config.json").read_text())["batch_size"] == 16
-    stamp = (out / "dropout" / "with_dropout" / "summary.json").stat().st_mtime_ns
-    again = ablate("dropout", *TINY, "--variants", PAIRS["dropout"], "--out", str(out))
+    assert json.loads((out / "batch_size-e1" / "batch_16" / "config.json").read_text())["batch_size"] == 16
+    stamp = (out / "dropout-e1" / "with_dropout" / "summary.json").stat().st_mtime_ns
+    again = ablate(["dropout", *TINY, "--variants", PAIRS["dropout"], "--out", str(out)])
     assert again.returncode == 0 and "with_dropout: --preset" not in again.stdout  # skipped
-    assert (out / "dropout" / "with_dropout" / "summary.json").stat().st_mtime_ns == stamp
+    assert (out / "dropout-e1" / "with_dropout" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_recipe_overrides_reach_every_variant_and_stay_apart(tmp_path):
+    import json
+    out = tmp_path / "abl"
+    proc = ablate(["dropout", *TINY, "--weight-decay", "0", "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    folder = out / "dropout-e1-wd0"
+    for variant in ("with_dropout", "without_dropout"):
+        cfg = json.loads((folder / variant / "config.json").read_text())
+        assert cfg["weight_decay"] == 0.0 and cfg["epochs"] == 1 and cfg["preset"] == "report"
+    assert "`--weight-decay 0.0`" in (folder / "report.md").read_text()
+    # the preset's weight decay (0.01) goes to another folder: never one table for both
+    default = ablate(["dropout", *TINY, "--variants", "with_dropout", "--out", str(out)])
+    assert default.returncode == 0
+    assert json.loads((out / "dropout-e1" / "with_dropout" / "config.json").read_text())["weight_decay"] == 0.01
+    assert json.loads((folder / "with_dropout" / "config.json").read_text())["weight_decay"] == 0.0
+    clash = ablate(["weight_decay", "--weight-decay", "0", "--out", str(out)])
+    assert clash.returncode == 2 and "--weight-decay" in clash.stderr
 
 
 def test_failed_variant_is_reported_then_rerun(tmp_path):
     out = tmp_path / "abl"
     args = ["batchnorm", *TINY, "--out", str(out)]
-    failed = ablate(*args, DIST_CIFAR_FAULT="crash:rank=0:step=1")
+    failed = ablate(args, DIST_CIFAR_FAULT="crash:rank=0:step=1")
     assert failed.returncode == 1
-    report = (out / "batchnorm" / "report.md").read_text()
+    report = (out / "batchnorm-e1" / "report.md").read_text()
     assert "failed (exit" in report and "re-run" in report
-    assert not (out / "batchnorm" / "with_bn" / "summary.json").exists()
-    fixed = ablate(*args)
+    assert not (out / "batchnorm-e1" / "with_bn" / "summary.json").exists()
+    fixed = ablate(args)
     assert fixed.returncode == 0, fixed.stdout[-2000:]
     assert "with_bn: ok" in fixed.stdout and "without_bn: ok" in fixed.stdout
-    assert len([r for r in table_rows((out / "batchnorm" / "report.md").read_text()) if "failed" not in r]) == 2
+    assert len([r for r in table_rows((out / "batchnorm-e1" / "report.md").read_text()) if "failed" not in r]) == 2
 
 
 def test_unknown_variant_is_a_clear_error(tmp_path):
-    proc = ablate("dropout", "--variants", "nope", "--out", str(tmp_path))
+    proc = ablate(["dropout", "--variants", "nope", "--out", str(tmp_path)])
     assert proc.returncode == 2 and "with_dropout" in proc.stderr

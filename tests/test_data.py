@@ -90,15 +90,21 @@ def test_cache_is_written_reused_and_rebuilt(official_cifar):
     again = load_cifar10(official_cifar)
     assert caches[0].stat().st_mtime_ns == stamp  # reused, not rewritten
     assert torch.equal(first.train_x, again.train_x)
-    # corrupt cache: rebuilt transparently
+    # corrupt cache: rebuilt transparently, and written again (loadable, same content)
     caches[0].write_bytes(b"torn")
     rebuilt = load_cifar10(official_cifar)
     assert torch.equal(rebuilt.train_x, first.train_x)
-    # stale cache: the source changed, so the cache must not be used
+    blob = torch.load(caches[0], weights_only=True)
+    assert torch.equal(blob["train_x"], first.train_x)
+    # stale cache: the source changed, so the cache must not be used, and is replaced
+    before = blob["fingerprint"]
     time.sleep(1.1)
     write_official_cifar(official_cifar, seed=7)
     changed = load_cifar10(official_cifar)
     assert not torch.equal(changed.train_x, first.train_x)
+    blob = torch.load(caches[0], weights_only=True)
+    assert blob["fingerprint"] != before and torch.equal(blob["train_x"], changed.train_x)
+    assert list(folder.glob(".dist_cifar_cache_*")) == caches  # no temp files left behind
 
 
 def make_tree(root: Path, per_class: int = 3, classes=("cat", "airplane", "dog")) -> Path:
@@ -148,9 +154,9 @@ def test_synthetic_sizes_and_learnable_structure():
 
 def test_report_split_sizes():
     n = 25_000
-    raw = RawData(torch.zeros(n, 32, 32, 3, dtype=torch.uint8), torch.arange(n) % 10,
-                  torch.zeros(6_000, 32, 32, 3, dtype=torch.uint8), torch.arange(6_000) % 10,
-                  tuple(str(i) for i in range(10)), "test")
+    raw = RawData(train_x=torch.zeros(n, 32, 32, 3, dtype=torch.uint8), train_y=torch.arange(n) % 10,
+                  test_x=torch.zeros(6_000, 32, 32, 3, dtype=torch.uint8), test_y=torch.arange(6_000) % 10,
+                  classes=tuple(str(i) for i in range(10)), source="test")
     raw.train_x[:, 0, 0, 0] = (torch.arange(n) % 251).to(torch.uint8)
     s = make_splits(raw, "report")
     assert (len(s.train), len(s.val), len(s.test)) == (20_000, 5_000, 5_000)

@@ -9,12 +9,12 @@ import torch
 from conftest import (ROOT, base_env, free_port, read_jsonl, run_torchrun, run_train, smoke_args,
                       torchrun_cmd)
 from dist_cifar.data import Split
-from dist_cifar.loaders import TensorLoader, sampler_indices, steps_in_epoch
+from dist_cifar.loaders import LoaderSpec, TensorLoader, sampler_indices, steps_in_epoch
 
 
 def test_two_process_run_rank0_writes_outputs(tmp_path):
     out = tmp_path / "run"
-    proc = run_torchrun(2, smoke_args(out, "--epochs", "2"))
+    proc = run_torchrun(2, smoke_args(out, ["--epochs", "2"]))
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2 and config["global_batch_size"] == 64 and config["batch_size"] == 32
@@ -41,7 +41,7 @@ def test_sampler_shards_are_disjoint_and_cover_the_data():
     # the tensor loader walks exactly that sequence
     split = Split(torch.zeros(n, 32, 32, 3, dtype=torch.uint8), torch.arange(n))
     for rank in range(2):
-        loader = TensorLoader(split, torch.device("cpu"), 64, rank, 2, 42, False, (0.5,) * 3, (0.5,) * 3)
+        loader = TensorLoader(split, torch.device("cpu"), LoaderSpec(64, rank=rank, world=2, seed=42))
         loader.set_epoch(1)
         labels = torch.cat([y for _, y in loader.batches()]).tolist()
         assert labels == e1[rank][: len(labels)] and len(labels) == 7 * 64
@@ -50,7 +50,7 @@ def test_sampler_shards_are_disjoint_and_cover_the_data():
 def test_uneven_data_same_steps_on_every_rank(tmp_path):
     assert steps_in_epoch(1001, 2, 64) == 7
     split = Split(torch.zeros(1001, 32, 32, 3, dtype=torch.uint8), torch.zeros(1001, dtype=torch.long))
-    lens = [len(TensorLoader(split, torch.device("cpu"), 64, r, 2, 0, False, (0.5,) * 3, (0.5,) * 3)) for r in range(2)]
+    lens = [len(TensorLoader(split, torch.device("cpu"), LoaderSpec(64, rank=r, world=2))) for r in range(2)]
     assert lens == [7, 7]
     out = tmp_path / "run"
     # synthetic 1001 -> exactly 1001 training images; a rank with an extra step would hang DDP
@@ -59,6 +59,20 @@ def test_uneven_data_same_steps_on_every_rank(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["split_sizes"]["train"] == 1001
     assert read_jsonl(out / "metrics.jsonl")[0]["steps"] == 7
+
+
+def test_validation_split_smaller_than_the_world(tmp_path):
+    """One validation image, two ranks: rank 1's shard is empty and it must still join every
+    evaluation all-reduce (a truthiness check on the shard would skip it and hang the job)."""
+    out = tmp_path / "run"
+    proc = run_torchrun(2, ["--dataset", "synthetic", "--synthetic-size", "256", "--batch-size", "32",
+                            "--epochs", "2", "--val-size", "1", "--out-dir", str(out), "--dist-timeout", "30"],
+                        timeout=200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [0, 1] and all("val_loss" in m for m in metrics)
+    assert json.loads((out / "config.json").read_text())["split_sizes"]["val"] == 1
+    assert all(m["val_accuracy"] in (0.0, 100.0) for m in metrics)  # one image: right or wrong
 
 
 def test_exact_distributed_eval_matches_single_process(tmp_path):
@@ -104,14 +118,14 @@ def test_one_step_on_two_ranks_equals_one_process(tmp_path):
 
 
 def test_sync_bn_on_cpu_is_a_clear_error(tmp_path):
-    proc = run_torchrun(2, smoke_args(tmp_path / "o", "--sync-bn"), timeout=120)
+    proc = run_torchrun(2, smoke_args(tmp_path / "o", ["--sync-bn"]), timeout=120)
     assert proc.returncode != 0 and "--sync-bn needs GPUs" in proc.stderr
 
 
 def test_multi_node_simulated_with_c10d(tmp_path):
     port = free_port()
     out = tmp_path / "run"
-    args = smoke_args(out, "--epochs", "2")
+    args = smoke_args(out, ["--epochs", "2"])
     logs = [open(tmp_path / f"node{r}.log", "w") for r in range(2)]  # files, not pipes: no full-pipe stalls
     procs = [subprocess.Popen(torchrun_cmd(1, args, ["--nnodes=2", f"--node_rank={r}", "--rdzv-backend=c10d",
                                                      f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=sim"]),
@@ -135,7 +149,7 @@ def test_multi_node_simulated_with_c10d(tmp_path):
 def test_crash_on_one_rank_fails_whole_job_fast(tmp_path):
     out = tmp_path / "run"
     start = time.monotonic()
-    proc = run_torchrun(2, smoke_args(out, "--epochs", "5", "--dist-timeout", "120"), timeout=120,
+    proc = run_torchrun(2, smoke_args(out, ["--epochs", "5", "--dist-timeout", "120"]), timeout=120,
                         DIST_CIFAR_FAULT="crash:rank=1:step=3")
     elapsed = time.monotonic() - start
     assert proc.returncode != 0

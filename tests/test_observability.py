@@ -20,7 +20,7 @@ def offline_runs(out):
 
 def test_two_process_offline_run_logs_every_epoch_once(tmp_path):
     out = tmp_path / "run"
-    proc = run_torchrun(2, smoke_args(out, "--epochs", "3", "--wandb", "offline", "--ddp-comm-hook", "allreduce"),
+    proc = run_torchrun(2, smoke_args(out, ["--epochs", "3", "--wandb", "offline", "--ddp-comm-hook", "allreduce"]),
                         WANDB_MODE="offline")
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = offline_runs(out)
@@ -32,7 +32,8 @@ def test_two_process_offline_run_logs_every_epoch_once(tmp_path):
         assert row["rank_time_max_s"] >= row["rank_time_min_s"] > 0
     config = wandb_reader.config(files[0])
     assert config["world_size"] == 2 and config["global_batch_size"] == 64 and config["model"] == "small_cnn"
-    assert config["torch_version"] and config["device_name"] == "cpu" and "git_commit" in config
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert config["torch_version"] and config["device_name"] == "cpu" and config["git_commit"] == (head or "unknown")
     run_id = wandb_reader.run_id(files[0])
     assert (out / "wandb_run_id.txt").read_text() == run_id
     assert "wandb sync" in proc.stdout
@@ -45,10 +46,10 @@ def test_two_process_offline_run_logs_every_epoch_once(tmp_path):
 
 def test_resumed_job_continues_the_same_run(tmp_path):
     out = tmp_path / "run"
-    first = run_train(smoke_args(out, "--epochs", "2", "--wandb", "offline"), WANDB_MODE="offline")
+    first = run_train(smoke_args(out, ["--epochs", "2", "--wandb", "offline"]), WANDB_MODE="offline")
     assert first.returncode == 0, first.stderr[-2000:]
     run_id = (out / "wandb_run_id.txt").read_text()
-    second = run_train(smoke_args(out, "--epochs", "3", "--wandb", "offline"), WANDB_MODE="offline")
+    second = run_train(smoke_args(out, ["--epochs", "3", "--wandb", "offline"]), WANDB_MODE="offline")
     assert second.returncode == 0, second.stderr[-2000:]
     files = offline_runs(out)
     assert len(files) == 2 and {wandb_reader.run_id(f) for f in files} == {run_id}
@@ -58,7 +59,7 @@ def test_resumed_job_continues_the_same_run(tmp_path):
 
 
 def test_plain_output_without_a_tty(tmp_path):
-    proc = run_train(smoke_args(tmp_path / "run", "--epochs", "3"))
+    proc = run_train(smoke_args(tmp_path / "run", ["--epochs", "3"]))
     assert proc.returncode == 0
     assert not ANSI.search(proc.stdout) and "\r" not in proc.stdout
     epoch_lines = [l for l in proc.stdout.splitlines() if l.startswith("epoch ")]
@@ -67,7 +68,7 @@ def test_plain_output_without_a_tty(tmp_path):
 
 def test_progress_bar_on_a_tty(tmp_path):
     leader, follower = pty.openpty()
-    args = smoke_args(tmp_path / "run", "--epochs", "2", "--progress-every", "1", "--synthetic-size", "1024")
+    args = smoke_args(tmp_path / "run", ["--epochs", "2", "--progress-every", "1", "--synthetic-size", "1024"])
     proc = subprocess.Popen([sys.executable, "-m", "dist_cifar.train", *args], cwd=ROOT, env=base_env(TERM="xterm"),
                             stdout=follower, stderr=follower, stdin=subprocess.DEVNULL)
     os.close(follower)
@@ -87,13 +88,13 @@ def test_progress_bar_on_a_tty(tmp_path):
 
 
 def test_quiet_prints_only_the_summary(tmp_path):
-    proc = run_train(smoke_args(tmp_path / "run", "--quiet"))
+    proc = run_train(smoke_args(tmp_path / "run", ["--quiet"]))
     assert proc.returncode == 0 and "epoch   0" not in proc.stdout and "test_accuracy" in proc.stdout
 
 
 def test_plot_overlays_runs(tmp_path):
     for name in ("a", "b"):
-        assert run_train(smoke_args(tmp_path / name, "--epochs", "2")).returncode == 0
+        assert run_train(smoke_args(tmp_path / name, ["--epochs", "2"])).returncode == 0
     out = tmp_path / "cmp.png"
     proc = subprocess.run([sys.executable, "-m", "dist_cifar.plot", str(tmp_path / "a"), str(tmp_path / "b"),
                            "--out", str(out)], cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=60)
@@ -104,8 +105,22 @@ def test_plot_overlays_runs(tmp_path):
     assert bad.returncode == 2 and "metrics.jsonl" in bad.stderr
 
 
-def test_readme_documents_every_logged_key():
+def test_readme_and_key_docs_match_what_epoch_record_emits():
+    """The keys epoch_record really produces (None-valued ones included: they appear with
+    --ddp-comm-hook / --compile) == reporting.EPOCH_KEYS == the README's per-epoch table."""
+    import torch
+    from dist_cifar import distributed as D
+    from dist_cifar.assembly import assemble
+    from dist_cifar.config import make_config
+    from dist_cifar.data import make_splits, make_synthetic
+    from dist_cifar.engine import EpochResult, EpochSums
     from dist_cifar.reporting import EPOCH_KEYS
+    from dist_cifar.train import epoch_record
+    run = assemble(make_config(batch_size=32), D.DistInfo(), make_splits(make_synthetic(128), "full"))
+    result = EpochResult(epoch=0, sums=EpochSums(10.0, 5, 32), steps=1, end_step=1, wall_s=0.5, data_wait_s=0.1)
+    emitted = set(epoch_record(run, result, None, eval_s=0.0, compile_s=None))
+    assert emitted == set(EPOCH_KEYS)
     readme = (ROOT / "README.md").read_text()
-    for key in EPOCH_KEYS:
-        assert f"`{key}`" in readme, key
+    table = readme[readme.index("Logged once per epoch"):].split("\n\n")[1]
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.M))
+    assert documented == emitted

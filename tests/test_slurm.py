@@ -110,8 +110,10 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
 def test_ablation_array_job_runs_every_variant(slurm, tmp_path):
     variants = tmp_path / "variants.txt"
     common = "--dataset synthetic --synthetic-size 256 --batch-size 32 --epochs 1 --quiet"
+    # a quoted argument holding shell syntax: it must arrive verbatim, never be evaluated
+    odd = f"'x $(touch {tmp_path}/pwned) y'"
     variants.write_text("".join(f"{common} {flags} --out-dir {tmp_path / name}\n" for name, flags in
-                                [("bn", ""), ("no_bn", "--no-batchnorm"), ("no_drop", "--no-dropout")]))
+                                [("bn", f"--wandb-name {odd}"), ("no_bn", "--no-batchnorm"), ("no_drop", "--no-dropout")]))
     sbatch(["--array=0-2", f"--output={tmp_path}/task-%a.out", "slurm/ablations.sbatch", str(variants)])
     deadline = time.monotonic() + 300
     for name in ("bn", "no_bn", "no_drop"):
@@ -121,6 +123,7 @@ def test_ablation_array_job_runs_every_variant(slurm, tmp_path):
     configs = {n: json.loads((tmp_path / n / "config.json").read_text()) for n in ("bn", "no_bn", "no_drop")}
     assert configs["no_bn"]["batchnorm"] is False and configs["no_drop"]["dropout"] is False
     assert all(c["world_size"] == 1 for c in configs.values())
+    assert configs["bn"]["wandb_name"] == f"x $(touch {tmp_path}/pwned) y" and not (tmp_path / "pwned").exists()
 
 
 def test_ablate_slurm_builds_and_runs_an_array(slurm, tmp_path):
@@ -131,9 +134,10 @@ def test_ablate_slurm_builds_and_runs_an_array(slurm, tmp_path):
                           timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "--array=0-1" in proc.stdout
-    lines = (out / "dropout" / "variants.txt").read_text().splitlines()
+    folder = out / "dropout-e1"  # --epochs 1 is a recipe override: its own folder
+    lines = (folder / "variants.txt").read_text().splitlines()
     assert len(lines) == 2 and "--no-dropout" in lines[1] and "--no-dropout" not in lines[0]
     for name in ("with_dropout", "without_dropout"):
-        assert (out / "dropout" / name / "summary.json").exists()
-    assert len(list((out / "dropout").glob("slurm-*_*.out"))) == 2
-    assert "without_dropout" in (out / "dropout" / "report.md").read_text()
+        assert (folder / name / "summary.json").exists()
+    assert len(list(folder.glob("slurm-*_*.out"))) == 2
+    assert "without_dropout" in (folder / "report.md").read_text()

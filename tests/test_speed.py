@@ -7,37 +7,38 @@ from torch.utils.data import DistributedSampler
 
 from conftest import read_jsonl, run_torchrun, smoke_args
 from dist_cifar import distributed as D
-from dist_cifar.components import build_optimizer, build_scheduler
+from dist_cifar.assembly import assemble
 from dist_cifar.config import make_config
 from dist_cifar.cost import measure
 from dist_cifar.data import Split, make_splits, make_synthetic
-from dist_cifar.engine import Precision, StepHooks, train_epoch
-from dist_cifar.loaders import TensorLoader, TorchLoader, crop_flip
+from dist_cifar.engine import EpochStart, StepHooks, train_epoch
+from dist_cifar.loaders import LoaderSpec, TensorLoader, TorchLoader, crop_flip
 from dist_cifar.models import build_model
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def split():
-    return make_splits(make_synthetic(256), "full").train
+def splits():
+    return make_splits(make_synthetic(256), "full")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_each_precision_trains_two_finite_steps(split, precision):
-    cfg = make_config(model="small_cnn", precision=precision)
-    torch.manual_seed(0)
-    model = build_model("small_cnn")
-    before = [p.detach().clone() for p in model.parameters()]
-    opt = build_optimizer(cfg, model, CPU)
-    loader = TensorLoader(split, CPU, 32, 0, 1, 0, True, (0.5,) * 3, (0.5,) * 3, steps_cap=2)
-    policy = Precision.build(precision, CPU)
-    assert (policy.scaler is not None) == (precision == "fp16")
-    result = train_epoch(model, loader, opt, build_scheduler(cfg, opt, 2), policy, D.DistInfo(), 0, 0, 0, 0.0,
-                         StepHooks(record_step_losses=True))
-    assert result.steps == 2 and len(result.step_losses) == 2
-    assert all(torch.isfinite(torch.tensor(result.step_losses)))
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+def test_each_precision_trains_finite_steps_that_lower_the_loss(splits, precision):
+    cfg = make_config(model="small_cnn", precision=precision, batch_size=32, steps_per_epoch=6, augment=True,
+                      optimizer="adam", lr=3e-3)
+    run = assemble(cfg, D.DistInfo(), splits)
+    assert run.precision.name == precision and (run.precision.scaler is not None) == (precision == "fp16")
+    before = [p.detach().clone() for p in run.model.module.parameters()]
+    losses = []
+    for epoch in range(3):  # the same 6 batches' worth of data, three passes: the loss must fall
+        run.loader.set_epoch(epoch)
+        result = train_epoch(run.step_parts, run.loader, D.DistInfo(), EpochStart(epoch), StepHooks(record_step_losses=True))
+        assert result.steps == 6 and len(result.step_losses) == 6
+        assert all(torch.isfinite(torch.tensor(result.step_losses)))
+        losses.append(sum(result.step_losses) / 6)
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert all(not torch.equal(a, b) for a, b in zip(before, run.model.module.parameters()))
 
 
 def test_channels_last_matches_nchw():
@@ -87,14 +88,15 @@ def test_crop_flip_on_a_known_image():
     assert len({p[:2] for p in params}) > 40  # offsets spread over the 9x9 grid
     flips = sum(p[2] for p in params)
     assert 80 < flips < 176  # about half flipped
-    assert (0, 0, False) in params or any(p[0] == 0 for p in params)
+    assert {p[0] for p in params} == set(range(9)) and {p[1] for p in params} == set(range(9))
 
 
 def test_tensor_loader_augmentation_per_epoch_and_seed():
     split = Split(position_image().unsqueeze(0).repeat(64, 1, 1, 1), torch.zeros(64, dtype=torch.long))
 
     def epoch_batches(seed, epoch, rank=0):
-        loader = TensorLoader(split, CPU, 16, rank, 1, seed, True, (0.0,) * 3, (1 / 255,) * 3)
+        spec = LoaderSpec(16, mean=(0.0,) * 3, std=(1 / 255,) * 3, rank=rank, seed=seed, augment=True)
+        loader = TensorLoader(split, CPU, spec)
         loader.set_epoch(epoch)
         return torch.cat([x for x, _ in loader.batches()])
 
@@ -115,8 +117,8 @@ def test_loaders_follow_distributed_sampler_exactly():
             sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=5, drop_last=True)
             sampler.set_epoch(3)
             expected = list(sampler)
-            for cls, extra in ((TensorLoader, {}), (TorchLoader, {"num_workers": 0})):
-                loader = cls(split, CPU, 8, rank, world, 5, False, (0.5,) * 3, (0.5,) * 3, **extra)
+            for cls in (TensorLoader, TorchLoader):
+                loader = cls(split, CPU, LoaderSpec(8, rank=rank, world=world, seed=5, num_workers=0))
                 loader.set_epoch(3)
                 seen = torch.cat([y for _, y in loader.batches()]).tolist()
                 assert seen == expected[: len(seen)] and len(seen) == (len(expected) // 8) * 8
@@ -125,11 +127,11 @@ def test_loaders_follow_distributed_sampler_exactly():
 @pytest.mark.parametrize("hook", ["fp16", "bf16"])
 def test_comm_hooks_under_two_process_torchrun(tmp_path, hook):
     out = tmp_path / "run"
-    proc = run_torchrun(2, smoke_args(out, "--epochs", "2", "--ddp-comm-hook", hook))
+    proc = run_torchrun(2, smoke_args(out, ["--epochs", "3", "--synthetic-size", "512", "--ddp-comm-hook", hook]))
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_jsonl(out / "metrics.jsonl")
     assert all(m["comm_s"] > 0 for m in metrics)
-    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"] + 0.5
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]  # compressed gradients still train
     assert json.loads((out / "config.json").read_text())["ddp_comm_hook"] == hook
 
 

@@ -1,8 +1,13 @@
-"""Build the model wrapper, optimizer and LR schedule from the config.
+"""Everything a run needs, built in one place from (TrainConfig, DistInfo, data splits).
 
-`wrap_model` returns both the module (for evaluation and checkpoints: the raw parameters) and
-the callable the step loop trains (DDP-wrapped, then compiled, so DDP keeps its bucketed
-all-reduce overlap under torch.compile).
+`assemble` is the only code that turns the config into loaders, evaluation shards, the model
+wrapper, optimizer, LR schedule and precision policy, and it computes the derived values
+(global batch, steps per epoch, normalisation) once. The trainer, the benchmarks and the tests
+all call it; nothing else unpacks the config into these parts.
+
+The model wrapper keeps both the module (evaluation, checkpoints: the raw parameters) and the
+callable the step loop trains (DDP-wrapped, then compiled, so DDP keeps its bucketed all-reduce
+overlap under torch.compile).
 """
 from __future__ import annotations
 
@@ -16,7 +21,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import distributed as D
 from .config import ConfigError, TrainConfig
+from .data import Split, Splits, normalization
+from .engine import Precision, StepParts
+from .loaders import EvalShards, LoaderSpec, build_train_loader
 from .models import build_model
+from .runtime import resolve_precision
 
 
 class CommTimer:
@@ -49,19 +58,17 @@ class CommTimer:
 
 
 @dataclass
-class Model:
+class WrappedModel:
     module: nn.Module            # raw parameters: evaluation, checkpoints, parameter counts
     train_model: nn.Module       # what the step loop calls (DDP and/or compiled)
     eval_model: nn.Module        # module, compiled when --compile
     comm: Optional[CommTimer] = None
 
 
-def wrap_model(cfg: TrainConfig, info: D.DistInfo) -> Model:
+def wrap_model(cfg: TrainConfig, info: D.DistInfo) -> WrappedModel:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     module = build_model(cfg.model, cfg.batchnorm, cfg.dropout, cfg.pooling)
-    if cfg.sync_bn and info.distributed:
-        if info.device.type != "cuda":
-            raise ConfigError("--sync-bn needs GPUs (DDP runs SyncBatchNorm on CUDA only): drop it on CPU")
+    if cfg.sync_bn and info.distributed:  # runtime.resolve has refused it on CPU
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
     memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
     module = module.to(info.device, memory_format=memory_format)
@@ -81,7 +88,7 @@ def wrap_model(cfg: TrainConfig, info: D.DistInfo) -> Model:
     if cfg.compile:
         train_model = torch.compile(train_model, mode=cfg.compile_mode, dynamic=False)
         eval_model = torch.compile(module, mode=cfg.compile_mode, dynamic=False)
-    return Model(module, train_model, eval_model, comm)
+    return WrappedModel(module, train_model, eval_model, comm)
 
 
 def build_optimizer(cfg: TrainConfig, module: nn.Module, device: torch.device) -> torch.optim.Optimizer:
@@ -104,3 +111,59 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+@dataclass(kw_only=True)
+class TrainingRun:
+    """The parts of one run on one rank, and the values derived from the config."""
+
+    cfg: TrainConfig
+    info: D.DistInfo
+    splits: Splits
+    train_spec: LoaderSpec
+    eval_spec: LoaderSpec
+    loader: object                         # TensorLoader | TorchLoader
+    val_shards: Optional[EvalShards]       # None when there is no validation split
+    model: WrappedModel
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    precision: Precision
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.cfg.batch_size * self.info.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loader)
+
+    @property
+    def step_parts(self) -> StepParts:
+        return StepParts(self.model.train_model, self.optimizer, self.scheduler, self.precision,
+                         self.cfg.label_smoothing)
+
+    def shards(self, split: Split) -> EvalShards:
+        """This rank's exact slice of an evaluation split, normalised like training."""
+        return EvalShards(split, self.info.device, self.eval_spec)
+
+
+def assemble(cfg: TrainConfig, info: D.DistInfo, splits: Splits, *, precision: Optional[str] = None) -> TrainingRun:
+    """Build every part of a run. `precision` is the resolved policy (runtime.resolve); scripts
+    that skip that step get the same resolution of `cfg.precision` here."""
+    mean, std = normalization(cfg.normalize)
+    shard = dict(mean=mean, std=std, rank=info.rank, world=info.world_size, channels_last=cfg.channels_last)
+    train_spec = LoaderSpec(cfg.batch_size, seed=cfg.seed, augment=cfg.augment, steps_cap=cfg.steps_per_epoch,
+                            num_workers=cfg.num_workers, **shard)
+    eval_spec = LoaderSpec(cfg.eval_batch_size, **shard)
+    loader = build_train_loader(cfg.loader, splits.train, info.device, train_spec)
+    if len(loader) == 0:
+        raise ConfigError(f"--batch-size {cfg.batch_size} x {info.world_size} processes exceeds the "
+                          f"{len(splits.train)} training images: lower --batch-size")
+    # `is not None`, never truthiness: a rank whose shard is empty must still join the all-reduce
+    val_shards = EvalShards(splits.val, info.device, eval_spec) if splits.val is not None else None
+    model = wrap_model(cfg, info)
+    optimizer = build_optimizer(cfg, model.module, info.device)
+    scheduler = build_scheduler(cfg, optimizer, len(loader))
+    policy = Precision.build(precision or resolve_precision(cfg.precision, info.device.type), info.device)
+    return TrainingRun(cfg=cfg, info=info, splits=splits, train_spec=train_spec, eval_spec=eval_spec, loader=loader,
+                       val_shards=val_shards, model=model, optimizer=optimizer, scheduler=scheduler, precision=policy)

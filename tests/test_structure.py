@@ -1,0 +1,53 @@
+"""Code-shape rules the issue tracker asked for, checked on the source itself."""
+import ast
+from pathlib import Path
+
+from conftest import ROOT
+
+FOLDERS = ("dist_cifar", "benchmarks", "tests")
+
+
+def python_files():
+    for folder in FOLDERS:
+        yield from sorted((ROOT / folder).rglob("*.py"))
+
+
+def test_no_call_passes_more_than_five_positional_arguments():
+    """Values travel inside objects (TrainConfig, LoaderSpec, StepParts, TrainingRun), not as long
+    positional lists; longer signatures are keyword-only."""
+    offenders = []
+    for path in python_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and len(node.args) > 5:
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node.func)}()")
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                params = [a.arg for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
+                if len(params) > 5:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} def {node.name}({len(params)} positional)")
+    assert not offenders, offenders
+
+
+def test_only_the_assembler_builds_trainer_parts():
+    """Loaders, eval shards, optimizers and schedules are built in assembly.py and nowhere else
+    (tests of the loaders themselves and the loader benchmark excepted)."""
+    builders = {"build_train_loader", "EvalShards", "build_optimizer", "build_scheduler", "wrap_model"}
+    allowed = {"dist_cifar/assembly.py", "dist_cifar/loaders.py"}
+    offenders = []
+    for path in python_files():
+        rel = str(path.relative_to(ROOT))
+        if rel in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                if name in builders:
+                    offenders.append(f"{rel}:{node.lineno} {name}")
+    assert not offenders, offenders
+
+
+def test_the_product_cites_nothing_outside_the_repository():
+    text = "".join(p.read_text() for folder in ("dist_cifar", "launch", "slurm")
+                   for p in sorted((ROOT / folder).rglob("*")) if p.is_file() and p.suffix in (".py", ".sh", ".sbatch"))
+    text += (ROOT / "README.md").read_text()
+    assert "../shared" not in text and "PROTOCOL.md" not in text
+    assert (ROOT / "docs" / "report_protocol.md").read_text().count("|") > 50
