@@ -25,7 +25,7 @@ from .data import Split, Splits, normalization
 from .engine import Precision, StepParts
 from .loaders import EvalShards, LoaderSpec, build_train_loader
 from .models import build_model
-from .runtime import resolve_precision
+from .runtime import settle
 
 
 class CommTimer:
@@ -67,7 +67,8 @@ class WrappedModel:
 
 def wrap_model(cfg: TrainConfig, info: D.DistInfo) -> WrappedModel:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    module = build_model(cfg.model, cfg.batchnorm, cfg.dropout, cfg.pooling)
+    with torch.device(info.device):  # built where it trains: vgg16_cifar's 333M parameters init in ms on a GPU
+        module = build_model(cfg.model, cfg.batchnorm, cfg.dropout, cfg.pooling)
     if cfg.sync_bn and info.distributed:  # runtime.resolve has refused it on CPU
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
     memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
@@ -79,6 +80,9 @@ def wrap_model(cfg: TrainConfig, info: D.DistInfo) -> WrappedModel:
             module, device_ids=[info.device.index] if info.device.type == "cuda" else None,
             bucket_cap_mb=cfg.ddp_bucket_mb, gradient_as_bucket_view=cfg.ddp_grad_as_bucket_view,
             static_graph=cfg.ddp_static_graph,
+            # BatchNorm statistics stay per rank while training (no broadcast before every forward);
+            # the trainer broadcasts rank 0's buffers once before each evaluation instead.
+            broadcast_buffers=False,
         )
         if cfg.ddp_comm_hook != "none":
             comm = CommTimer(cfg.ddp_comm_hook)
@@ -106,7 +110,9 @@ def build_optimizer(cfg: TrainConfig, module: nn.Module, device: torch.device) -
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     total = max(cfg.epochs * steps_per_epoch, 1)
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
+        # total + 1: the scheduler is stepped after every optimizer step, so after the last one it
+        # sits at `total`; a schedule of exactly `total` steps would extrapolate a negative lr there
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total + 1,
                                                    pct_start=0.25, anneal_strategy="linear")
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
@@ -139,17 +145,18 @@ class TrainingRun:
 
     @property
     def step_parts(self) -> StepParts:
+        bucket_views = self.info.distributed and self.cfg.ddp_grad_as_bucket_view
         return StepParts(self.model.train_model, self.optimizer, self.scheduler, self.precision,
-                         self.cfg.label_smoothing)
+                         label_smoothing=self.cfg.label_smoothing, grads_to_none=not bucket_views)
 
     def shards(self, split: Split) -> EvalShards:
         """This rank's exact slice of an evaluation split, normalised like training."""
         return EvalShards(split, self.info.device, self.eval_spec)
 
 
-def assemble(cfg: TrainConfig, info: D.DistInfo, splits: Splits, *, precision: Optional[str] = None) -> TrainingRun:
-    """Build every part of a run. `precision` is the resolved policy (runtime.resolve); scripts
-    that skip that step get the same resolution of `cfg.precision` here."""
+def assemble(cfg: TrainConfig, info: D.DistInfo, splits: Splits) -> TrainingRun:
+    """Build every part of a run; `cfg.batch_size`, `run.cfg` etc. are the settled values."""
+    cfg = settle(cfg, info.device.type, info.world_size)
     mean, std = normalization(cfg.normalize)
     shard = dict(mean=mean, std=std, rank=info.rank, world=info.world_size, channels_last=cfg.channels_last)
     train_spec = LoaderSpec(cfg.batch_size, seed=cfg.seed, augment=cfg.augment, steps_cap=cfg.steps_per_epoch,
@@ -164,6 +171,6 @@ def assemble(cfg: TrainConfig, info: D.DistInfo, splits: Splits, *, precision: O
     model = wrap_model(cfg, info)
     optimizer = build_optimizer(cfg, model.module, info.device)
     scheduler = build_scheduler(cfg, optimizer, len(loader))
-    policy = Precision.build(precision or resolve_precision(cfg.precision, info.device.type), info.device)
+    policy = Precision.build(cfg.precision, info.device)
     return TrainingRun(cfg=cfg, info=info, splits=splits, train_spec=train_spec, eval_spec=eval_spec, loader=loader,
                        val_shards=val_shards, model=model, optimizer=optimizer, scheduler=scheduler, precision=policy)

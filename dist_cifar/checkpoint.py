@@ -294,7 +294,8 @@ class CheckpointManager:
             self._join("checkpoint")
             snapshot = self.snapshots["checkpoint"].take(blob)
             delay = self.faults.save_delay(state.global_step) if self.faults else 0.0
-            self._start("checkpoint", self._write_checkpoint, snapshot, state.epoch, state.step, delay)
+            epoch, step = state.epoch, state.step
+            self._start("checkpoint", lambda: self._write_checkpoint(snapshot, epoch, step, delay))
         with self.lock:
             self.blocked_s += time.perf_counter() - t0
         return True
@@ -308,7 +309,7 @@ class CheckpointManager:
         weights = self.snapshots["best"].take(module.state_dict())
         blob = {"format": FORMAT, "model_name": self.config["model"], "epoch": epoch, "val_loss": val_loss,
                 "state_dict": weights, "config": self.config}
-        self._start("best", self._write_best, blob)
+        self._start("best", lambda: self._write_best(blob))
         with self.lock:
             self.blocked_s += time.perf_counter() - t0
 
@@ -339,11 +340,11 @@ class CheckpointManager:
             thread.join()
             self.threads[kind] = None
 
-    def _start(self, kind: str, target, *args) -> None:
+    def _start(self, kind: str, write) -> None:
         def run():
             t0 = time.perf_counter()
             try:
-                target(*args)
+                write()
             except BaseException as exc:  # surfaced by close(): a failed write must not pass silently
                 self.errors.append(exc)
             with self.lock:

@@ -63,7 +63,9 @@ class TrainConfig:
     epochs: int = 10
     """Number of training epochs."""
     batch_size: int = 128
-    """Training batch size PER PROCESS; the global batch is this times the world size."""
+    """Training batch size PER PROCESS; the global batch is this times the world size (0: derived from --global-batch-size)."""
+    global_batch_size: int = 0
+    """Training batch size over ALL processes, divided evenly among them, so 1, 4 or 8 GPUs train the same recipe (0: --batch-size x world size). Giving both is an error unless they agree."""
     eval_batch_size: int = 512
     """Evaluation batch size per process."""
     steps_per_epoch: int = 0
@@ -92,10 +94,10 @@ class TrainConfig:
     """fp32, bf16 or fp16 autocast (fp16 uses a GradScaler); auto: bf16 on GPUs that support it, fp32 on CPU."""
     tf32: bool = False
     """Allow TF32 matmuls/convolutions on the fp32 path (Ampere and newer GPUs)."""
-    channels_last: bool = False
-    """Model and inputs in channels_last memory format."""
-    compile: bool = False
-    """torch.compile the model (DDP keeps its bucketed overlap); the compiling epoch is reported apart."""
+    channels_last: Optional[bool] = None
+    """Model and inputs in channels_last memory format (default: on with GPUs, off on CPU)."""
+    compile: Optional[bool] = None
+    """torch.compile the model (DDP keeps its bucketed overlap; default: on with GPUs, off on CPU); the compiling epoch is reported apart."""
     compile_mode: str = "default"
     """torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs."""
     threads: int = 0
@@ -154,8 +156,8 @@ class TrainConfig:
     """Keep the newest K committed checkpoints, prune older ones."""
     resume: str = "auto"
     """auto (newest valid checkpoint in --out-dir, if any), none, or a checkpoint path."""
-    guard_every: int = 1
-    """Every N steps all ranks agree (one all-reduce) on non-finite loss and preemption; larger N avoids a host sync per step on GPUs."""
+    guard_every: int = 0
+    """Every N steps all ranks agree (one all-reduce) on non-finite loss and preemption; larger N avoids a host sync per step on GPUs (0: 1 on CPU, 25 on GPUs). Every step's loss is still checked, on the device."""
     max_skipped_steps: int = 20
     """fp16: stop after this many GradScaler-skipped (overflow) steps in a row."""
     record_step_losses: bool = False
@@ -198,7 +200,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # bf16 everywhere incl. gradients on the wire, OneCycle so large batches still converge.
     "fast": dict(
         model="vgg16_cifar", split="full", val_size=0, normalize="cifar", augment=True,
-        batch_size=512, eval_batch_size=1024, optimizer="adamw", lr=2e-3, weight_decay=0.05,
+        global_batch_size=512, eval_batch_size=1024, optimizer="adamw", lr=2e-3, weight_decay=0.05,
         schedule="onecycle", label_smoothing=0.1, epochs=12, precision="bf16",
         channels_last=True, compile=True, loader="tensor", ddp_comm_hook="bf16",
         ddp_static_graph=False, guard_every=25, progress_every=50, checkpoint_every=0, save_best=False,
@@ -238,7 +240,7 @@ def build_parser(prog: str = "python -m dist_cifar.train") -> argparse.ArgumentP
     for f in dataclasses.fields(TrainConfig):
         help_text = docs.get(f.name, "") + f" (default: {getattr(defaults, f.name)!r})"
         kwargs: dict[str, Any] = dict(help=help_text.replace("%", "%%"), dest=f.name)
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool, "Optional[bool]"):  # Optional: None means auto (runtime.py)
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = {"int": int, "float": float, "str": str}[str(f.type)]
@@ -273,6 +275,10 @@ def make_config(**overrides: Any) -> TrainConfig:
     if preset and preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r} is not one of: {', '.join(PRESETS)}")
     values = dict(PRESETS.get(preset, {}))
+    if "batch_size" in overrides and "global_batch_size" not in overrides:
+        values.pop("global_batch_size", None)  # an explicit per-process batch beats a preset's global one
+    if values.get("global_batch_size") and "batch_size" not in overrides:
+        values["batch_size"] = 0  # derived from the global batch once the world size is known
     values.update(overrides)
     cfg = TrainConfig(**values)
     validate(cfg)
@@ -285,12 +291,14 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg, name) not in options:
             raise ConfigError(f"{flag_name(name)} {getattr(cfg, name)!r} is not one of: "
                               f"{', '.join(o for o in options if o) or 'none'}")
-    positive = ("epochs", "batch_size", "eval_batch_size", "synthetic_size", "keep_last",
-                "guard_every", "progress_every", "max_skipped_steps")
+    positive = ("epochs", "eval_batch_size", "synthetic_size", "keep_last", "progress_every", "max_skipped_steps")
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{flag_name(name)} must be > 0, got {getattr(cfg, name)}")
+    if cfg.batch_size <= 0 and not cfg.global_batch_size:
+        raise ConfigError(f"--batch-size must be > 0 (or give --global-batch-size), got {cfg.batch_size}")
     non_negative = ("steps_per_epoch", "max_train", "num_workers", "checkpoint_every", "checkpoint_interval_min",
+                    "global_batch_size", "guard_every",
                     "checkpoint_every_steps", "threads", "weight_decay", "ddp_bucket_mb")
     for name in non_negative:
         if getattr(cfg, name) < 0:

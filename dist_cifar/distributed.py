@@ -124,15 +124,16 @@ def all_gather_floats(info: DistInfo, value: float) -> list[float]:
     return [float(x.item()) for x in out]
 
 
-def agree(info: DistInfo, all_finite: torch.Tensor, want_stop: bool) -> tuple[bool, bool]:
-    """One collective deciding, identically on every rank: (is every rank's loss finite,
-    does any rank want to stop). Every rank must call it at the same step."""
-    flags = torch.stack([all_finite.to(torch.float32).reshape(()),
-                         torch.tensor(0.0 if want_stop else 1.0, device=all_finite.device)])
+def agree(info: DistInfo, first_bad_step: torch.Tensor, want_stop: bool) -> tuple[Optional[int], bool]:
+    """One collective deciding, identically on every rank: (the earliest step at which any rank
+    saw a non-finite loss, or None; does any rank want to stop). `first_bad_step` is a device
+    scalar holding 2**31 when this rank saw none. Every rank must call it at the same step."""
+    flags = torch.stack([first_bad_step.to(torch.float32).reshape(()),
+                         torch.tensor(0.0 if want_stop else 1.0, device=first_bad_step.device)])
     if info.distributed:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    finite, keep_going = flags.tolist()
-    return finite > 0.5, keep_going < 0.5
+    first_bad, keep_going = flags.tolist()
+    return (int(first_bad) if first_bad < 2**31 else None), keep_going < 0.5
 
 
 def broadcast_object(info: DistInfo, obj):
@@ -142,6 +143,23 @@ def broadcast_object(info: DistInfo, obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_objects(info: DistInfo, obj) -> list:
+    """Every rank's Python object, on every rank."""
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_buffers(info: DistInfo, module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank."""
+    if info.distributed:
+        with torch.no_grad():
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
 
 
 def broadcast_module(info: DistInfo, module: torch.nn.Module) -> None:

@@ -1,8 +1,11 @@
 """One training epoch and one evaluation pass, for one process or one rank of many.
 
 The step loop keeps its sums on the device and reads them back only every `progress_every`
-steps and at the epoch's end; ranks agree on stopping (non-finite loss, preemption) through
-one small all-reduce every `guard_every` steps, at the same step on every rank.
+steps and at the epoch's end. Every step's loss is checked for non-finite values on the device
+(no host sync); ranks agree on stopping (non-finite loss, preemption) through one small
+all-reduce every `guard_every` steps, before a mid-epoch checkpoint and at the epoch's end, at
+the same step on every rank. With `guard_every` > 1 a bad step can be applied before the check
+sees it; the error says which steps, and no checkpoint is committed after them.
 """
 from __future__ import annotations
 
@@ -84,6 +87,60 @@ class StepParts:
     scheduler: object                     # stepped once per optimizer step
     precision: Precision
     label_smoothing: float = 0.0
+    # False under DDP with gradient_as_bucket_view: freed gradients would make DDP re-point them
+    # into its buckets with a copy every step; zeroing them in place keeps the aliasing.
+    grads_to_none: bool = True
+
+
+class StepHealth:
+    """Device-side watch over every step, read on the host only at agreement points: the first
+    step of the epoch with a non-finite loss, and (fp16) runs of GradScaler-skipped steps."""
+
+    NONE = float(2**31)  # "no bad step" (all-reduced with MIN, so it must compare above any step)
+
+    def __init__(self, device: torch.device, scaler, max_skipped: int):
+        self.first_bad = torch.full((), self.NONE, device=device)
+        self.scaler, self.max_skipped = scaler, max_skipped
+        if scaler is not None:
+            self.run = torch.zeros((), dtype=torch.int64, device=device)
+            self.worst = torch.zeros((), dtype=torch.int64, device=device)
+
+    def observe_loss(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad = torch.where(bad & (self.first_bad == self.NONE),
+                                     torch.full_like(self.first_bad, step), self.first_bad)
+
+    def scale_before_update(self) -> Optional[torch.Tensor]:
+        return self.scaler._scale.clone() if self.scaler is not None else None  # device copy, no sync
+
+    def observe_update(self, scale_before: Optional[torch.Tensor]) -> None:
+        if scale_before is None:
+            return
+        skipped = self.scaler._scale < scale_before  # update() lowers the scale only on a skipped step
+        self.run = torch.where(skipped, self.run + 1, torch.zeros_like(self.run))
+        self.worst = torch.maximum(self.worst, self.run)
+
+    def check_overflows(self, epoch: int, step: int) -> None:
+        """Host read of the longest run of skipped steps since the last check (guard steps only)."""
+        if self.scaler is None:
+            return
+        worst = int(self.worst.item())
+        self.worst = self.run.clone()
+        if worst >= self.max_skipped:
+            raise NonFiniteLoss(f"{worst} fp16 overflow (GradScaler-skipped) steps in a row by epoch {epoch} "
+                                f"step {step} (raise --max-skipped-steps or use bf16)")
+
+    @staticmethod
+    def error(epoch: int, first_bad: int, checked_at: Optional[int], guard_every: int) -> NonFiniteLoss:
+        if checked_at is not None and first_bad == checked_at:
+            return NonFiniteLoss(f"non-finite loss at epoch {epoch} step {first_bad} on some rank; stopped before "
+                                 f"its optimizer step (lower --lr, or try fp32); the last checkpoint is kept")
+        where = f"the check at step {checked_at}" if checked_at is not None else "the end-of-epoch check"
+        return NonFiniteLoss(
+            f"non-finite loss first at epoch {epoch} step {first_bad} on some rank; the optimizer applied steps "
+            f"{first_bad}..{(checked_at - 1) if checked_at is not None else 'the epoch end'} before {where} "
+            f"(--guard-every {guard_every}), so the weights may be non-finite; no checkpoint was written after "
+            f"them and the last one is kept (lower --lr, or try fp32)")
 
 
 @dataclass
@@ -120,39 +177,47 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
     correct = torch.tensor(start.sums.correct, dtype=torch.int64, device=dev)
     losses: list[torch.Tensor] = []
     scaler = precision.scaler
-    skipped_in_row, last_scale = 0, scaler.get_scale() if scaler else None
+    health = StepHealth(dev, scaler, hooks.max_skipped_steps)
     result = EpochResult(epoch, EpochSums(count=start.sums.count), end_step=start_step)
     total = len(loader)
     watch = Stopwatch(dev)
     watch.start()
     batches = loader.batches(start_step)
     step = start_step
+
+    def agree(checked_at: Optional[int]) -> bool:
+        """One all-reduce: raise if any rank saw a non-finite loss; return whether any wants to stop."""
+        first_bad, stop = D.agree(info, health.first_bad, hooks.should_stop())
+        if first_bad is not None:
+            raise StepHealth.error(epoch, first_bad, checked_at, hooks.guard_every)
+        return stop
+
     while step < total:
         t_wait = time.perf_counter()
         x, y = next(batches)
         result.data_wait_s += time.perf_counter() - t_wait
         hooks.faults.before_step(info.rank, global_step)
-        guarded = (step - start_step) % hooks.guard_every == 0
 
         with precision.autocast():
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=parts.label_smoothing)
         loss = hooks.faults.corrupt_loss(info.rank, global_step, loss)
+        health.observe_loss(loss, step)
 
+        guarded = (step - start_step) % hooks.guard_every == 0
         if guarded:
-            finite, stop = D.agree(info, torch.isfinite(loss.detach()), hooks.should_stop())
-            if not finite:
-                raise NonFiniteLoss(f"non-finite loss at epoch {epoch} step {step} on some rank; "
-                                    f"stopped before the optimizer step (lower --lr, or try fp32)")
             # A stop request still finishes this step: its forward already moved BatchNorm
             # statistics and the RNG, so stopping here keeps the checkpoint a true step boundary.
-            result.stopped = stop
+            result.stopped = agree(checked_at=step)
+            health.check_overflows(epoch, step)
 
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=parts.grads_to_none)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
+            scale_before = health.scale_before_update()
             scaler.update()
+            health.observe_update(scale_before)
         else:
             loss.backward()
             optimizer.step()
@@ -170,13 +235,6 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
         if hooks.time_first_step and result.steps == 1:
             result.first_step_s = watch.stop()
 
-        if scaler is not None and (step - start_step) % hooks.guard_every == 0:
-            scale = scaler.get_scale()  # host read, only at guard steps
-            skipped_in_row = skipped_in_row + 1 if scale < last_scale else 0
-            last_scale = scale
-            if skipped_in_row >= hooks.max_skipped_steps:
-                raise NonFiniteLoss(f"{skipped_in_row} fp16 overflow steps in a row at epoch {epoch} "
-                                    f"step {step} (raise --max-skipped-steps or use bf16)")
         if hooks.on_progress and (step % hooks.progress_every == 0 or step == total):
             images = (step - start_step) * loader.batch_size * info.world_size
             hooks.on_progress(step, total, float(loss_sum.item()) / max(result.sums.count, 1),
@@ -185,10 +243,13 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
             break
         if hooks.on_checkpoint_step and hooks.checkpoint_every_steps and step < total \
                 and step % hooks.checkpoint_every_steps == 0:
+            agree(checked_at=None)  # never checkpoint weights that a bad step may have reached
             result.end_step = step
             flush(result, loss_sum, correct, losses)
             hooks.on_checkpoint_step(result)
 
+    agree(checked_at=None)  # the steps since the last guard, before any end-of-epoch checkpoint
+    health.check_overflows(epoch, step)
     result.end_step = step
     flush(result, loss_sum, correct, losses)
     result.wall_s = watch.stop()
@@ -222,7 +283,7 @@ def evaluate(module: nn.Module, shards, precision: Precision, info: D.DistInfo, 
     for x, y in shards.batches():
         with precision.autocast():
             logits = module(x)
-        logits = logits.float()
+        logits = logits[: y.shape[0]].float()  # padded rows of the last batch dropped
         pred = logits.argmax(1)
         stats[0] += F.cross_entropy(logits, y, reduction="sum").double()
         stats[1] += (pred == y).sum()

@@ -182,7 +182,9 @@ class TorchLoader:
 
 class EvalShards:
     """Exact distributed evaluation: rank r takes the r-th contiguous slice of the split, no
-    padding and no duplicates, so summed counts equal a single process's."""
+    duplicates, so summed counts equal a single process's. Every batch has `batch_size` rows:
+    the last one is padded with zero images whose outputs the caller drops (the labels cover
+    the real rows only), so a compiled model sees one shape and never recompiles."""
 
     def __init__(self, split: Split, device: torch.device, spec: LoaderSpec):
         part = torch.tensor_split(torch.arange(len(split)), spec.world)[spec.rank]
@@ -196,7 +198,11 @@ class EvalShards:
 
     def batches(self) -> Iterator[Batch]:
         for start in range(0, len(self.y), self.batch_size):
-            yield self.normalize(self.x[start:start + self.batch_size]), self.y[start:start + self.batch_size]
+            images = self.x[start:start + self.batch_size]
+            if images.shape[0] < self.batch_size:
+                pad = images.new_zeros((self.batch_size - images.shape[0], *images.shape[1:]))
+                images = torch.cat([images, pad])
+            yield self.normalize(images), self.y[start:start + self.batch_size]
 
 
 def build_train_loader(kind: str, split: Split, device: torch.device, spec: LoaderSpec):

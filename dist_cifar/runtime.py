@@ -1,18 +1,26 @@
 """Resolve the `auto` flags against this host, and check what the host can do, before any work.
 
 Each check lives here once and fails with a ConfigError (one line naming the fix, exit 2):
-a CUDA device that is not there, NCCL without GPUs, bf16 on a GPU without it, SyncBatchNorm
-on CPU, W&B asked for but not installed. The resolved values are what the run records.
+a CUDA device that is not there (or GPUs that torch cannot see), NCCL without GPUs, bf16 on a
+GPU without it, SyncBatchNorm on CPU, W&B asked for but not installed, a global batch that does
+not divide over the processes. `resolve` returns the config with every auto value replaced by
+what this host gets, which is what config.json records: on GPUs bf16 autocast, channels_last,
+torch.compile and an agreement every 25 steps; on CPU fp32 eager with an agreement every step.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import ConfigError, TrainConfig
+
+GPU_GUARD_EVERY = 25  # steps between host syncs on GPUs; the loss is still checked every step
 
 
 @dataclass(frozen=True)
@@ -24,15 +32,66 @@ class Runtime:
     notes: tuple = ()       # what rank 0 should tell the user about the choices made
 
 
-def resolve(cfg: TrainConfig) -> Runtime:
+def resolve(cfg: TrainConfig) -> tuple[TrainConfig, Runtime]:
+    """(the config with auto values resolved for this host, the runtime choices)."""
     notes: list[str] = []
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     device_type = resolve_device_type(cfg.device)
     backend = resolve_backend(cfg.backend, device_type)
-    if cfg.sync_bn and device_type != "cuda" and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if cfg.sync_bn and device_type != "cuda" and world > 1:
         raise ConfigError("--sync-bn needs GPUs (DDP runs SyncBatchNorm on CUDA only): drop it on CPU")
-    precision = resolve_precision(cfg.precision, device_type)
     wandb = resolve_wandb(cfg.wandb, notes)
-    return Runtime(device_type, backend, precision, wandb, tuple(notes))
+    resolved = dataclasses.replace(settle(cfg, device_type, world), backend=backend, wandb=wandb)
+    if resolved.compile:
+        share_compile_threads()
+    return resolved, Runtime(device_type, backend, resolved.precision, wandb, tuple(notes))
+
+
+def share_compile_threads() -> None:
+    """Inductor starts min(32, CPUs) compile workers per process; with one process per GPU that
+    oversubscribes the node. Give each local rank its share unless the user chose."""
+    if "TORCHINDUCTOR_COMPILE_THREADS" in os.environ:
+        return
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(max(1, cpus // local_world))
+
+
+def settle(cfg: TrainConfig, device_type: str, world: int) -> TrainConfig:
+    """The config's per-device auto values for this device and world size (idempotent). The
+    assembler calls it too, so scripts that build a run without `resolve` get the same values."""
+    on_gpu = device_type == "cuda"
+    batch = resolve_batch(cfg.batch_size, cfg.global_batch_size, world)
+    return dataclasses.replace(
+        cfg, device=device_type, precision=resolve_precision(cfg.precision, device_type),
+        batch_size=batch, global_batch_size=batch * world,
+        channels_last=on_gpu if cfg.channels_last is None else cfg.channels_last,
+        compile=on_gpu if cfg.compile is None else cfg.compile,
+        guard_every=cfg.guard_every or (GPU_GUARD_EVERY if on_gpu else 1))
+
+
+def resolve_batch(batch_size: int, global_batch_size: int, world: int) -> int:
+    """The per-process batch: --batch-size, or --global-batch-size divided over the processes."""
+    if not global_batch_size:
+        return batch_size
+    if global_batch_size % world:
+        raise ConfigError(f"--global-batch-size {global_batch_size} does not divide over {world} processes: "
+                          f"use a multiple of {world}")
+    if batch_size and batch_size * world != global_batch_size:
+        raise ConfigError(f"--batch-size {batch_size} x {world} processes = {batch_size * world} disagrees with "
+                          f"--global-batch-size {global_batch_size}: give only one of them")
+    return global_batch_size // world
+
+
+def visible_nvidia_gpus() -> int:
+    """GPUs the driver lists (nvidia-smi -L), whatever torch thinks; 0 without nvidia-smi."""
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
 def resolve_device_type(requested: str) -> str:
@@ -40,6 +99,12 @@ def resolve_device_type(requested: str) -> str:
     if requested == "cuda" and not available:
         raise ConfigError("--device cuda: torch sees no CUDA device (check nvidia-smi and that torch is a "
                           "CUDA build), or use --device cpu")
+    if requested == "auto" and not available:
+        gpus = visible_nvidia_gpus()
+        if gpus:  # training on the CPU here would be silently ~100x slower
+            raise ConfigError(f"nvidia-smi lists {gpus} GPU(s) but torch {torch.__version__} (CUDA "
+                              f"{torch.version.cuda}) sees none: install a torch build for this driver, "
+                              f"or pass --device cpu")
     return "cuda" if requested == "cuda" or (requested == "auto" and available) else "cpu"
 
 

@@ -46,8 +46,7 @@ EXIT_OK, EXIT_USAGE, EXIT_NONFINITE = 0, 2, 3
 @record
 def main(argv: Optional[list[str]] = None) -> int:
     try:
-        cfg = parse_config(argv)
-        runtime = resolve(cfg)
+        cfg, runtime = resolve(parse_config(argv))
     except ConfigError as exc:
         return fail(exc, EXIT_USAGE)
     flag = PreemptionFlag().install()
@@ -69,18 +68,21 @@ def fail(exc: Exception, code: int) -> int:
 
 def train(cfg: TrainConfig, runtime: Runtime, info: D.DistInfo, flag: PreemptionFlag) -> int:
     configure_backends(cfg, info)
-    out_dir, resume_path = agreed_out_dir(cfg, info)
-    run = assemble(cfg, info, load_data(cfg, info), precision=runtime.precision)
+    out_dir, resume_path = prepare_out_dir(cfg, info)
+    splits = load_data(cfg, info)
+    run = agreed(info, lambda: assemble(cfg, info, splits))
     reporter = make_reporter(cfg, runtime, info, out_dir)
     faults = FaultInjector(on_preempt=flag.raise_flag)
     state = RunState()
     with CheckpointManager(out_dir, info, config=cfg.to_dict(), parts=stateful_parts(run), keep_last=cfg.keep_last,
                            global_batch_size=run.global_batch_size, faults=faults) as checkpoints:
         if resume_path is not None:
-            for note in checkpoints.restore(resume_path, state, steps_per_epoch=run.steps_per_epoch, seed=cfg.seed):
+            notes = agreed(info, lambda: checkpoints.restore(resume_path, state, steps_per_epoch=run.steps_per_epoch,
+                                                             seed=cfg.seed))
+            for note in notes:
                 reporter.note(note)
         run_config = describe(run, out_dir)
-        reporter.start(run_config, state.wandb_id)
+        agreed(info, lambda: reporter.start(run_config, state.wandb_id))
         state.wandb_id = reporter.wandb_id or state.wandb_id
         if resume_path is not None:
             reporter.restore_history(state.history)
@@ -124,6 +126,7 @@ def epoch_loop(run: TrainingRun, state: RunState, checkpoints: CheckpointManager
                   file=sys.stderr, flush=True)
             return EXIT_PREEMPTED
         t_eval = time.perf_counter()
+        D.broadcast_buffers(info, run.model.module)  # every rank evaluates rank 0's BatchNorm statistics
         val = evaluate(run.model.eval_model, run.val_shards, run.precision, info) if run.val_shards is not None else None
         record = epoch_record(run, result, val, eval_s=time.perf_counter() - t_eval,
                               compile_s=result.first_step_s if start.epoch == first_epoch else None)
@@ -151,19 +154,31 @@ def configure_backends(cfg: TrainConfig, info: D.DistInfo) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def agreed_out_dir(cfg: TrainConfig, info: D.DistInfo) -> tuple[Path, Optional[Path]]:
+SETUP_ERRORS = (ConfigError, DataError, ckpt.CheckpointError)
+
+
+def agreed(info: D.DistInfo, setup_step):
+    """Run a setup step on every rank; if it fails on any rank with a one-line error (bad data,
+    out dir, checkpoint, flags), every rank raises that same error (exit 2 on all of them) instead
+    of the others dying later on a closed connection."""
+    error, value = "", None
+    try:
+        value = setup_step()
+    except SETUP_ERRORS as exc:
+        error = str(exc)
+    first = next((e for e in D.all_gather_objects(info, error) if e), "")
+    if first:
+        raise ConfigError(first)
+    return value
+
+
+def prepare_out_dir(cfg: TrainConfig, info: D.DistInfo) -> tuple[Path, Optional[Path]]:
     """Rank 0 decides (the default name holds a timestamp), everyone gets its answer."""
-    decision: tuple[str, str, str] = ("", "", "")
-    if info.is_main:
-        try:
-            out, resume = rundir.prepare(cfg)
-            out.mkdir(parents=True, exist_ok=True)
-            decision = (str(out), str(resume) if resume else "", "")
-        except ConfigError as exc:
-            decision = ("", "", str(exc))
-    out, resume, error = D.broadcast_object(info, decision)
-    if error:
-        raise ConfigError(error)
+    def decide() -> tuple[str, str]:
+        out, resume = rundir.prepare(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        return str(out), str(resume) if resume else ""
+    out, resume = D.broadcast_object(info, agreed(info, lambda: decide() if info.is_main else None))
     return Path(out), Path(resume) if resume else None
 
 
@@ -172,9 +187,8 @@ def load_data(cfg: TrainConfig, info: D.DistInfo) -> Splits:
     def load():
         raw = load_source(cfg.dataset, cfg.data_dir, cfg.download, cfg.synthetic_size)
         return make_splits(raw, cfg.split, cfg.val_size, cfg.max_train)
-    splits = load() if info.is_local_main else None
-    D.barrier(info)
-    return splits if splits is not None else load()
+    splits = agreed(info, lambda: load() if info.is_local_main else None)
+    return agreed(info, lambda: splits if splits is not None else load())
 
 
 def make_reporter(cfg: TrainConfig, runtime: Runtime, info: D.DistInfo, out_dir: Path):
@@ -280,6 +294,13 @@ def track_best(state: RunState, record: dict, checkpoints: CheckpointManager, mo
 # ------------------------------------------------------------------------------ end of run
 
 
+def steady_epoch_time(history: list[dict]) -> Optional[float]:
+    """Median epoch time without the epochs that compiled (and the very first, which warms up)."""
+    steady = [r["epoch_time_s"] for r in history[1:] if r.get("compile_s") is None]
+    times = sorted(steady or [r["epoch_time_s"] for r in history])
+    return times[len(times) // 2] if times else None
+
+
 def finish(run: TrainingRun, state: RunState, reporter, *, checkpoints: CheckpointManager,
            run_config: dict[str, Any]) -> None:
     """The report's compute_accuracy on the best weights, the confusion matrix, plots, summary."""
@@ -310,6 +331,7 @@ def finish(run: TrainingRun, state: RunState, reporter, *, checkpoints: Checkpoi
         "time_to_best_s": state.time_to_best_s,
         "final_train_loss": last.get("train_loss"), "final_val_loss": last.get("val_loss"),
         "mean_epoch_time_s": sum(r["epoch_time_s"] for r in state.history) / max(len(state.history), 1),
+        "steady_epoch_time_s": steady_epoch_time(state.history),
         "world_size": info.world_size, "global_batch_size": run.global_batch_size,
         "per_class_test_accuracy": dict(per_class), "confusion_matrix": cm.tolist(),
         "data_source": splits.source, "split_sizes": run_config["split_sizes"],

@@ -1,18 +1,58 @@
 #!/usr/bin/env bash
 # Create .venv with everything dist_cifar and its tests need, once. Safe to re-run: it does
 # nothing when .venv already matches this file's package list.
+#
+# A torch already installed for $PYTHON (a GPU host's own build, matched to its driver) is used
+# when it is recent enough: .venv then sees that interpreter's packages and installs only what is
+# missing, so a host without a package index works too. Otherwise the pinned torch is installed
+# (on these machines pip takes it from local disk). When nvidia-smi lists GPUs but torch sees
+# none, setup stops with one line instead of leaving a venv that would train on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-# torch/torchvision are pinned to the wheels these machines keep on local disk; GPU hosts that
-# bring their own torch can install the project with plain `pip install -e .` instead.
-PACKAGES=(torch==2.14.1 torchvision==0.29.1 numpy rich matplotlib wandb pytest)
-stamp=".venv/.dist_cifar-$(printf '%s\n' "${PACKAGES[@]}" | sha1sum | cut -c1-12)"
+TORCH_PIN=(torch==2.14.1 torchvision==0.29.1)
+OTHERS=(numpy rich matplotlib wandb pytest)
+MIN_TORCH=2.4
+
+usable_torch=$("$PY" - "$MIN_TORCH" <<'EOF' 2>/dev/null || echo ""
+import sys
+import torch, torchvision  # noqa: F401
+version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+minimum = tuple(int(x) for x in sys.argv[1].split("."))
+print(torch.__version__ if version >= minimum else "")
+EOF
+)
+stamp=".venv/.dist_cifar-$(printf '%s\n' "${TORCH_PIN[@]}" "${OTHERS[@]}" "base:${usable_torch}" | sha1sum | cut -c1-12)"
 if [ -f "$stamp" ] && .venv/bin/python -c "import torch, dist_cifar" 2>/dev/null; then
   exit 0
 fi
-echo "[setup] creating .venv (torch from local disk; a few minutes the first time)" >&2
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check "${PACKAGES[@]}"
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+need=()
+if [ -n "$usable_torch" ]; then
+  # a .pth line puts $PY's packages after .venv's own: that torch, and whatever else is there
+  "$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$site/_dist_cifar_base.pth"
+  echo "[setup] using the installed torch $usable_torch of $PY" >&2
+else
+  rm -f "$site/_dist_cifar_base.pth"
+  need+=("${TORCH_PIN[@]}")
+  echo "[setup] installing ${TORCH_PIN[*]} into .venv (from local disk here; a few minutes the first time)" >&2
+fi
+for module in "${OTHERS[@]}"; do
+  .venv/bin/python -c "import $module" 2>/dev/null || need+=("$module")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "[setup] installing: ${need[*]}" >&2
+  .venv/bin/python -m pip install -q --disable-pip-version-check "${need[@]}"
+fi
+# The project itself as a path entry: no build backend, no package index needed.
+echo "$PWD" > "$site/_dist_cifar_repo.pth"
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+  if ! .venv/bin/python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    echo "[setup] error: nvidia-smi lists GPUs but torch $(.venv/bin/python -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)') sees none: install a torch build for this driver into $PY (or PYTHON=...), then rerun" >&2
+    exit 1
+  fi
+fi
+.venv/bin/python -c "import torch, dist_cifar" >/dev/null
+rm -f .venv/.dist_cifar-*
 touch "$stamp"

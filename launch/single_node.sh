@@ -13,4 +13,6 @@ if [ -z "$nproc" ]; then
   nproc=$($PYTHON -c "import torch; print(torch.cuda.device_count() or 2)")
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# inductor would start min(32, CPUs) compile workers in every process: give each rank its share
+export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}
 exec $PYTHON -m torch.distributed.run --standalone --nproc_per_node="$nproc" -m dist_cifar.train "$@"
