@@ -327,6 +327,8 @@ def main(argv=None) -> int:
     failures = 0
     for study in studies:
         status: dict[str, str] = {}
+        if args.report_only and not study_folder(out, study, args).is_dir():
+            continue  # nothing was run for this study with these overrides
         if not args.report_only:
             if args.slurm:
                 job = submit_slurm(study, args)

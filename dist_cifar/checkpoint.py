@@ -47,8 +47,13 @@ from .engine import EpochSums, EpochStart
 
 FORMAT = 2  # 2: RunState.sums replaced the anonymous carry tuple
 NAME = re.compile(r"^ckpt-e(\d+)-s(\d+)\.pt$")
-# Config fields that must match for a checkpoint to be resumable into this run.
-MUST_MATCH = ("model", "batchnorm", "dropout", "pooling", "optimizer", "sync_bn")
+# What makes a run "the same run" for --resume: the model, the data and its split, the recipe and
+# the seed. Speed and logging flags, the world size and a larger --epochs (with a constant
+# schedule) may change; anything else is another run and is refused.
+RUN_IDENTITY = ("model", "batchnorm", "dropout", "pooling", "sync_bn", "dataset", "data_dir", "split", "val_size",
+                "max_train", "synthetic_size", "normalize", "augment", "optimizer", "lr", "weight_decay", "momentum",
+                "schedule", "label_smoothing", "seed")
+SCHEDULED = ("onecycle", "cosine")  # schedules whose shape depends on --epochs
 
 
 class CheckpointError(RuntimeError):
@@ -129,13 +134,16 @@ def marker_path(path: Path) -> Path:
 
 def save(out_dir: Path, state: dict[str, Any], epoch: int, step: int, keep_last: int, *,
          before_publish=None) -> Path:
-    """Write `state` as the checkpoint for (epoch, step done in it), commit it, prune to `keep_last`."""
+    """Write `state` as the checkpoint for (epoch, step done in it), commit it, prune to `keep_last`.
+    The marker also carries the run's identity, so a rerun can be checked without loading 4 GB."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / checkpoint_name(epoch, step)
     size, sha256 = write_torch(path, state, before_publish=before_publish)
-    marker = {"file": path.name, "size": size, "sha256": sha256, "epoch": epoch, "step": step}
+    marker = {"file": path.name, "size": size, "sha256": sha256, "epoch": epoch, "step": step,
+              "identity": identity(state.get("config", {}))}
     files.atomic_write_bytes(marker_path(path), json.dumps(marker).encode())
-    prune(out_dir, keep_last)
+    remember_verified(path)
+    prune(out_dir, keep_last, just_written=path)
     return path
 
 
@@ -149,12 +157,37 @@ def committed(out_dir: Path) -> list[Path]:
     return [p for _, _, p in sorted(found)]
 
 
-def verify(path: Path) -> bool:
+_VERIFIED: dict[str, tuple] = {}  # path -> (size, mtime_ns, inode) of files whose bytes matched their marker
+
+
+def _stamp(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def remember_verified(path: Path) -> None:
+    _VERIFIED[str(path)] = _stamp(path)
+
+
+def read_marker(path: Path) -> Optional[dict[str, Any]]:
     try:
-        marker = json.loads(marker_path(path).read_text())
-        return marker["size"] == path.stat().st_size and marker["sha256"] == sha256_file(path)
-    except (OSError, ValueError, KeyError):
+        return json.loads(marker_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def verify(path: Path) -> bool:
+    """The file's bytes match its commit marker (hashed once per process while unchanged)."""
+    try:
+        if _VERIFIED.get(str(path)) == _stamp(path):
+            return True
+        marker = read_marker(path)
+        ok = bool(marker) and marker["size"] == path.stat().st_size and marker["sha256"] == sha256_file(path)
+    except (OSError, KeyError):
         return False
+    if ok:
+        remember_verified(path)
+    return ok
 
 
 def find_latest(out_dir: Path) -> Optional[Path]:
@@ -166,10 +199,18 @@ def find_latest(out_dir: Path) -> Optional[Path]:
     return None
 
 
-def prune(out_dir: Path, keep_last: int) -> None:
-    for old in committed(out_dir)[:-keep_last]:
-        marker_path(old).unlink(missing_ok=True)  # uncommit first
-        old.unlink(missing_ok=True)
+def prune(out_dir: Path, keep_last: int, *, just_written: Optional[Path] = None) -> None:
+    """Keep the newest `keep_last` checkpoints that verify against their markers (the one just
+    written counts as verified: it was hashed as it was written); delete the older ones. A
+    corrupt newer file is neither counted nor deleted, so a good checkpoint is never pruned in
+    its favour and the folder never loses its last verified checkpoint."""
+    kept = 0
+    for path in reversed(committed(out_dir)):
+        if kept >= keep_last and path != just_written:
+            marker_path(path).unlink(missing_ok=True)  # uncommit first
+            path.unlink(missing_ok=True)
+        elif path == just_written or verify(path):
+            kept += 1
     for stray in Path(out_dir).glob(files.TMP_PREFIX + "ckpt-*"):
         stray.unlink(missing_ok=True)  # a save killed midway (only rank 0 ever writes here)
 
@@ -189,13 +230,30 @@ def load(path: Path) -> dict[str, Any]:
     return state
 
 
+def identity(config: dict[str, Any]) -> dict[str, Any]:
+    return {key: config.get(key) for key in RUN_IDENTITY + ("epochs",)}
+
+
+def identity_problem(saved: dict[str, Any], config: dict[str, Any]) -> Optional[str]:
+    """Why a run with `config` is not the run that wrote a checkpoint with `saved` (None: it is)."""
+    for key in RUN_IDENTITY:
+        if key in saved and saved.get(key) != config.get(key):
+            return f"was written with {key}={saved.get(key)!r} but this command has {key}={config.get(key)!r}"
+    old, new = saved.get("epochs"), config.get("epochs")
+    if old is not None and new != old and config.get("schedule") in SCHEDULED:
+        return (f"ran a {config.get('schedule')} schedule over --epochs {old}; --epochs {new} would change the "
+                f"schedule it already followed")
+    return None
+
+
 def check_compatible(state: dict[str, Any], config: dict[str, Any], path: Path) -> None:
-    saved = state.get("config", {})
-    for key in MUST_MATCH:
-        if saved.get(key) != config.get(key):
-            raise CheckpointError(f"checkpoint {path.name} was written with {key}={saved.get(key)!r} but "
-                                  f"this run has {key}={config.get(key)!r}: use a new --out-dir or "
-                                  f"--resume none")
+    if "state_dict" in state and "run" not in state:
+        raise CheckpointError(f"{path.name} holds weights only (for evaluation or fine-tuning), not a training "
+                              f"state: resume from a ckpt-*.pt file, or --resume auto")
+    problem = identity_problem(state.get("config", {}), config)
+    if problem:
+        raise CheckpointError(f"checkpoint {path.name} {problem}: resume with the same settings, choose a new "
+                              f"--out-dir, or pass --overwrite to replace that run")
 
 
 class HostSnapshot:

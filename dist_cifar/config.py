@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import inspect
 import json
+import math
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -47,7 +49,7 @@ class TrainConfig:
     split: str = "full"
     """Split protocol: report (train images 0..19999 / val 20000..24999 / test 0..4999, docs/report_protocol.md) or full (all 50k train less --val-size held out with a fixed seed, all 10k test)."""
     val_size: int = -1
-    """full split: images held out of train for validation (-1: 5000 for real data, a quarter of --synthetic-size for synthetic; 0: none)."""
+    """full split: images held out of train for validation (-1: 5000 for CIFAR-10-sized data, 10%% of smaller image sets, a quarter of --synthetic-size for synthetic; 0: none)."""
     max_train: int = 0
     """Use only the first N training images of the split (0: all); for quick ablations."""
     normalize: str = "cifar"
@@ -228,12 +230,32 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line naming it and the closest valid one (no usage dump),
+    and abbreviations are refused (`--epoch` must not silently mean `--epochs`)."""
+
+    def error(self, message: str):
+        raise ConfigError(self.explain(message))
+
+    def explain(self, message: str) -> str:
+        known = [o for action in self._actions for o in action.option_strings]
+        if message.startswith("unrecognized arguments:"):
+            flags = [w.split("=")[0] for w in message.split(":", 1)[1].split() if w.startswith("-")]
+            hints = []
+            for flag in flags or message.split(":", 1)[1].split()[:1]:
+                close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+                hints.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
+            return f"unknown flag {', '.join(hints)}; see --help"
+        return f"{message}; see --help"
+
+
 def build_parser(prog: str = "python -m dist_cifar.train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=prog,
         description="Train a CIFAR-10 model: one process, or one per GPU under torchrun.",
         argument_default=argparse.SUPPRESS,  # so only flags actually given override presets
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
     )
     docs = field_docs()
     defaults = TrainConfig()
@@ -287,6 +309,10 @@ def make_config(**overrides: Any) -> TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     """Reject impossible values before any work, naming the flag to change."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{flag_name(f.name)} must be a finite number, got {value}")
     for name, options in CHOICES.items():
         if getattr(cfg, name) not in options:
             raise ConfigError(f"{flag_name(name)} {getattr(cfg, name)!r} is not one of: "
@@ -311,6 +337,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if cfg.dist_timeout <= 0:
         raise ConfigError(f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}")
+    if not 0.0 <= cfg.momentum < 1.0:
+        raise ConfigError(f"--momentum must be in [0, 1), got {cfg.momentum}")
+    if cfg.ddp_bucket_mb <= 0:
+        raise ConfigError(f"--ddp-bucket-mb must be > 0, got {cfg.ddp_bucket_mb}")
     if cfg.split == "report":
         if cfg.max_train > REPORT_TRAIN:
             raise ConfigError(f"--max-train {cfg.max_train} exceeds the report split's "

@@ -12,7 +12,9 @@ import io
 import json
 import os
 import pickle
+import shutil
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -38,6 +40,14 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm")
 
 class DataError(RuntimeError):
     """Missing or unreadable data; the message is one line that names the fix."""
+
+
+class DataMissing(DataError):
+    """No data of this kind at the path at all (as opposed to data that is there but broken):
+    the only error `--dataset auto` falls back from."""
+
+
+BATCH_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
 
 @dataclass(kw_only=True)
@@ -75,24 +85,43 @@ def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 # ---------------------------------------------------------------------------- caching
 
 
+def writable(folder: Path) -> bool:
+    # mode bits too: root passes os.access on a folder laid out read-only on purpose
+    return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+
+
+def user_cache(anchor: Path, tag: str) -> Path:
+    """A place in the user cache for derived files of `anchor` (keyed by its resolved path)."""
+    key = hashlib.sha1(str(anchor.resolve()).encode()).hexdigest()[:16]
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dist_cifar" / f"{tag}_{key}"
+
+
 def cache_path_for(anchor: Path, tag: str) -> Path:
     """Beside the data when writable, else in the user cache (keyed by the data's path)."""
     beside = anchor.parent if anchor.is_file() else anchor
-    # mode bits too: root passes os.access on a folder laid out read-only on purpose
-    if os.access(beside, os.W_OK) and beside.stat().st_mode & 0o222:
+    if writable(beside):
         return beside / f".dist_cifar_cache_{tag}.pt"
-    key = hashlib.sha1(str(anchor.resolve()).encode()).hexdigest()[:16]
-    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dist_cifar"
-    return home / f"{tag}_{key}.pt"
+    return user_cache(anchor, tag).with_suffix(".pt")
 
 
 def fingerprint(paths: list[Path]) -> str:
-    """Cheap identity of the source files: names, sizes and mtimes."""
-    items = sorted((str(p.resolve()), p.stat().st_size, int(p.stat().st_mtime)) for p in paths)
+    """Identity of the source files: path, size, inode and nanosecond mtime (a same-size rewrite
+    within one second still changes it; so does replacing the file)."""
+    items = sorted((str(p.resolve()), st.st_size, st.st_ino, st.st_mtime_ns) for p in paths for st in [p.stat()])
     return hashlib.sha1(json.dumps(items).encode()).hexdigest()
 
 
+def remove_stale_temps(cache: Path) -> None:
+    """Temp files of cache writes that were killed midway (any process but this one)."""
+    mine = f".tmp{os.getpid()}"
+    for stray in cache.parent.glob(cache.name + ".tmp*"):
+        if not stray.name.endswith(mine):
+            stray.unlink(missing_ok=True)
+
+
 def load_cached(cache: Path, fp: str, build: Callable[[], RawData]) -> RawData:
+    if cache.parent.is_dir():
+        remove_stale_temps(cache)
     if cache.exists():
         try:
             blob = torch.load(cache, weights_only=True)
@@ -149,19 +178,26 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
 
 
+def complete(folder: Path) -> bool:
+    return all((folder / name).exists() for name in BATCH_FILES)
+
+
 def find_cifar10(data_dir: Path, download: bool) -> Path:
-    """The cifar-10-batches-py folder, extracting or downloading it when asked to."""
-    for candidate in (data_dir / "cifar-10-batches-py", data_dir):
-        if (candidate / "data_batch_1").exists():
+    """The cifar-10-batches-py folder: found, extracted once from the archive, or downloaded."""
+    folder = data_dir / "cifar-10-batches-py"
+    for candidate in (folder, data_dir):
+        if complete(candidate):
             return candidate
     archive = data_dir / "cifar-10-python.tar.gz"
     if archive.exists():
-        try:
-            with tarfile.open(archive) as tar:
-                tar.extractall(data_dir, filter="data")
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise DataError(f"corrupt archive {archive} ({exc}); delete it and download it again") from None
-        return find_cifar10(data_dir, download=False)
+        cached = user_cache(archive, "cifar10") / "cifar-10-batches-py"
+        if not writable(data_dir) and complete(cached):
+            return cached
+        return extract_cifar10(archive)
+    if folder.is_dir():
+        missing = [name for name in BATCH_FILES if not (folder / name).exists()]
+        raise DataError(f"incomplete CIFAR-10 in {folder}: missing {', '.join(missing)}; put "
+                        f"cifar-10-python.tar.gz beside it to re-extract (or use --download)")
     if download:
         try:
             import torchvision
@@ -170,18 +206,46 @@ def find_cifar10(data_dir: Path, download: bool) -> Path:
             raise DataError(f"--download failed ({type(exc).__name__}: {str(exc)[:100]}); put "
                             f"cifar-10-python.tar.gz in {data_dir} by hand") from None
         return find_cifar10(data_dir, download=False)
-    raise DataError(f"no CIFAR-10 found in {data_dir.resolve()}: expected cifar-10-batches-py/ "
-                    f"(data_batch_1..5, test_batch) or cifar-10-python.tar.gz there; pass --download "
-                    f"to fetch it, or --data-dir to point elsewhere")
+    raise DataMissing(f"no CIFAR-10 found in {data_dir.resolve()}: expected cifar-10-batches-py/ "
+                      f"(data_batch_1..5, test_batch) or cifar-10-python.tar.gz there; pass --download "
+                      f"to fetch it, or --data-dir to point elsewhere")
+
+
+def extract_cifar10(archive: Path) -> Path:
+    """Extract into a temporary folder and rename the batches folder into place only when it is
+    complete, so a truncated or foreign archive never leaves a half folder behind. Beside the
+    archive when that folder is writable, else in the user cache."""
+    parent = archive.parent if writable(archive.parent) else user_cache(archive, "cifar10")
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(".tmp-extract-*"):
+        if stale.name != f".tmp-extract-{os.getpid()}":
+            shutil.rmtree(stale, ignore_errors=True)  # an extraction killed midway
+    tmp = parent / f".tmp-extract-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            raise DataError(f"corrupt archive {archive} ({type(exc).__name__}: {str(exc)[:80]}); download it "
+                            f"again") from None
+        extracted = tmp / "cifar-10-batches-py"
+        if not complete(extracted):
+            missing = [name for name in BATCH_FILES if not (extracted / name).exists()]
+            raise DataError(f"{archive} is not the CIFAR-10 python archive: it lacks cifar-10-batches-py/"
+                            f"{{{','.join(missing)}}}; download it again")
+        target = parent / "cifar-10-batches-py"
+        if target.exists():
+            shutil.rmtree(target)  # an incomplete earlier extraction
+        os.replace(extracted, target)
+        return target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_cifar10(data_dir: Path, download: bool = False) -> RawData:
     folder = find_cifar10(data_dir, download)
-    files = [folder / f"data_batch_{i}" for i in range(1, 6)] + [folder / "test_batch"]
-    missing = [f.name for f in files if not f.exists()]
-    if missing:
-        raise DataError(f"incomplete CIFAR-10 in {folder}: missing {', '.join(missing)}; "
-                        f"re-extract cifar-10-python.tar.gz (or use --download)")
+    files = [folder / name for name in BATCH_FILES]
 
     def build() -> RawData:
         parts = [read_batch(f) for f in files]
@@ -261,7 +325,7 @@ def load_imagefolder(data_dir: Path) -> RawData:
         if len(tars) == 1:
             archive = tars[0]
         else:
-            raise DataError(f"no image folder at {data_dir.resolve()}: expected train/<class>/*.jpg and "
+            raise DataMissing(f"no image folder at {data_dir.resolve()}: expected train/<class>/*.jpg and "
                             f"test/<class>/*.jpg, or one .tar.gz of that tree (pass it as --data-dir)")
     if archive is not None:
         def build() -> RawData:
@@ -335,13 +399,21 @@ def load_source(dataset: str, data_dir: str, download: bool = False, synthetic_s
         for loader in (lambda: load_cifar10(root, download), lambda: load_imagefolder(root)):
             try:
                 return loader()
-            except DataError as exc:
+            except DataMissing as exc:  # data that is there but broken is an error, not a fallback
                 last = exc
         banner = "!" * 78
         print(f"{banner}\n[dist_cifar] NO CIFAR-10 FOUND ({last}).\n[dist_cifar] TRAINING ON "
               f"SYNTHETIC DATA: the accuracies below say nothing about CIFAR-10.\n{banner}", flush=True)
         return make_synthetic(synthetic_size)
     raise DataError(f"--dataset {dataset!r} is not one of cifar10, imagefolder, synthetic, auto")
+
+
+def default_val_size(n_pool: int, source: str) -> int:
+    """CIFAR-10's customary 5,000 for CIFAR-10-sized pools, 10% of smaller image sets, and a
+    fifth of a synthetic pool."""
+    if source.startswith("synthetic"):
+        return n_pool // 5
+    return 5_000 if n_pool >= 50_000 else max(1, n_pool // 10)
 
 
 def make_splits(raw: RawData, split: str, val_size: int = -1, max_train: int = 0) -> Splits:
@@ -357,7 +429,7 @@ def make_splits(raw: RawData, split: str, val_size: int = -1, max_train: int = 0
         test = Split(raw.test_x[:n_te], raw.test_y[:n_te])
     else:
         if val_size < 0:
-            val_size = n_pool // 5 if raw.source.startswith("synthetic") else 5_000
+            val_size = default_val_size(n_pool, raw.source)
         if val_size >= n_pool:
             raise DataError(f"--val-size {val_size} leaves no training images out of {n_pool}")
         perm = torch.randperm(n_pool, generator=torch.Generator().manual_seed(0))

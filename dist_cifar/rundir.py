@@ -1,7 +1,12 @@
 """The out dir: choose it, refuse to clobber it, find what to resume from, keep logs consistent."""
 from __future__ import annotations
 
+import fcntl
+import os
+import secrets
 import shutil
+import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -11,31 +16,94 @@ from . import files
 from .config import ConfigError, TrainConfig
 
 
+LOCK = ".lock"
+_held_locks: list = []  # open lock files: the lock lasts as long as the process
+
+
 def default_out_dir(cfg: TrainConfig) -> Path:
-    return Path("runs") / f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """runs/<model>-<timestamp>-<4 hex>: two runs started in the same second still differ."""
+    return Path("runs") / f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an out dir the run could not write into, before any work."""
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out-dir {out}: {probe} is not a writable folder; choose another --out-dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=files.TMP_PREFIX + "probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--out-dir {out} is not writable ({exc.strerror}); choose another --out-dir") from None
+
+
+def lock(out: Path) -> None:
+    """An exclusive lock on the out dir for this process's life: a second run into the same folder
+    gets one line instead of mixing its files with this one's."""
+    handle = open(out / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"--out-dir {out} is in use by a running job ({holder}): wait for it to end, or "
+                          f"choose another --out-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    _held_locks.append(handle)
+
+
+def holds_another_run(out: Path) -> bool:
+    return out.is_dir() and any(p.name != LOCK for p in out.iterdir())
 
 
 def prepare(cfg: TrainConfig) -> tuple[Path, Optional[Path]]:
-    """(out dir, checkpoint to resume or None). Raises ConfigError when the out dir holds a
-    previous run that this one would overwrite without being asked to."""
+    """(out dir, checkpoint to resume or None), with the out dir locked. Raises ConfigError (one
+    line) when the out dir is unwritable, in use, or holds another run this one would overwrite
+    or continue without being asked to."""
     out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out-dir {out} exists and is not a folder")
+    check_writable(out)
+    lock(out)
     if cfg.resume not in ("auto", "none"):
-        path = Path(cfg.resume)
-        if not path.is_file():
-            raise ConfigError(f"--resume {path}: no such checkpoint file")
-        return out, path
+        return out, explicit_resume(cfg, out)
     if cfg.resume == "auto" and out.is_dir() and not cfg.overwrite:
         latest = ckpt.find_latest(out)
         if latest is not None:
+            problem = ckpt.identity_problem((ckpt.read_marker(latest) or {}).get("identity", {}), cfg.to_dict())
+            if problem:
+                raise ConfigError(f"--out-dir {out} holds another run: its checkpoint {latest.name} {problem}; "
+                                  f"resume it with the same settings, choose a new --out-dir, or pass --overwrite")
             return out, latest
-    if out.is_dir() and any(out.iterdir()):
+    if holds_another_run(out):
         if not cfg.overwrite:
             raise ConfigError(f"--out-dir {out} is not empty and holds no checkpoint to resume: pass "
                               f"--overwrite to replace its run, or choose a new --out-dir")
         clear(out)
     return out, None
+
+
+def explicit_resume(cfg: TrainConfig, out: Path) -> Path:
+    """--resume PATH: a committed, intact checkpoint, continued in its own folder or an empty one."""
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise ConfigError(f"--resume {path}: no such checkpoint file")
+    if ckpt.marker_path(path).exists() and not ckpt.verify(path):
+        raise ConfigError(f"--resume {path}: the file does not match its commit marker (corrupt or torn); "
+                          f"resume from another checkpoint, or --resume auto to take the newest intact one")
+    if path.resolve().parent != out.resolve() and holds_another_run(out):
+        if not cfg.overwrite:
+            raise ConfigError(f"--out-dir {out} holds another run: --resume {path} would overwrite it; choose an "
+                              f"empty --out-dir (or {path.parent}), or pass --overwrite")
+        clear(out)
+    return path
 
 
 def clear(out: Path) -> None:

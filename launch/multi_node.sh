@@ -17,6 +17,7 @@ nproc=${args[3]:-${NPROC_PER_NODE:-$($PYTHON -c "import torch; print(torch.cuda.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # inductor would start min(32, CPUs) compile workers in every process: give each rank its share
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}
-exec $PYTHON -m torch.distributed.run --nnodes="$nnodes" --node_rank="$node_rank" \
+source launch/torchrun.sh
+run_torchrun --nnodes="$nnodes" --node_rank="$node_rank" \
   --nproc_per_node="$nproc" --rdzv-backend=c10d --rdzv-endpoint="$endpoint" \
   --rdzv-id="${RDZV_ID:-dist_cifar}" -m dist_cifar.train "$@"

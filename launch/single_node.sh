@@ -2,6 +2,7 @@
 # One node, one process per GPU (or NPROC CPU processes on gloo when there is no GPU).
 #   bash launch/single_node.sh [NPROC] -- TRAINER ARGS...
 #   NPROC defaults to $NPROC, else the number of GPUs, else 2.
+# Exit 75: preempted (checkpoint written), run the same command again.
 # Example: bash launch/single_node.sh 4 -- --model vgg16_cifar --preset fast --data-dir data
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,4 +16,5 @@ fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # inductor would start min(32, CPUs) compile workers in every process: give each rank its share
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}
-exec $PYTHON -m torch.distributed.run --standalone --nproc_per_node="$nproc" -m dist_cifar.train "$@"
+source launch/torchrun.sh
+run_torchrun --standalone --nproc_per_node="$nproc" -m dist_cifar.train "$@"

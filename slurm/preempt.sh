@@ -19,6 +19,12 @@ steps_done() {
   done
 }
 
+count_exit75() {  # the trainer's "preempted ... exit 75" lines in a log (0 without one)
+  local n
+  n=$(grep -c 'checkpoint written; exit 75' "$1" 2>/dev/null)
+  echo "${n:-0}"
+}
+
 run_preemptible() {
   local kill_cmd=$1; shift; [ "$1" = "--" ] && shift
   on_signal() {
@@ -30,6 +36,11 @@ run_preemptible() {
   }
   trap 'on_signal USR1' USR1
   trap 'on_signal TERM' TERM
+  # Workers that exit 75 were preempted by something else (SIGTERM from an admin, a node drain):
+  # their checkpoint is written. The trainer says so in the job's log; count those lines.
+  local log marks_before
+  log=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *StdErr=//p' | head -n 1)
+  marks_before=$(count_exit75 "$log")
   "$@" &
   local child=$!
   local status=0
@@ -37,6 +48,11 @@ run_preemptible() {
     wait "$child"; status=$?
     kill -0 "$child" 2>/dev/null || break   # wait returned because of a trapped signal
   done
+  if [ "$preempted" = 0 ] && [ "$status" -ne 0 ] && { [ "$status" = 75 ] || \
+      [ "$(count_exit75 "$log")" -gt "$marks_before" ]; }; then
+    echo "[slurm] $(date +%T) the workers exited 75 (preempted, checkpoint written)" >&2
+    preempted=1
+  fi
   if [ "$preempted" = 1 ]; then
     steps_done
     echo "[slurm] $(date +%T) trainer exited ($status) after preemption; requeueing $requeue_id" >&2

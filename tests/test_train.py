@@ -88,6 +88,8 @@ def test_argparse_rejects_unknown_choice(tmp_path):
 def other_value(name: str, default):
     """A valid value for field `name` that differs from its default, as (argv, expected)."""
     flag = "--" + name.replace("_", "-")
+    if default is None:  # Optional[bool]: None is "auto" (resolved per device)
+        return [flag], True
     if isinstance(default, bool):
         return ([flag.replace("--", "--no-", 1)] if default else [flag]), not default
     if name in CHOICES:
