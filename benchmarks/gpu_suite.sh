@@ -27,6 +27,11 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_av
 log "1/3 correctness of precision x loader x compile on the device"
 $PY benchmarks/device_checks.py --out "$out/device_checks.json"; checks=$?
 
+log "1b/3 checkpoint stall: vgg16_cifar + Adam (4 GB), synchronous vs background save"
+if [ $smoke = 1 ]; then ckmodel=vgg_truncated; else ckmodel=vgg16_cifar; fi
+$PY benchmarks/checkpoint.py --model $ckmodel --repeats 2 --out "$out/checkpoint_${ckmodel}.json" \
+  || log "checkpoint benchmark failed"
+
 log "2/3 epoch-time ladder"
 if [ $smoke = 1 ]; then
   model=small_cnn; steps=10; batches="64 128"; ladder_512="64"; edata="--dataset synthetic --data-dir data"

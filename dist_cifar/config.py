@@ -123,7 +123,7 @@ class TrainConfig:
 
     # ---- outputs, logging --------------------------------------------------------
     out_dir: str = ""
-    """Output folder (default runs/<model>-<timestamp>)."""
+    """Output folder (default runs/<model>-<timestamp>-<4 random hex digits>); locked for the run's life."""
     overwrite: bool = False
     """Allow writing into an existing non-empty --out-dir (its old files are replaced)."""
     quiet: bool = False

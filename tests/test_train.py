@@ -46,7 +46,7 @@ def test_refuses_to_overwrite_out_dir(tmp_path):
     assert (out / "precious.txt").exists()  # --overwrite replaces the run's files, not yours
 
 
-@pytest.mark.parametrize("flags,named", [
+BAD_FLAGS = [
     (["--epochs", "-1"], "--epochs"),
     (["--batch-size", "0"], "--batch-size"),
     (["--lr", "0"], "--lr"),
@@ -57,8 +57,26 @@ def test_refuses_to_overwrite_out_dir(tmp_path):
     (["--device", "cuda"], "--device"),             # no GPU here
     (["--label-smoothing", "1.5"], "--label-smoothing"),
     (["--model", "nope"], "--model"),
-])
+    (["--weight-decay", "nan"], "--weight-decay"), (["--momentum", "-1"], "--momentum"),
+    (["--dist-timeout", "nan"], "--dist-timeout"), (["--lr", "inf"], "--lr"),
+    (["--label-smoothing", "nan"], "--label-smoothing"), (["--ddp-bucket-mb", "0"], "--ddp-bucket-mb"),
+    (["--epoch", "3"], "did you mean --epochs"), (["--optimizer", "lbfgs"], "lbfgs"), (["--epochs", "x"], "--epochs"),
+]
+
+
+@pytest.mark.parametrize("flags,named", BAD_FLAGS)
+def test_bad_flags_are_refused_naming_the_flag(flags, named):
+    """In-process: parse + resolve (the whole up-front check) raise one line naming the flag."""
+    from dist_cifar.config import ConfigError
+    from dist_cifar.runtime import resolve
+    with pytest.raises(ConfigError) as info:
+        resolve(parse_config(flags))
+    assert named in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("flags,named", [BAD_FLAGS[6], BAD_FLAGS[10], BAD_FLAGS[16]])
 def test_bad_flags_fail_fast_with_one_line(tmp_path, flags, named):
+    """The same through the real entry point: exit 2, one line on stderr, nothing created."""
     proc = run_train([*flags, "--out-dir", str(tmp_path / "o")], timeout=60)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
