@@ -14,7 +14,6 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 
 from common import RESULTS, SHARED_TARBALL, provenance, table, write_json

@@ -13,7 +13,6 @@ import dataclasses
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,17 +22,9 @@ from .config import ConfigError, TrainConfig
 GPU_GUARD_EVERY = 25  # steps between host syncs on GPUs; the loss is still checked every step
 
 
-@dataclass(frozen=True)
-class Runtime:
-    device_type: str        # cpu | cuda
-    backend: str            # gloo | nccl (used only when a launcher starts several processes)
-    precision: str          # fp32 | bf16 | fp16
-    wandb: str              # online | offline | off
-    notes: tuple = ()       # what rank 0 should tell the user about the choices made
-
-
-def resolve(cfg: TrainConfig) -> tuple[TrainConfig, Runtime]:
-    """(the config with auto values resolved for this host, the runtime choices)."""
+def resolve(cfg: TrainConfig) -> tuple[TrainConfig, tuple[str, ...]]:
+    """(the config with every auto value resolved for this host, what rank 0 should tell the user
+    about those choices). The resolved device, backend, precision and W&B mode live in the config."""
     notes: list[str] = []
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     device_type = resolve_device_type(cfg.device)
@@ -44,7 +35,7 @@ def resolve(cfg: TrainConfig) -> tuple[TrainConfig, Runtime]:
     resolved = dataclasses.replace(settle(cfg, device_type, world), backend=backend, wandb=wandb)
     if resolved.compile:
         share_compile_threads()
-    return resolved, Runtime(device_type, backend, resolved.precision, wandb, tuple(notes))
+    return resolved, tuple(notes)
 
 
 def share_compile_threads() -> None:

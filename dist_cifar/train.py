@@ -37,7 +37,7 @@ from .faults import FaultInjector
 from .models import count_parameters
 from .preemption import EXIT_PREEMPTED, PreemptionFlag
 from .reporting import Reporter, SilentReporter
-from .runtime import Runtime, resolve
+from .runtime import resolve
 from .timing import peak_memory_mb, reset_peak_memory
 
 EXIT_OK, EXIT_USAGE, EXIT_NONFINITE = 0, 2, 3
@@ -46,13 +46,13 @@ EXIT_OK, EXIT_USAGE, EXIT_NONFINITE = 0, 2, 3
 @record
 def main(argv: Optional[list[str]] = None) -> int:
     try:
-        cfg, runtime = resolve(parse_config(argv))
+        cfg, notes = resolve(parse_config(argv))
     except ConfigError as exc:
         return fail(exc, EXIT_USAGE)
     flag = PreemptionFlag().install()
     try:
-        with D.session(runtime.device_type, runtime.backend, cfg.dist_timeout) as info:
-            return train(cfg, runtime, info, flag)
+        with D.session(cfg.device, cfg.backend, cfg.dist_timeout) as info:
+            return train(cfg, notes, info, flag)
     except (ConfigError, DataError, ckpt.CheckpointError) as exc:
         return fail(exc, EXIT_USAGE)
     except NonFiniteLoss as exc:
@@ -66,12 +66,12 @@ def fail(exc: Exception, code: int) -> int:
     return code
 
 
-def train(cfg: TrainConfig, runtime: Runtime, info: D.DistInfo, flag: PreemptionFlag) -> int:
+def train(cfg: TrainConfig, notes: tuple[str, ...], info: D.DistInfo, flag: PreemptionFlag) -> int:
     configure_backends(cfg, info)
     out_dir, resume_path = prepare_out_dir(cfg, info)
     splits = load_data(cfg, info)
     run = agreed(info, lambda: assemble(cfg, info, splits))
-    reporter = make_reporter(cfg, runtime, info, out_dir)
+    reporter = make_reporter(cfg, notes, info, out_dir)
     faults = FaultInjector(on_preempt=flag.raise_flag)
     state = RunState()
     with CheckpointManager(out_dir, info, config=cfg.to_dict(), parts=stateful_parts(run), keep_last=cfg.keep_last,
@@ -191,13 +191,13 @@ def load_data(cfg: TrainConfig, info: D.DistInfo) -> Splits:
     return agreed(info, lambda: splits if splits is not None else load())
 
 
-def make_reporter(cfg: TrainConfig, runtime: Runtime, info: D.DistInfo, out_dir: Path):
+def make_reporter(cfg: TrainConfig, notes: tuple[str, ...], info: D.DistInfo, out_dir: Path):
     if not info.is_main:
         return SilentReporter()
-    reporter = Reporter(out_dir, quiet=cfg.quiet, wandb_mode=runtime.wandb, wandb_kwargs=dict(
+    reporter = Reporter(out_dir, quiet=cfg.quiet, wandb_mode=cfg.wandb, wandb_kwargs=dict(
         project=cfg.wandb_project, entity=cfg.wandb_entity, group=cfg.wandb_group,
         name=cfg.wandb_name or out_dir.name, tags=cfg.wandb_tags, job_type=cfg.job_type))
-    for note in runtime.notes:
+    for note in notes:
         reporter.note(note)
     return reporter
 

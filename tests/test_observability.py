@@ -108,7 +108,6 @@ def test_plot_overlays_runs(tmp_path):
 def test_readme_and_key_docs_match_what_epoch_record_emits():
     """The keys epoch_record really produces (None-valued ones included: they appear with
     --ddp-comm-hook / --compile) == reporting.EPOCH_KEYS == the README's per-epoch table."""
-    import torch
     from dist_cifar import distributed as D
     from dist_cifar.assembly import assemble
     from dist_cifar.config import make_config

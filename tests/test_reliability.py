@@ -1,14 +1,11 @@
 """Never lose, mix or mislabel a run; every bad input gets one line. One test per defect of the
 adversarial pass (numbered as in the issue); each failed on the code before the fix."""
 import json
-import os
-import signal
 import subprocess
 import sys
 import tarfile
 import time
-
-import pytest
+from pathlib import Path
 
 from conftest import ROOT, base_env, read_jsonl, run_train, smoke_args, write_official_cifar
 from dist_cifar import checkpoint as ckpt
@@ -123,7 +120,7 @@ def test_07_unwritable_out_dir_fails_before_any_work(tmp_path):
 # ---------------------------------------------------------------------------- data
 
 
-def official_archive(tmp_path, name="good") -> "Path":
+def official_archive(tmp_path, name="good") -> Path:
     src = write_official_cifar(tmp_path / f"src_{name}")
     archive = tmp_path / f"{name}.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:

@@ -1,7 +1,5 @@
 """Code-shape rules the issue tracker asked for, checked on the source itself."""
 import ast
-from pathlib import Path
-
 from conftest import ROOT
 
 FOLDERS = ("dist_cifar", "benchmarks", "tests")
