@@ -18,6 +18,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def provenance(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Where a number came from: host, versions (GPU, driver, CUDA, cuDNN, NCCL, torch), commit,
+    command, date. The commit comes from git, else DIST_CIFAR_GIT_COMMIT (a tree sent without .git)."""
     import torch
     cuda = torch.cuda.is_available()
     try:
@@ -25,12 +27,28 @@ def provenance(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                 timeout=5).stdout.strip()
     except Exception:
         commit = ""
+    driver = ""
+    if cuda:
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=20).stdout.split("\n")[0].strip()
+        except Exception:
+            driver = "unknown"
+    nccl = ""
+    if cuda:
+        try:
+            nccl = ".".join(map(str, torch.cuda.nccl.version()))
+        except Exception:
+            nccl = "unknown"
     return {
         "host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
         "torch_version": torch.__version__, "device_name": torch.cuda.get_device_name(0) if cuda else "cpu",
         "gpus": torch.cuda.device_count() if cuda else 0, "cpu_count": os.cpu_count(),
+        "driver": driver or None, "cuda": torch.version.cuda if cuda else None,
+        "cudnn": torch.backends.cudnn.version() if cuda else None, "nccl": nccl or None,
         "command": " ".join([Path(sys.argv[0]).name if argv is None else "", *(sys.argv[1:] if argv is None else argv)]).strip(),
-        "git_commit": commit or "unknown", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit or os.environ.get("DIST_CIFAR_GIT_COMMIT", "") or "unknown",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
@@ -70,9 +88,9 @@ def run_trainer(args: list[str], out_dir: Path, nproc: int = 1, env: dict | None
     """Run the real trainer (under torchrun when nproc > 1); return its metrics.jsonl records."""
     launcher = [sys.executable, "-m", "dist_cifar.train"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dist_cifar.train"]
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.run([*launcher, *args, "--out-dir", str(out_dir), "--overwrite", "--quiet",
-                           "--checkpoint-every", "0", "--checkpoint-interval-min", "0"], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                           "--checkpoint-every", "0", "--checkpoint-interval-min", "0", "--wandb", "off"], cwd=ROOT, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"trainer failed ({proc.returncode}): {proc.stderr[-2000:]}")

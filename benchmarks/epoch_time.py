@@ -49,8 +49,11 @@ def main(argv=None) -> int:
     chosen = {int(r) for r in args.rungs.split(",") if r.strip()} or set(range(len(rungs)))
     common = ["--model", args.model, "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
               "--steps-per-epoch", str(args.steps_per_epoch), "--num-workers", str(args.num_workers),
-              "--split", "full", "--val-size", "0", "--no-save-best", "--eval-batch-size", "1024",
+              "--split", "full", "--val-size", "0", "--no-save-best", "--no-final-eval",
               *data_args(args.dataset, args.data_dir)] + (["--threads", str(args.threads)] if args.threads else [])
+    meta = provenance()
+    device = "gpu" if meta["gpus"] else "cpu"
+    out = Path(args.out) if args.out else RESULTS / f"epoch_time_{args.model}_bs{args.batch_size}_{device}.json"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for number, (name, flags) in enumerate(rungs):
@@ -67,17 +70,17 @@ def main(argv=None) -> int:
                          "data_wait_s": last["data_wait_s"], "peak_memory_mb": last["peak_memory_mb"],
                          "first_epoch_s": records[0]["epoch_time_s"], "compile_s": records[0].get("compile_s"),
                          "flags": " ".join(flags)})
+            for row in rows:
+                row["speedup"] = row["images_per_s"] / rows[0]["images_per_s"]
             print(f"{name:<28} {last['images_per_s']:>10,.0f} img/s", flush=True)
-    base = rows[0]["images_per_s"] if rows else 1.0
-    for row in rows:
-        row["speedup"] = row["images_per_s"] / base
+            # after every rung, so a time-boxed run (the GPU suite) keeps the rungs it finished
+            write_json(out, {"benchmark": "epoch_time", "provenance": meta, "args": vars(args), "data": common,
+                             "rungs": rows, "complete": len(rows) == len(chosen)})
     cols = ["rung", "images_per_s", "speedup", "step_ms", "epoch_s_full", "data_wait_s", "peak_memory_mb", "first_epoch_s"]
     print()
     print(table(rows, cols))
-    meta = provenance()
-    device = "gpu" if meta["gpus"] else "cpu"
-    out = Path(args.out) if args.out else RESULTS / f"epoch_time_{args.model}_bs{args.batch_size}_{device}.json"
-    write_json(out, {"benchmark": "epoch_time", "provenance": meta, "args": vars(args), "data": common, "rungs": rows})
+    from charts import ladder_chart
+    ladder_chart(out)
     return 0
 
 

@@ -1,97 +1,94 @@
 #!/usr/bin/env bash
-# Every GPU check in one call (< 8 minutes on one H200): correctness of each precision/loader/
-# compile combination on CUDA, the epoch-time ladder of vgg16_cifar on the real CIFAR-10 at
-# batch 128, 256 and 512, then `--preset fast` for as many epochs as the time left allows.
-# JSON goes to $OUT (the device tool's folder) or benchmarks/results/gpu_suite/.
-#   bash benchmarks/gpu_suite.sh            # on the GPU machine (python3 with torch there)
-#   bash benchmarks/gpu_suite.sh --smoke    # the same stages, tiny, on CPU: proves the script
-# Data: .gpu_data/cifar10-jpeg.tar.gz (carried), else ../shared/data/cifar10-jpeg.tar.gz, else
-# synthetic (said loudly in the summary).
+# Every GPU number this project needs, in one call of at most ~8 minutes on one GPU (an H200),
+# stages in order of value, each time-boxed so the call ends on time even if one overruns:
+#   a. fast  torchrun (NCCL, DDP, bf16 all-reduce hook) of `--preset fast` (vgg16_cifar) on the
+#            real CIFAR-10, run to its end: test accuracy, steady epoch time, images/s, MFU,
+#            compile time, checkpoint blocked time, peak memory            -> fast_run.json
+#   b. peers dist_cifar vs Lightning (bf16-mixed + compile) vs a plain fp32 DDP loop, vgg16_cifar
+#            at the fast preset's global batch of 512, a fixed number of steps  -> peers.json/.png
+#   c. headline  `torchrun --nproc_per_node=1 -m dist_cifar.train --model vgg16_cifar` with no
+#            other flags, two epochs: its epoch time against a's          -> headline.json
+#   d. ladder  the feature ladder at batch 512, training steps only      -> ladder.json/.png
+# plus suite_summary.json (provenance, each stage's status, the numbers, one line saying what was
+# skipped and why) and suite.log: 7 files and a log, in $OUT when set (the device tool's folder)
+# else benchmarks/results/gpu_suite/.
+#
+# On a GPU host (see README, "Running the GPU suite"): the checkout travels without .git and
+# without ../shared, so first, here:
+#   git rev-parse HEAD > .gpu_commit && mkdir -p .gpu_data && cp <cifar10-jpeg.tar.gz> .gpu_data/
+# then there: bash benchmarks/gpu_suite.sh          (python3 with torch; Lightning optional)
+#   bash benchmarks/gpu_suite.sh --smoke   # every stage, tiny, on CPU, under 3 minutes; same files
 set -uo pipefail
 cd "$(dirname "$0")/.."
 smoke=0; [ "${1:-}" = "--smoke" ] && smoke=1
-PY=${PYTHON:-python3}; [ -x .venv/bin/python ] && PY=.venv/bin/python
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-budget=${SUITE_BUDGET_S:-450}
+PY=${PYTHON:-python3}; [ -x .venv/bin/python ] && PY=${PYTHON:-.venv/bin/python}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+[ -f .gpu_commit ] && export DIST_CIFAR_GIT_COMMIT=$(cat .gpu_commit)
+if [ $smoke = 1 ]; then budget=${SUITE_BUDGET_S:-170}; out=${OUT:-runs/gpu_suite_smoke}
+else budget=${SUITE_BUDGET_S:-470}; out=${OUT:-benchmarks/results/gpu_suite}; fi
+mkdir -p "$out"
+exec > >(tee "$out/suite.log") 2>&1
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX")
+stages="$scratch/stages.tsv"; : > "$stages"
 start=$(date +%s)
 left() { echo $(( budget - ($(date +%s) - start) )); }
-if [ $smoke = 1 ]; then out=${OUT:-benchmarks/results/gpu_suite_smoke}; else out=${OUT:-benchmarks/results/gpu_suite}; fi
-mkdir -p "$out"
-tarball=""
-for t in .gpu_data/cifar10-jpeg.tar.gz ../shared/data/cifar10-jpeg.tar.gz; do [ -f "$t" ] && { tarball=$t; break; }; done
-if [ -n "$tarball" ]; then data="--dataset imagefolder --data-dir $tarball"; else data="--dataset synthetic --synthetic-size 8192"; fi
 log() { echo "[suite +$(( $(date +%s) - start ))s] $*"; }
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
-[ $smoke = 1 ] || nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv || true
+torchrun=("$PY" -m torch.distributed.run --standalone --nproc_per_node=1)
 
-log "1/3 correctness of precision x loader x compile on the device"
-$PY benchmarks/device_checks.py --out "$out/device_checks.json"; checks=$?
-
-log "1b/3 checkpoint stall: vgg16_cifar + Adam (4 GB), synchronous vs background save"
-if [ $smoke = 1 ]; then ckmodel=vgg_truncated; else ckmodel=vgg16_cifar; fi
-$PY benchmarks/checkpoint.py --model $ckmodel --repeats 2 --out "$out/checkpoint_${ckmodel}.json" \
-  || log "checkpoint benchmark failed"
-
-log "2/3 epoch-time ladder"
-if [ $smoke = 1 ]; then
-  model=small_cnn; steps=10; batches="64 128"; ladder_512="64"; edata="--dataset synthetic --data-dir data"
-else
-  model=vgg16_cifar; steps=40; batches="128 256 512"; ladder_512="512"; edata="--dataset imagefolder --data-dir $tarball"
-  [ -n "$tarball" ] || edata="--dataset synthetic --data-dir data"
-fi
-for b in $batches; do
-  # the full ladder at one batch size, the first and last rung at the others (compile time adds up)
-  rungs="0,4"; [ "$b" = "$ladder_512" ] && rungs="0,1,2,3,4"
-  if [ "$(left)" -lt 120 ]; then log "skipping batch $b: $(left)s left"; continue; fi
-  $PY benchmarks/epoch_time.py --model $model --batch-size $b --steps-per-epoch $steps --epochs 2 \
-      --rungs $rungs $edata --out "$out/epoch_time_${model}_bs$b.json" || log "epoch_time bs$b failed"
-done
-
-log "3/3 --preset fast for the time left ($(left)s)"
-epochs=$($PY - "$out" "$ladder_512" "$(left)" "$smoke" <<'PYEOF'
-import json, sys, pathlib
-out, batch, left, smoke = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
-if smoke:
-    print(1); raise SystemExit
-try:
-    rungs = json.loads(next(out.glob(f"epoch_time_*_bs{batch}.json")).read_text())["rungs"]
-    epoch_s = min(r["epoch_s_full"] for r in rungs) * 1.15 + 4  # + evaluation
-except Exception:
-    epoch_s = 20.0
-print(max(0, min(12, int((left - 90) / epoch_s))))
-PYEOF
-)
-if [ "$epochs" -gt 0 ]; then
-  if [ $smoke = 1 ]; then
-    fast="--preset fast --model small_cnn --batch-size 128 --dataset synthetic --synthetic-size 2048 --compile"
-  else
-    fast="--preset fast $data"
+# stage NAME MAX_SECONDS MIN_SECONDS -- command...: runs it under `timeout` for at most
+# MAX_SECONDS (less when the budget is short), skips it when fewer than MIN_SECONDS are left.
+stage() {
+  local name=$1 max=$2 min=$3; shift 4
+  local box=$(( $(left) < max ? $(left) : max )) t0=$(date +%s) rc
+  if [ "$box" -lt "$min" ]; then
+    log "$name: skipped, $(left)s left"; printf '%s\tskipped\t0\tonly %ss of the budget left\n' "$name" "$(left)" >> "$stages"; return
   fi
-  $PY -m dist_cifar.train $fast --epochs "$epochs" --out-dir "$out/fast_run" --overwrite --checkpoint-every 0 --checkpoint-interval-min 0 \
-      --no-save-best > "$out/fast_run.log" 2>&1 || log "fast run failed: $(tail -3 "$out/fast_run.log")"
-  cp "$out/fast_run/metrics.jsonl" "$out/fast_metrics.jsonl" 2>/dev/null
-  cp "$out/fast_run/summary.json" "$out/fast_summary.json" 2>/dev/null
-  rm -rf "$out/fast_run"
+  log "$name: up to ${box}s"
+  timeout --kill-after=20 "$box" "$@"; rc=$?
+  local took=$(( $(date +%s) - t0 )) status=ok note=""
+  [ $rc = 0 ] || { status=failed; note="exit $rc"; }
+  [ $rc = 124 ] || [ $rc = 137 ] && { status=timed_out; note="stopped at ${box}s"; }
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$took" "$note" >> "$stages"
+  log "$name: $status in ${took}s"
+}
+
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
+[ $smoke = 1 ] || nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+tarball=""
+[ -f .gpu_data/cifar10-jpeg.tar.gz ] && tarball=.gpu_data/cifar10-jpeg.tar.gz
+if [ -n "$tarball" ]; then
+  data=(--dataset imagefolder --data-dir "$tarball"); bench_data=("${data[@]}"); what="$tarball"
+  log "decoding CIFAR-10 once (cached beside the tarball for every later stage)"
+  "$PY" -c "import sys; from dist_cifar.data import load_source; r = load_source('imagefolder', sys.argv[1]); print(len(r.train_y), 'train images')" "$tarball"
 else
-  log "no time left for the fast preset"
+  data=(--dataset synthetic --synthetic-size 2048); bench_data=(--dataset synthetic --data-dir data); what=synthetic
+  [ $smoke = 1 ] || log "NO .gpu_data/cifar10-jpeg.tar.gz: every stage trains on synthetic data"
 fi
-$PY - "$out" "$smoke" "$tarball" <<'PYEOF'
-import json, sys, pathlib
-sys.path.insert(0, "benchmarks")
-from common import provenance, write_json
-out, smoke, tarball = pathlib.Path(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
-summary = {"benchmark": "gpu_suite", "smoke": smoke, "data": tarball or "synthetic", "provenance": provenance(["gpu_suite.sh"] + (["--smoke"] if smoke else []))}
-for f in sorted(out.glob("epoch_time_*.json")):
-    rungs = json.loads(f.read_text())["rungs"]
-    best = max(rungs, key=lambda r: r["images_per_s"])
-    summary[f.stem] = {"best_rung": best["rung"], "best_images_per_s": best["images_per_s"],
-                       "best_epoch_s_full": best["epoch_s_full"], "speedup_over_first": best["images_per_s"] / rungs[0]["images_per_s"]}
-if (out / "fast_summary.json").exists():
-    s = json.loads((out / "fast_summary.json").read_text())
-    summary["fast"] = {k: s.get(k) for k in ("test_accuracy", "epochs_run", "total_time_s", "mean_epoch_time_s")}
-summary["device_checks_ok"] = json.loads((out / "device_checks.json").read_text()).get("all_ok") if (out / "device_checks.json").exists() else None
-write_json(out / "suite_summary.json", summary)
-print(json.dumps(summary, indent=2))
-PYEOF
-log "done in $(( $(date +%s) - start ))s"
-exit $checks
+
+if [ $smoke = 1 ]; then
+  fast=(--preset fast --model small_cnn --epochs 2 --global-batch-size 128 --no-compile --checkpoint-every 1)
+  headline=(--model small_cnn --epochs 2)
+  peers=(--models small_cnn --global-batch-size 64 --steps 2 --num-workers 0)
+  ladder=(--model small_cnn --batch-size 64 --steps-per-epoch 3 --rungs 0,1,2)
+else
+  fast=(--preset fast --checkpoint-every 6)
+  headline=(--model vgg16_cifar --epochs 2)
+  peers=(--models vgg16_cifar --global-batch-size 512 --steps 20)
+  ladder=(--model vgg16_cifar --batch-size 512 --steps-per-epoch 24)
+fi
+
+stage fast 230 60 -- "${torchrun[@]}" -m dist_cifar.train "${fast[@]}" "${data[@]}" --out-dir "$scratch/fast" --wandb off
+[ -f "$scratch/fast/config.json" ] && "$PY" benchmarks/suite_report.py run "$scratch/fast" "$out/fast_run.json"
+
+stage peers 130 60 -- "$PY" benchmarks/peers.py "${peers[@]}" --rounds 1 --nproc 1 "${bench_data[@]}" \
+  --timeout 100 --no-txt --out "$out/peers.json"
+
+stage headline 100 45 -- "${torchrun[@]}" -m dist_cifar.train "${headline[@]}" "${data[@]}" --out-dir "$scratch/headline"
+[ -f "$scratch/headline/config.json" ] && "$PY" benchmarks/suite_report.py run "$scratch/headline" "$out/headline.json"
+
+stage ladder 200 40 -- "$PY" benchmarks/epoch_time.py "${ladder[@]}" --epochs 2 "${bench_data[@]}" --out "$out/ladder.json"
+[ -f "$out/ladder.json" ] && [ ! -f "$out/ladder.png" ] && "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); from charts import ladder_chart; ladder_chart(sys.argv[1])" "$out/ladder.json"
+
+"$PY" benchmarks/suite_report.py summary "$out" "$stages" --data "$what" $([ $smoke = 1 ] && echo --smoke)
+rm -rf "$scratch"
+log "done in $(( $(date +%s) - start ))s; files in $out: $(cd "$out" && ls | tr '\n' ' ')"

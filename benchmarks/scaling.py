@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads-total", type=int, default=2, help="CPU only: threads shared by the processes")
     p.add_argument("--link-gbs", type=float, default=400.0, help="model: all-reduce bandwidth per GPU, GB/s")
     p.add_argument("--extra", default="", help="extra trainer flags, e.g. '--precision bf16 --channels-last'")
+    p.add_argument("--assume-t1-ms", type=float, default=0.0,
+                   help="model only: take this single-device step time instead of measuring (says so in the JSON)")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     import torch
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
             "--no-save-best", *data_args(args.dataset, args.data_dir), *args.extra.split()]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in counts:
+        for n in counts if not args.assume_t1_ms else ():
             threads = [] if gpus else ["--threads", str(max(args.threads_total // n, 1))]
             env = {} if gpus else {"OMP_NUM_THREADS": str(max(args.threads_total // n, 1))}
             last = run_trainer([*base, *threads], Path(tmp) / f"n{n}", nproc=n, env=env)[-1]
@@ -74,17 +76,21 @@ def main(argv=None) -> int:
     print()
     print(table(rows, ["processes", "threads_each", "images_per_s", "efficiency", "step_ms", "rank_time_spread_s"]))
     cost = measure(args.model)
-    t1 = rows[0]["step_ms"] / 1000
+    t1 = args.assume_t1_ms / 1000 if args.assume_t1_ms else rows[0]["step_ms"] / 1000
     predicted = model_rows(t1, args.batch_size, cost.grad_bytes_fp32, args.link_gbs)
     print(f"\nmodel: t1 = {1000 * t1:.2f} ms/step at batch {args.batch_size}, {cost.grad_bytes_fp32 / 1e6:.2f} MB fp32 "
           f"gradients, {args.link_gbs:g} GB/s links")
     print(table(predicted, ["gpus", "steps_per_epoch", "compute_s", "epoch_s_fp32_no_overlap", "epoch_s_fp32_overlap",
                             "epoch_s_bf16_no_overlap", "comm_share_fp32", "comm_share_bf16"]))
     meta = provenance()
-    out = Path(args.out) if args.out else RESULTS / f"scaling_{args.model}_{'gpu' if gpus else 'cpu'}.json"
+    kind = "model" if args.assume_t1_ms else ("gpu" if gpus else "cpu")
+    out = Path(args.out) if args.out else RESULTS / f"scaling_{args.model}_{kind}.json"
     write_json(out, {"benchmark": "scaling", "provenance": meta, "args": vars(args), "measured": rows,
-                     "model": {"t1_s": t1, "grad_bytes_fp32": cost.grad_bytes_fp32, "link_gbs": args.link_gbs,
+                     "model": {"t1_s": t1, "t1_source": "assumed" if args.assume_t1_ms else "measured",
+                               "grad_bytes_fp32": cost.grad_bytes_fp32, "link_gbs": args.link_gbs,
                                "rows": predicted}})
+    from charts import scaling_chart
+    scaling_chart(out)
     return 0
 
 

@@ -1,3 +1,3 @@
 """dist_cifar: distributed data-parallel CIFAR-10 training on plain torch.distributed."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

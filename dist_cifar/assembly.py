@@ -57,6 +57,18 @@ class CommTimer:
         return value
 
 
+class FlipAveraged(nn.Module):
+    """Test-time augmentation: the logits of an image and of its mirror, averaged. Training flips,
+    so both views are in distribution; evaluation costs twice the forward passes."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.inner(x) + self.inner(x.flip(3))) / 2
+
+
 @dataclass
 class WrappedModel:
     module: nn.Module            # raw parameters: evaluation, checkpoints, parameter counts
@@ -92,6 +104,8 @@ def wrap_model(cfg: TrainConfig, info: D.DistInfo) -> WrappedModel:
     if cfg.compile:
         train_model = torch.compile(train_model, mode=cfg.compile_mode, dynamic=False)
         eval_model = torch.compile(module, mode=cfg.compile_mode, dynamic=False)
+    if cfg.tta_flip:
+        eval_model = FlipAveraged(eval_model)  # outside compile: both views reuse one graph
     return WrappedModel(module, train_model, eval_model, comm)
 
 

@@ -13,6 +13,7 @@ import difflib
 import inspect
 import json
 import math
+import re
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -42,8 +43,8 @@ class TrainConfig:
     """Data source: cifar10 (official pickles), imagefolder (train/<class>/*, test/<class>/* or a .tar.gz of that tree), synthetic (generated, learnable), auto (cifar10, else imagefolder, else synthetic with a loud warning)."""
     data_dir: str = "data"
     """Folder holding cifar-10-batches-py or cifar-10-python.tar.gz (cifar10), or the image tree / its .tar.gz (imagefolder; may be the .tar.gz path itself)."""
-    download: bool = False
-    """cifar10: download the official archive through torchvision when it is missing (needs a network)."""
+    download: bool = True
+    """cifar10/auto: when --data-dir holds no CIFAR-10, download the official archive (MD5-checked; DIST_CIFAR_CIFAR10_URL/_MD5 name a mirror); --no-download fails instead."""
     synthetic_size: int = 2000
     """synthetic: number of training images; validation and test get a quarter of it each."""
     split: str = "full"
@@ -61,7 +62,7 @@ class TrainConfig:
     num_workers: int = 2
     """torch loader: DataLoader worker processes (persistent, pinned memory on CUDA)."""
 
-    # ---- optimisation ------------------------------------------------------------
+    # ---- recipe ------------------------------------------------------------
     epochs: int = 10
     """Number of training epochs."""
     batch_size: int = 128
@@ -84,12 +85,14 @@ class TrainConfig:
     """LR schedule per step: constant, onecycle (warm-up then anneal) or cosine."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
+    tta_flip: bool = False
+    """Evaluate each image and its mirror and average the logits (test-time augmentation; twice the evaluation cost)."""
     seed: int = 42
     """Seed for model init, shuffling and augmentation (augmentation also mixes in the rank)."""
     deterministic: bool = False
     """cuDNN deterministic algorithms and no benchmark autotuning (the report sets this)."""
 
-    # ---- devices, precision, speed -------------------------------------------------
+    # ---- speed (devices, precision, compile) -------------------------------------------------
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu or cuda."""
     precision: str = "auto"
@@ -121,7 +124,7 @@ class TrainConfig:
     ddp_comm_hook: str = "none"
     """DDP communication hook: none (DDP's built-in fp32 all-reduce, comm_s not measured), allreduce (the same all-reduce as a timed Python hook), fp16 or bf16 (compressed, timed)."""
 
-    # ---- outputs, logging --------------------------------------------------------
+    # ---- logging (outputs, W&B) --------------------------------------------------------
     out_dir: str = ""
     """Output folder (default runs/<model>-<timestamp>-<4 random hex digits>); locked for the run's life."""
     overwrite: bool = False
@@ -130,8 +133,10 @@ class TrainConfig:
     """Print only the end-of-run summary and errors."""
     progress_every: int = 20
     """Read the running loss back from the device every N steps for the progress bar."""
-    wandb: str = "off"
-    """Weights & Biases: auto (online with credentials, offline without, off if not installed), online, offline or off."""
+    wandb: str = "auto"
+    """Weights & Biases: auto (online with credentials or as WANDB_MODE says, offline without, off if wandb is missing), online, offline or off."""
+    wandb_init_timeout: float = 25.0
+    """Seconds W&B may take to start online; past that (no network, unreachable server) the run logs offline instead of waiting."""
     wandb_project: str = "dist_cifar"
     """W&B project."""
     wandb_entity: str = ""
@@ -145,13 +150,15 @@ class TrainConfig:
     job_type: str = "train"
     """W&B job_type: train, benchmark or ablation."""
 
-    # ---- fault tolerance -----------------------------------------------------------
+    # ---- checkpoints (fault tolerance) -----------------------------------------------------------
     checkpoint_every: int = 1
     """Write a checkpoint every N epochs (0: no epoch cadence). With this or --checkpoint-interval-min set, the run also saves after its last epoch; preemption always saves. Writes run in the background."""
     checkpoint_interval_min: float = 10.0
     """Also write a checkpoint at the end of an epoch when this many minutes passed since the last one (0: off). Both 0: only on preemption (benchmarks)."""
     checkpoint_every_steps: int = 0
     """Also write a checkpoint every N training steps inside an epoch (0: off)."""
+    final_eval: bool = True
+    """At the end, evaluate the kept weights on train/val/test (accuracies, confusion matrix); off: benchmarks that time training only, and the summary has no accuracies."""
     save_best: bool = True
     """Keep best.pt (the lowest-validation-loss weights) and evaluate them at the end; off: the last weights."""
     keep_last: int = 2
@@ -203,7 +210,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fast": dict(
         model="vgg16_cifar", split="full", val_size=0, normalize="cifar", augment=True,
         global_batch_size=512, eval_batch_size=1024, optimizer="adamw", lr=2e-3, weight_decay=0.05,
-        schedule="onecycle", label_smoothing=0.1, epochs=12, precision="bf16",
+        schedule="onecycle", label_smoothing=0.1, epochs=12, tta_flip=True, precision="bf16",
         channels_last=True, compile=True, loader="tensor", ddp_comm_hook="bf16",
         ddp_static_graph=False, guard_every=25, progress_every=50, checkpoint_every=0, save_best=False,
     ),
@@ -224,6 +231,20 @@ def field_docs(cls=TrainConfig) -> dict[str, str]:
                 and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)):
             docs[node.target.id] = str(nxt.value.value).strip()
     return docs
+
+
+def field_groups(cls=TrainConfig) -> dict[str, str]:
+    """Map each field name to its section title, the `# ---- title ---` comment above it, so
+    --help groups flags by concern."""
+    groups, current = {}, "other"
+    for line in inspect.getsource(cls).splitlines():
+        section = re.match(r"\s*# ---- (.+?) -+$", line)
+        if section:
+            current = section.group(1)
+        field = re.match(r"\s{4}(\w+): ", line)
+        if field:
+            groups[field.group(1)] = current
+    return groups
 
 
 def flag_name(name: str) -> str:
@@ -250,16 +271,22 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "python -m dist_cifar.train") -> argparse.ArgumentParser:
+    from . import __version__
     parser = OneLineParser(
-        prog=prog,
-        description="Train a CIFAR-10 model: one process, or one per GPU under torchrun.",
+        prog=prog, usage=f"{prog} [--preset {{report,fast,smoke}}] [--model NAME] [flags, grouped below]",
+        description=f"dist_cifar {__version__}: train a CIFAR-10 model, one process or one per GPU under torchrun.",
         argument_default=argparse.SUPPRESS,  # so only flags actually given override presets
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
     )
-    docs = field_docs()
+    parser.add_argument("--version", action="version", version=f"dist_cifar {__version__}")
+    docs, groups = field_docs(), field_groups()
+    sections: dict[str, argparse._ArgumentGroup] = {}
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
+        title = groups.get(f.name, "other")
+        if title not in sections:
+            sections[title] = parser.add_argument_group(title)
         help_text = docs.get(f.name, "") + f" (default: {getattr(defaults, f.name)!r})"
         kwargs: dict[str, Any] = dict(help=help_text.replace("%", "%%"), dest=f.name)
         if f.type in ("bool", bool, "Optional[bool]"):  # Optional: None means auto (runtime.py)
@@ -270,7 +297,7 @@ def build_parser(prog: str = "python -m dist_cifar.train") -> argparse.ArgumentP
             if f.name in CHOICES:
                 kwargs["choices"] = CHOICES[f.name]
                 kwargs.pop("metavar")
-        parser.add_argument(flag_name(f.name), **kwargs)
+        sections[title].add_argument(flag_name(f.name), **kwargs)
     parser.add_argument("--print-config", action="store_true", default=False,
                         help="print the resolved config as JSON and exit")
     return parser
@@ -299,9 +326,9 @@ def make_config(**overrides: Any) -> TrainConfig:
     values = dict(PRESETS.get(preset, {}))
     if "batch_size" in overrides and "global_batch_size" not in overrides:
         values.pop("global_batch_size", None)  # an explicit per-process batch beats a preset's global one
+    values.update(overrides)
     if values.get("global_batch_size") and "batch_size" not in overrides:
         values["batch_size"] = 0  # derived from the global batch once the world size is known
-    values.update(overrides)
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg
@@ -323,6 +350,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{flag_name(name)} must be > 0, got {getattr(cfg, name)}")
     if cfg.batch_size <= 0 and not cfg.global_batch_size:
         raise ConfigError(f"--batch-size must be > 0 (or give --global-batch-size), got {cfg.batch_size}")
+    if cfg.wandb_init_timeout <= 0:
+        raise ConfigError(f"--wandb-init-timeout must be > 0 seconds, got {cfg.wandb_init_timeout}")
     non_negative = ("steps_per_epoch", "max_train", "num_workers", "checkpoint_every", "checkpoint_interval_min",
                     "global_batch_size", "guard_every",
                     "checkpoint_every_steps", "threads", "weight_decay", "ddp_bucket_mb")

@@ -22,6 +22,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from . import fetch
+
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -45,6 +47,10 @@ class DataError(RuntimeError):
 class DataMissing(DataError):
     """No data of this kind at the path at all (as opposed to data that is there but broken):
     the only error `--dataset auto` falls back from."""
+
+
+class DownloadFailed(DataMissing):
+    """Nothing local and no download (offline, unreachable mirror)."""
 
 
 BATCH_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
@@ -161,7 +167,7 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    fix = "delete it and re-extract cifar-10-python.tar.gz (or use --download)"
+    fix = "delete it and re-extract cifar-10-python.tar.gz (or delete the folder to download it again)"
     try:
         with open(path, "rb") as f:
             batch = NumpyOnlyUnpickler(f, encoding="bytes").load()
@@ -197,18 +203,25 @@ def find_cifar10(data_dir: Path, download: bool) -> Path:
     if folder.is_dir():
         missing = [name for name in BATCH_FILES if not (folder / name).exists()]
         raise DataError(f"incomplete CIFAR-10 in {folder}: missing {', '.join(missing)}; put "
-                        f"cifar-10-python.tar.gz beside it to re-extract (or use --download)")
+                        f"cifar-10-python.tar.gz beside it to re-extract (or delete the folder to download it again)")
     if download:
-        try:
-            import torchvision
-            torchvision.datasets.CIFAR10(str(data_dir), train=True, download=True)
-        except Exception as exc:
-            raise DataError(f"--download failed ({type(exc).__name__}: {str(exc)[:100]}); put "
-                            f"cifar-10-python.tar.gz in {data_dir} by hand") from None
-        return find_cifar10(data_dir, download=False)
+        return extract_cifar10(fetch_archive(data_dir))
     raise DataMissing(f"no CIFAR-10 found in {data_dir.resolve()}: expected cifar-10-batches-py/ "
-                      f"(data_batch_1..5, test_batch) or cifar-10-python.tar.gz there; pass --download "
-                      f"to fetch it, or --data-dir to point elsewhere")
+                      f"(data_batch_1..5, test_batch) or cifar-10-python.tar.gz there; drop --no-download "
+                      f"to fetch it, or point --data-dir elsewhere")
+
+
+def fetch_archive(data_dir: Path) -> Path:
+    """The official archive, downloaded; a failure is one line naming both ways out."""
+    try:
+        return fetch.download_archive(data_dir)
+    except fetch.ChecksumMismatch as exc:
+        raise DataError(f"CIFAR-10 download rejected: {exc}; fix {fetch.URL_ENV}/{fetch.MD5_ENV} or put "
+                        f"{fetch.ARCHIVE} in {data_dir} by hand") from None
+    except (fetch.DownloadFailed, OSError) as exc:
+        raise DownloadFailed(f"CIFAR-10 download from {fetch.source()[0]} failed ({exc}): put {fetch.ARCHIVE} "
+                             f"in {data_dir.resolve()}, or pass --no-download --dataset imagefolder "
+                             f"--data-dir <your image tree>") from None
 
 
 def extract_cifar10(archive: Path) -> Path:
@@ -395,14 +408,17 @@ def load_source(dataset: str, data_dir: str, download: bool = False, synthetic_s
         return load_imagefolder(root)
     if dataset == "synthetic":
         return make_synthetic(synthetic_size)
-    if dataset == "auto":
-        for loader in (lambda: load_cifar10(root, download), lambda: load_imagefolder(root)):
+    if dataset == "auto":  # local CIFAR-10, a local image tree, a download, then (loudly) synthetic
+        attempts = [lambda: load_cifar10(root, False), lambda: load_imagefolder(root)]
+        if download:
+            attempts.append(lambda: load_cifar10(root, True))
+        for loader in attempts:
             try:
                 return loader()
             except DataMissing as exc:  # data that is there but broken is an error, not a fallback
                 last = exc
         banner = "!" * 78
-        print(f"{banner}\n[dist_cifar] NO CIFAR-10 FOUND ({last}).\n[dist_cifar] TRAINING ON "
+        print(f"{banner}\n[dist_cifar] NO CIFAR-10 ({last}).\n[dist_cifar] TRAINING ON "
               f"SYNTHETIC DATA: the accuracies below say nothing about CIFAR-10.\n{banner}", flush=True)
         return make_synthetic(synthetic_size)
     raise DataError(f"--dataset {dataset!r} is not one of cifar10, imagefolder, synthetic, auto")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from . import files
 
@@ -82,8 +82,8 @@ class Reporter(SilentReporter):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         files.atomic_write_json(self.out_dir / files.CONFIG, run_config)
         if self.wandb_mode != "off":
-            self.run = start_wandb(self.out_dir, self.wandb_mode, run_config, wandb_id,
-                                   **self.wandb_kwargs)
+            self.run, self.wandb_mode = start_wandb(self.out_dir, self.wandb_mode, run_config, wandb_id,
+                                                    note=self.note, **self.wandb_kwargs)
             self.wandb_id = self.run.id
             files.atomic_write_bytes(self.out_dir / files.WANDB_ID, self.wandb_id.encode())
 
@@ -188,14 +188,31 @@ def summary_table(summary: dict[str, Any], per_class: list[tuple[str, float]]):
 
 
 def start_wandb(out_dir: Path, mode: str, run_config: dict[str, Any], run_id: str = "", *,
-                project: str = "dist_cifar", entity: str = "", group: str = "", name: str = "",
-                tags: str = "", job_type: str = "train"):
+                note: Callable[[str], None], project: str = "dist_cifar", entity: str = "", group: str = "",
+                name: str = "", tags: str = "", job_type: str = "train", init_timeout: float = 25.0):
+    """(run, mode actually used). An online start that fails or outlasts `init_timeout` (a compute
+    node with no route out) logs offline instead, so training never waits on W&B."""
     import wandb
     if not run_id and (out_dir / files.WANDB_ID).exists():
         run_id = (out_dir / files.WANDB_ID).read_text().strip()
-    return wandb.init(
-        dir=str(out_dir), mode=mode, project=project, entity=entity or None, group=group or None,
-        name=name or out_dir.name, tags=[t for t in tags.split(",") if t] or None, job_type=job_type,
-        config=run_config, id=run_id or secrets.token_hex(4), resume="allow",
-        settings=wandb.Settings(console="off", silent=True, init_timeout=120),  # slow, busy hosts
-    )
+    run_id = run_id or secrets.token_hex(4)
+
+    def init(as_mode: str):
+        return wandb.init(
+            dir=str(out_dir), mode=as_mode, project=project, entity=entity or None, group=group or None,
+            name=name or out_dir.name, tags=[t for t in tags.split(",") if t] or None, job_type=job_type,
+            config=run_config, id=run_id, resume="allow",
+            settings=wandb.Settings(console="off", silent=True, init_timeout=init_timeout))
+
+    if mode == "online":
+        try:
+            run = init("online")
+            note(f"W&B: logging online to {run.url}")
+            return run, "online"
+        except Exception as exc:  # CommError, timeouts, auth: all mean "not online now"
+            note(f"W&B online start failed within {init_timeout:.0f}s ({type(exc).__name__}: "
+                 f"{str(exc).splitlines()[0][:100] if str(exc) else ''}); logging offline instead")
+            wandb.teardown()  # the failed start still holds the run id in wandb's service
+    run = init("offline")
+    note(f"W&B: logging offline to {Path(run.dir).parent}; upload later with: wandb sync {Path(run.dir).parent}")
+    return run, "offline"

@@ -16,6 +16,7 @@ checkpoint (one line on stderr); 3 non-finite loss (last good checkpoint kept);
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from . import files, plot, rundir
+from . import __version__, files, plot, rundir
 from .assembly import TrainingRun, assemble
 from .checkpoint import CheckpointManager, RunState
 from .config import ConfigError, TrainConfig, parse_config
@@ -196,7 +197,8 @@ def make_reporter(cfg: TrainConfig, notes: tuple[str, ...], info: D.DistInfo, ou
         return SilentReporter()
     reporter = Reporter(out_dir, quiet=cfg.quiet, wandb_mode=cfg.wandb, wandb_kwargs=dict(
         project=cfg.wandb_project, entity=cfg.wandb_entity, group=cfg.wandb_group,
-        name=cfg.wandb_name or out_dir.name, tags=cfg.wandb_tags, job_type=cfg.job_type))
+        name=cfg.wandb_name or out_dir.name, tags=cfg.wandb_tags, job_type=cfg.job_type,
+        init_timeout=cfg.wandb_init_timeout))
     for note in notes:
         reporter.note(note)
     return reporter
@@ -230,11 +232,13 @@ def checkpoint_due(cfg: TrainConfig, checkpoints: CheckpointManager, epochs_done
 
 
 def git_commit() -> str:
+    """HEAD of the checkout; DIST_CIFAR_GIT_COMMIT where the tree travelled without .git (GPU hosts)."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or "unknown"
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip()
     except Exception:
-        return "unknown"
+        head = ""
+    return head or os.environ.get("DIST_CIFAR_GIT_COMMIT", "") or "unknown"
 
 
 def describe(run: TrainingRun, out_dir: Path) -> dict[str, Any]:
@@ -243,6 +247,7 @@ def describe(run: TrainingRun, out_dir: Path) -> dict[str, Any]:
     device_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu"
     return dict(run.cfg.to_dict(), world_size=info.world_size, global_batch_size=run.global_batch_size,
                 device_name=device_name, torch_version=torch.__version__, git_commit=git_commit(),
+                dist_cifar_version=__version__,
                 num_params=count_parameters(run.model.module), out_dir=str(out_dir),
                 precision_resolved=run.precision.name, backend_resolved=info.backend or "none",
                 data_source=splits.source, steps_per_epoch_resolved=run.steps_per_epoch,
@@ -309,6 +314,16 @@ def finish(run: TrainingRun, state: RunState, reporter, *, checkpoints: Checkpoi
     if info.is_main and cfg.save_best:
         checkpoints.load_best(model.module)
     D.broadcast_module(info, model.module)
+    last = state.history[-1] if state.history else {}
+    timing = {"epochs_run": len(state.history), "total_time_s": state.train_time_s,
+              "mean_epoch_time_s": sum(r["epoch_time_s"] for r in state.history) / max(len(state.history), 1),
+              "steady_epoch_time_s": steady_epoch_time(state.history), "final_train_loss": last.get("train_loss"),
+              "world_size": info.world_size, "global_batch_size": run.global_batch_size}
+    if not cfg.final_eval:
+        if info.is_main:
+            reporter.finish({"model": cfg.model, "out_dir": str(out_dir), "num_params": run_config["num_params"],
+                             "final_eval": False, **timing, "data_source": splits.source}, {}, [])
+        return
     train_eval = evaluate(model.eval_model, run.shards(splits.train), run.precision, info)
     val_eval = evaluate(model.eval_model, run.shards(splits.val), run.precision, info) if splits.val is not None else None
     test_eval = evaluate(model.eval_model, run.shards(splits.test), run.precision, info,
@@ -320,19 +335,13 @@ def finish(run: TrainingRun, state: RunState, reporter, *, checkpoints: Checkpoi
     images = {"loss_curves": plot.loss_curves(state.history, out_dir / files.LOSS_CURVES, f"{cfg.model} loss"),
               "confusion_matrix": plot.confusion_matrix(cm.tolist(), splits.classes, out_dir / files.CONFUSION,
                                                         f"{cfg.model} test confusion matrix")}
-    last = state.history[-1] if state.history else {}
     summary = {
         "model": cfg.model, "out_dir": str(out_dir), "num_params": run_config["num_params"],
         "train_accuracy": train_eval.accuracy, "val_accuracy": val_eval.accuracy if val_eval else None,
         "test_accuracy": test_eval.accuracy, "train_loss": train_eval.loss,
         "val_loss": val_eval.loss if val_eval else None, "test_loss": test_eval.loss,
         "best_epoch": state.best_epoch, "best_val_loss": state.best_val_loss if val_eval else None,
-        "epochs_run": len(state.history), "total_time_s": state.train_time_s,
-        "time_to_best_s": state.time_to_best_s,
-        "final_train_loss": last.get("train_loss"), "final_val_loss": last.get("val_loss"),
-        "mean_epoch_time_s": sum(r["epoch_time_s"] for r in state.history) / max(len(state.history), 1),
-        "steady_epoch_time_s": steady_epoch_time(state.history),
-        "world_size": info.world_size, "global_batch_size": run.global_batch_size,
+        "time_to_best_s": state.time_to_best_s, "final_val_loss": last.get("val_loss"), **timing,
         "per_class_test_accuracy": dict(per_class), "confusion_matrix": cm.tolist(),
         "data_source": splits.source, "split_sizes": run_config["split_sizes"],
     }

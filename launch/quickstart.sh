@@ -1,25 +1,31 @@
 #!/usr/bin/env bash
 # The main job in one command. CPU host: a short report-protocol run of small_cnn (minutes on
 # 2 cores). GPU host: vgg16_cifar under torchrun on every GPU (the `fast` preset).
-# Data: the first of data/cifar-10-batches-py, data/cifar-10-python.tar.gz, a CIFAR-10 image
-# tarball (data/*.tar.gz, or the file DIST_CIFAR_DATA names); else, loudly, synthetic data.
+# Data, the first that works: data/cifar-10-batches-py or data/cifar-10-python.tar.gz; the official
+# archive downloaded into data/ (DIST_CIFAR_CIFAR10_URL/_MD5 name a mirror); a CIFAR-10 image
+# tarball (the file DIST_CIFAR_DATA names, or data/*.tar.gz); else, loudly, synthetic data.
 # Extra arguments go to the trainer, e.g. `bash launch/quickstart.sh --epochs 1`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
 PYTHON=.venv/bin/python
 
+mkdir -p data
 data=(--dataset synthetic --synthetic-size 8000 --split full)
-if [ -e data/cifar-10-batches-py/data_batch_1 ] || [ -e data/cifar-10-python.tar.gz ]; then
+if $PYTHON -m dist_cifar.fetch data 2>data/.fetch-error >/dev/null; then
   data=(--dataset cifar10 --data-dir data)
 else
   for tarball in ${DIST_CIFAR_DATA:-} data/*.tar.gz; do
-    if [ -f "$tarball" ]; then data=(--dataset imagefolder --data-dir "$tarball"); break; fi
+    if [ -f "$tarball" ] && [ "$(basename "$tarball")" != cifar-10-python.tar.gz ]; then
+      data=(--dataset imagefolder --data-dir "$tarball"); break
+    fi
   done
+  fallback="the image tarball ${data[3]:-}"; [ "${data[1]}" = synthetic ] && fallback="SYNTHETIC DATA"
+  echo "[quickstart] $(tail -1 data/.fetch-error | sed 's/^dist-cifar-fetch: //'); falling back to $fallback" >&2
 fi
+rm -f data/.fetch-error
 if [ "${data[1]}" = synthetic ]; then
-  echo "!!!!! NO CIFAR-10 FOUND (looked in data/ and \$DIST_CIFAR_DATA): TRAINING ON SYNTHETIC DATA !!!!!" >&2
-  echo "!!!!! put cifar-10-python.tar.gz in data/, or pass --download with a network              !!!!!" >&2
+  echo "!!!!! NO CIFAR-10: TRAINING ON SYNTHETIC DATA; the accuracies say nothing about CIFAR-10 !!!!!" >&2
 fi
 
 ngpu=$($PYTHON -c "import torch; print(torch.cuda.device_count())")

@@ -22,7 +22,7 @@ minimum = tuple(int(x) for x in sys.argv[1].split("."))
 print(torch.__version__ if version >= minimum else "")
 EOF
 )
-stamp=".venv/.dist_cifar-$(printf '%s\n' "${TORCH_PIN[@]}" "${OTHERS[@]}" "base:${usable_torch}" | sha1sum | cut -c1-12)"
+stamp=".venv/.dist_cifar-$(printf '%s\n' "${TORCH_PIN[@]}" "${OTHERS[@]}" "setuptools>=70.1" "base:${usable_torch}" | sha1sum | cut -c1-12)"
 if [ -f "$stamp" ] && .venv/bin/python -c "import torch, dist_cifar" 2>/dev/null; then
   exit 0
 fi
@@ -41,6 +41,10 @@ fi
 for module in "${OTHERS[@]}"; do
   .venv/bin/python -c "import $module" 2>/dev/null || need+=("$module")
 done
+# `pip install .` without an index (tests, offline clusters) builds with this setuptools:
+# bdist_wheel is built in from 70.1 on
+.venv/bin/python -c 'import sys, setuptools; sys.exit(tuple(map(int, setuptools.__version__.split(".")[:2])) < (70, 1))' \
+  2>/dev/null || need+=("setuptools>=70.1")
 if [ ${#need[@]} -gt 0 ]; then
   echo "[setup] installing: ${need[*]}" >&2
   .venv/bin/python -m pip install -q --disable-pip-version-check "${need[@]}"

@@ -14,6 +14,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TARBALL = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+OFFLINE_URL = "http://127.0.0.1:9/cifar-10-python.tar.gz"
+os.environ["DIST_CIFAR_CIFAR10_URL"] = OFFLINE_URL  # in-process calls too
+os.environ.setdefault("WANDB_MODE", "disabled")  # W&B is on by default; tests that want it say so
 
 
 def base_env(**extra: str) -> dict[str, str]:
@@ -21,6 +24,10 @@ def base_env(**extra: str) -> dict[str, str]:
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE=env.get("WANDB_MODE", "disabled"),
                PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
     env.pop("DIST_CIFAR_FAULT", None)
+    # No test reaches the internet: the CIFAR-10 download goes to a loopback port nothing listens on
+    # (refused at once) unless a test serves an archive itself.
+    env.update(DIST_CIFAR_CIFAR10_URL=OFFLINE_URL)
+    env.pop("DIST_CIFAR_CIFAR10_MD5", None)
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     env.update(extra)

@@ -42,7 +42,7 @@ def test_missing_data_error_names_folder_and_download(tmp_path):
     with pytest.raises(DataError) as err:
         load_cifar10(tmp_path / "nothing-here")
     msg = str(err.value)
-    assert "nothing-here" in msg and "cifar-10-batches-py" in msg and "--download" in msg
+    assert "nothing-here" in msg and "cifar-10-batches-py" in msg and "--no-download" in msg
     assert "\n" not in msg
 
 
@@ -51,7 +51,9 @@ def test_missing_data_cli_one_line_nonzero(tmp_path):
                       str(tmp_path / "out")], timeout=120)
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and "--download" in err[0] and "Traceback" not in proc.stderr
+    # the default is to download; offline that is one line naming both ways out
+    assert len(err) == 1 and "download" in err[0] and "Traceback" not in proc.stderr
+    assert "put cifar-10-python.tar.gz in" in err[0] and "--no-download --dataset imagefolder" in err[0]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_shape"])

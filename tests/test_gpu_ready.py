@@ -48,6 +48,8 @@ def test_global_batch_divides_over_processes(monkeypatch):
     assert (mine.batch_size, mine.global_batch_size) == (64, 256)  # an explicit per-process batch wins
     both, _ = resolve(parse_config(["--global-batch-size", "256", "--batch-size", "64", "--device", "cpu"]))
     assert both.batch_size == 64
+    alone, _ = resolve(parse_config(["--global-batch-size", "256", "--device", "cpu"]))  # no preset
+    assert (alone.batch_size, alone.global_batch_size) == (64, 256)
     with pytest.raises(ConfigError, match="disagrees"):
         resolve(parse_config(["--global-batch-size", "256", "--batch-size", "32", "--device", "cpu"]))
     monkeypatch.setenv("WORLD_SIZE", "3")
@@ -113,7 +115,7 @@ def test_setup_error_reaches_every_rank_as_one_line(tmp_path):
     proc = run_torchrun(2, ["--dataset", "cifar10", "--data-dir", str(empty), "--out-dir", str(tmp_path / "o"),
                             "--dist-timeout", "60"], timeout=180)
     assert proc.returncode != 0
-    errors = [l for l in proc.stderr.splitlines() if "error: no CIFAR-10 found" in l]
+    errors = [l for l in proc.stderr.splitlines() if "error: CIFAR-10 download from" in l]
     assert len(errors) == 2, proc.stderr[-3000:]  # one line from each rank
     assert "Connection closed" not in proc.stderr and "dist_cifar/" not in proc.stderr.replace(str(ROOT), "")
     assert not re.search(r'File ".*dist_cifar/.*\.py"', proc.stderr), proc.stderr[-3000:]

@@ -44,3 +44,27 @@ def test_unknown_model_lists_known_ones():
         make_config(model="resnet50")
     for name in MODELS:
         assert name in str(err.value)
+
+
+def test_flip_tta_averages_the_two_views_and_is_what_evaluation_sees():
+    import torch
+
+    from dist_cifar import distributed as D
+    from dist_cifar.assembly import FlipAveraged, assemble
+    from dist_cifar.config import make_config
+    from dist_cifar.data import make_splits, make_synthetic
+    from dist_cifar.engine import evaluate
+    info = D.DistInfo()
+    splits = make_splits(make_synthetic(256), "full")
+    plain = assemble(make_config(model="small_cnn", device="cpu", wandb="off"), info, splits)
+    tta = assemble(make_config(model="small_cnn", device="cpu", wandb="off", tta_flip=True), info, splits)
+    tta.model.module.load_state_dict(plain.model.module.state_dict())
+    assert isinstance(tta.model.eval_model, FlipAveraged) and not isinstance(plain.model.eval_model, FlipAveraged)
+    x = torch.randn(4, 3, 32, 32)
+    plain.model.module.eval()
+    with torch.no_grad():
+        expected = (plain.model.module(x) + plain.model.module(x.flip(3))) / 2
+        assert torch.allclose(tta.model.eval_model.eval()(x), expected, atol=1e-6)
+    a = evaluate(plain.model.eval_model, plain.shards(splits.test), plain.precision, info)
+    b = evaluate(tta.model.eval_model, tta.shards(splits.test), tta.precision, info)
+    assert a.count == b.count == len(splits.test) and a.loss != b.loss  # a different function was evaluated

@@ -20,7 +20,8 @@ def offline_runs(out):
 
 def test_two_process_offline_run_logs_every_epoch_once(tmp_path):
     out = tmp_path / "run"
-    proc = run_torchrun(2, smoke_args(out, ["--epochs", "3", "--wandb", "offline", "--ddp-comm-hook", "allreduce"]),
+    # no --wandb flag: W&B is on by default, and WANDB_MODE=offline says how
+    proc = run_torchrun(2, smoke_args(out, ["--epochs", "3", "--ddp-comm-hook", "allreduce"]),
                         WANDB_MODE="offline")
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = offline_runs(out)
@@ -37,6 +38,7 @@ def test_two_process_offline_run_logs_every_epoch_once(tmp_path):
     run_id = wandb_reader.run_id(files[0])
     assert (out / "wandb_run_id.txt").read_text() == run_id
     assert "wandb sync" in proc.stdout
+    assert proc.stdout.count("W&B: logging offline to") == 1  # where, said once, at the start
     # metrics.jsonl carries exactly the keys W&B got
     metrics = read_jsonl(out / "metrics.jsonl")
     for line, row in zip(metrics, rows):

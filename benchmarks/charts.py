@@ -1,0 +1,104 @@
+"""PNG charts beside the benchmark JSON: the peers comparison, the feature ladder, the scaling
+model. The benchmarks call these after writing their JSON; `python benchmarks/charts.py`
+redraws every chart from the committed results."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def where(meta: dict) -> str:
+    return f"{meta.get('device_name', '?')}, torch {meta.get('torch_version', '?')}, {meta.get('date', '')[:10]}"
+
+
+def save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
+def peers_chart(json_path: Path) -> Path:
+    data = json.loads(Path(json_path).read_text())
+    models = list(data["models"])
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        rows = [r for r in data["models"][model]["rows"] if "images_per_s" in r]
+        names = [r["contestant"].split(" (")[0] for r in rows]
+        values = [r["images_per_s"] for r in rows]
+        bars = ax.bar(names, values, color=["tab:blue", "tab:purple", "tab:gray"][:len(rows)])
+        for bar, row in zip(bars, rows):
+            ax.annotate(f"{row['images_per_s']:,.0f}\n(x{row['dist_cifar_ratio']:.2f})",
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"{model}, global batch {data['args']['global_batch_size']}", fontsize=10)
+        ax.set_ylabel("training images/s (steady state)")
+        ax.set_ylim(0, max(values) * 1.25)
+    world = data["world"]
+    fig.suptitle(f"peers: {world['processes']} processes on {world['backend']} ({where(data['provenance'])})",
+                 fontsize=10)
+    return save(fig, Path(json_path).with_suffix(".png"))
+
+
+def ladder_chart(json_path: Path) -> Path:
+    data = json.loads(Path(json_path).read_text())
+    rungs = data["rungs"]
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    bars = ax.bar(range(len(rungs)), [r["images_per_s"] for r in rungs], color="tab:blue")
+    for bar, rung in zip(bars, rungs):
+        ax.annotate(f"{rung['images_per_s']:,.0f}\nx{rung['speedup']:.2f}",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(rungs)), [r["rung"].replace(", ", ",\n") for r in rungs], fontsize=8)
+    ax.set_ylabel("training images/s")
+    ax.set_ylim(0, max(r["images_per_s"] for r in rungs) * 1.3)
+    args = data["args"]
+    ax.set_title(f"feature ladder: {args['model']}, batch {args['batch_size']}/process, {args['nproc']} process(es)\n"
+                 f"({where(data['provenance'])})", fontsize=9)
+    return save(fig, Path(json_path).with_suffix(".png"))
+
+
+def scaling_chart(json_path: Path) -> Path:
+    data = json.loads(Path(json_path).read_text())
+    model = data["model"]
+    rows = model["rows"]
+    gpus = [r["gpus"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for key, label, style in (("compute_s", "compute only (ideal)", ":"),
+                              ("epoch_s_fp32_no_overlap", "fp32 all-reduce, no overlap", "-"),
+                              ("epoch_s_fp32_overlap", "fp32 all-reduce, full overlap", "--"),
+                              ("epoch_s_bf16_no_overlap", "bf16 hook, no overlap", "-.")):
+        ax.plot(gpus, [r[key] for r in rows], style, marker="o", markersize=3, label=label)
+    measured = data.get("measured", [])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("GPUs")
+    ax.set_ylabel("modelled seconds per epoch")
+    ax.legend(fontsize=8)
+    source = (f"measured on {data['provenance'].get('device_name')}" if model.get("t1_source", "measured") == "measured"
+              else "ASSUMED, not measured")
+    ax.set_title(f"scaling model, {data['args']['model']}, batch {data['args']['batch_size']}/GPU: "
+                 f"t1 = {1000 * model['t1_s']:.1f} ms/step {source},\n{model['grad_bytes_fp32'] / 1e6:.1f} MB of gradients, "
+                 f"{model['link_gbs']:g} GB/s links ({len(measured)} process counts measured)", fontsize=8)
+    return save(fig, Path(json_path).with_suffix(".png"))
+
+
+def main() -> int:
+    for path in sorted(RESULTS.glob("peers_*.json")):
+        peers_chart(path)
+    for path in sorted(RESULTS.glob("epoch_time_*.json")):
+        ladder_chart(path)
+    for path in sorted(RESULTS.glob("scaling_*.json")):
+        scaling_chart(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

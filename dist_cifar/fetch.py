@@ -1,0 +1,83 @@
+"""Fetch the official CIFAR-10 archive when --data-dir has none: torchvision's downloader, the
+MD5 checked before anything is extracted, the archive renamed into place only when whole.
+
+Clusters with a local mirror point DIST_CIFAR_CIFAR10_URL (and DIST_CIFAR_CIFAR10_MD5, when
+the mirror's file differs) at it.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+ARCHIVE = "cifar-10-python.tar.gz"
+DEFAULT_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+DEFAULT_MD5 = "c58f30108f718f92721af3b95e74349a"
+URL_ENV, MD5_ENV = "DIST_CIFAR_CIFAR10_URL", "DIST_CIFAR_CIFAR10_MD5"
+# A compute node without a route out must fail in seconds, not wait for TCP's minutes.
+SOCKET_TIMEOUT_S = 30.0
+
+
+class DownloadFailed(RuntimeError):
+    """The archive could not be fetched (no network, unreachable mirror)."""
+
+
+class ChecksumMismatch(RuntimeError):
+    """The archive arrived but is not the one expected."""
+
+
+def source() -> tuple[str, str]:
+    return os.environ.get(URL_ENV) or DEFAULT_URL, os.environ.get(MD5_ENV) or DEFAULT_MD5
+
+
+def download_archive(data_dir: Path) -> Path:
+    """Download into a hidden part file beside the final name; verify; rename. Returns the archive."""
+    from torchvision.datasets.utils import calculate_md5, download_url
+
+    url, md5 = source()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    part = data_dir / f".{ARCHIVE}.part-{os.getpid()}"
+    for stale in data_dir.glob(f".{ARCHIVE}.part-*"):
+        # a download killed midway; one written to in the last 10 minutes may be another node's
+        if stale != part and time.time() - stale.stat().st_mtime > 600:
+            stale.unlink(missing_ok=True)
+    print(f"[dist_cifar] no CIFAR-10 in {data_dir}: downloading {url} (--no-download to skip)", flush=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(SOCKET_TIMEOUT_S)
+    try:
+        try:
+            download_url(url, str(data_dir), filename=part.name)
+        except Exception as exc:  # URLError, timeouts, HTTP errors: all mean "not fetched"
+            raise DownloadFailed(f"{type(exc).__name__}: {str(exc)[:120]}") from None
+        got = calculate_md5(part)
+        if got != md5:
+            raise ChecksumMismatch(f"{url} gave a file with MD5 {got}, expected {md5}")
+        archive = data_dir / ARCHIVE
+        os.replace(part, archive)
+        return archive
+    finally:
+        socket.setdefaulttimeout(previous)
+        part.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dist_cifar.fetch [DATA_DIR]`: make sure DATA_DIR holds CIFAR-10 (download +
+    extract when missing); one line on stderr and exit 1 when it cannot."""
+    import argparse
+
+    from .data import DataError, find_cifar10  # late: data imports this module
+    parser = argparse.ArgumentParser(prog="dist-cifar-fetch", description=main.__doc__.splitlines()[0])
+    parser.add_argument("data_dir", nargs="?", default="data")
+    args = parser.parse_args(argv)
+    try:
+        print(find_cifar10(Path(args.data_dir), download=True))
+    except DataError as exc:
+        print(f"dist-cifar-fetch: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
