@@ -37,7 +37,8 @@ def peers_chart(json_path: Path) -> Path:
         values = [r["images_per_s"] for r in rows]
         bars = ax.bar(names, values, color=["tab:blue", "tab:purple", "tab:gray"][:len(rows)])
         for bar, row in zip(bars, rows):
-            ax.annotate(f"{row['images_per_s']:,.0f}\n(x{row['dist_cifar_ratio']:.2f})",
+            ratio = "" if row.get("key") == "dist_cifar" else f"\ndist_cifar {row['dist_cifar_ratio']:.2f}x"
+            ax.annotate(f"{row['images_per_s']:,.0f}{ratio}",
                         (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
         ax.set_title(f"{model}, global batch {data['args']['global_batch_size']}", fontsize=10)
         ax.set_ylabel("training images/s (steady state)")

@@ -61,7 +61,7 @@ if [ -n "$tarball" ]; then
   log "decoding CIFAR-10 once (cached beside the tarball for every later stage)"
   "$PY" -c "import sys; from dist_cifar.data import load_source; r = load_source('imagefolder', sys.argv[1]); print(len(r.train_y), 'train images')" "$tarball"
 else
-  data=(--dataset synthetic --synthetic-size 2048); bench_data=(--dataset synthetic --data-dir data); what=synthetic
+  data=(--dataset synthetic --synthetic-size $([ $smoke = 1 ] && echo 1024 || echo 8192)); bench_data=(--dataset synthetic --data-dir data); what=synthetic
   [ $smoke = 1 ] || log "NO .gpu_data/cifar10-jpeg.tar.gz: every stage trains on synthetic data"
 fi
 
@@ -69,7 +69,7 @@ if [ $smoke = 1 ]; then
   fast=(--preset fast --model small_cnn --epochs 2 --global-batch-size 128 --no-compile --checkpoint-every 1)
   headline=(--model small_cnn --epochs 2)
   peers=(--models small_cnn --global-batch-size 64 --steps 2 --num-workers 0)
-  ladder=(--model small_cnn --batch-size 64 --steps-per-epoch 3 --rungs 0,1,2)
+  ladder=(--model small_cnn --batch-size 64 --steps-per-epoch 3 --rungs 0,1)
 else
   fast=(--preset fast --checkpoint-every 6)
   headline=(--model vgg16_cifar --epochs 2)

@@ -1,6 +1,7 @@
 """Peer 2: PyTorch Lightning, written as its docs suggest, with the best flags it offers for the
-device: `Trainer(strategy="ddp")`, `precision="bf16-mixed"` and a `torch.compile`d module on GPUs
-(plus TF32 matmuls, as Lightning's own warning recommends), fp32 on CPU; its DataLoader with
+device: `Trainer(strategy="ddp")`, `precision="bf16-mixed"`, a `torch.compile`d module and cuDNN
+autotuning (`benchmark=True`) on GPUs (plus TF32 matmuls, as Lightning's own warning recommends),
+fp32 on CPU; its DataLoader with
 workers; Lightning inserts the DistributedSampler.
 
     torchrun --standalone --nproc_per_node=2 benchmarks/peer_lightning.py --data-dir DATA
@@ -75,7 +76,8 @@ def main() -> None:
         module = torch.compile(module)
     timer = SteadyStateTimer(args.steps)
     trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=local_world, num_nodes=world // local_world,
-                        strategy="ddp", precision="bf16-mixed" if cuda else "32-true", max_steps=2 * args.steps,
+                        strategy="ddp", precision="bf16-mixed" if cuda else "32-true", benchmark=cuda,
+                        max_steps=2 * args.steps,
                         callbacks=[timer], logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(module, loader)

@@ -41,6 +41,7 @@ def main() -> None:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # as pytorch/examples does
     torch.manual_seed(0)
 
     dataset = train_set(args.dataset, args.data_dir)

@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     for run_dir in args.runs:
         if not all((run_dir / name).exists() for name in ("best.pt", "config.json", "summary.json")):  # finished runs
             continue
-        digest = hashlib.sha256((run_dir / "best.pt").read_bytes()).hexdigest()
+        weights = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)["state_dict"]
+        digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in weights.values())).hexdigest()
         if digest in seen:  # the same recipe trained twice (studies share their baseline): count it once
             print(f"{run_dir}: the same weights as {seen[digest]}, skipped")
             continue
@@ -54,8 +55,7 @@ def main(argv=None) -> int:
             cfg = make_config(**dict(fields, batch_size=saved["batch_size"], tta_flip=flip, compile=False,
                                      device="cpu", wandb="off"))
             run = assemble(cfg, info, splits)
-            run.model.module.load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu",
-                                                        weights_only=True)["state_dict"])
+            run.model.module.load_state_dict(weights)
             test = evaluate(run.model.eval_model, run.shards(splits.test), run.precision, info)
             result["test_acc_flip" if flip else "test_acc"] = test.accuracy
             result["test_loss_flip" if flip else "test_loss"] = test.loss

@@ -13,10 +13,14 @@ from typing import Sequence
 
 from . import files
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+def pyplot():
+    """matplotlib on the file backend, imported when a figure is drawn: training processes that
+    never draw (every rank but 0, every benchmark run) do not pay its import."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -33,6 +37,7 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def loss_curves(records: list[dict], path: Path, title: str = "") -> Path:
     """Train and validation loss per epoch, as the report's figures."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("train_loss", "train loss"), ("val_loss", "validation loss")):
         x, y = series(records, key)
@@ -53,6 +58,7 @@ def confusion_matrix(matrix, classes: Sequence[str], path: Path, title: str = ""
     import numpy as np
     m = np.asarray(matrix, dtype=float)
     rates = m / np.maximum(m.sum(1, keepdims=True), 1)
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
@@ -73,6 +79,7 @@ def confusion_matrix(matrix, classes: Sequence[str], path: Path, title: str = ""
 
 def overlay(runs: dict[str, list[dict]], path: Path, title: str = "") -> Path:
     """Loss, accuracy and epoch time of several runs side by side."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for i, (name, records) in enumerate(runs.items()):
         color = f"C{i % 10}"
@@ -100,6 +107,7 @@ def overlay(runs: dict[str, list[dict]], path: Path, title: str = "") -> Path:
 
 def loss_overlay(runs: dict[str, list[dict]], path: Path, title: str = "") -> Path:
     """Train (solid) and validation (dashed) loss of several runs on one axis."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (name, records) in enumerate(runs.items()):
         for key, style in (("train_loss", "-"), ("val_loss", "--")):

@@ -118,12 +118,13 @@ def resolve_precision(requested: str, device_type: str) -> str:
 
 
 def resolve_wandb(requested: str, notes: list[str]) -> str:
-    """auto: online with credentials, offline without (or as WANDB_MODE says), off when wandb is
-    not installed."""
-    if requested == "off":
+    """auto: as WANDB_MODE says when set, else online with credentials, offline without; off when
+    wandb is not installed. wandb (a second to import) is imported only when it will be used."""
+    env_mode = os.environ.get("WANDB_MODE")
+    if requested == "off" or (requested == "auto" and env_mode in ("disabled", "off")):
         return "off"
     try:
-        import wandb  # noqa: F401  (imported only when W&B is wanted)
+        import wandb  # noqa: F401  (imported only when W&B will be used)
     except ImportError:
         if requested == "auto":
             notes.append("wandb is not installed; W&B logging is off (pip install wandb to enable it)")
@@ -131,9 +132,8 @@ def resolve_wandb(requested: str, notes: list[str]) -> str:
         raise ConfigError(f"--wandb {requested}: wandb is not installed; pip install wandb, or --wandb off") from None
     if requested != "auto":
         return requested
-    env_mode = os.environ.get("WANDB_MODE")
-    if env_mode in ("offline", "disabled", "online"):
-        return {"disabled": "off"}.get(env_mode, env_mode)
+    if env_mode in ("offline", "online"):
+        return env_mode
     netrc = Path.home() / ".netrc"
     has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
     if not has_key:

@@ -43,8 +43,10 @@ for module in "${OTHERS[@]}"; do
 done
 # `pip install .` without an index (tests, offline clusters) builds with this setuptools:
 # bdist_wheel is built in from 70.1 on
-.venv/bin/python -c 'import sys, setuptools; sys.exit(tuple(map(int, setuptools.__version__.split(".")[:2])) < (70, 1))' \
-  2>/dev/null || need+=("setuptools>=70.1")
+if ! .venv/bin/python -c 'import sys, setuptools; sys.exit(tuple(map(int, setuptools.__version__.split(".")[:2])) < (70, 1))' 2>/dev/null; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check "setuptools>=70.1" 2>/dev/null \
+    || echo "[setup] note: no setuptools >= 70.1 to be had (no package index?): training is unaffected, 'pip install .' without an index is not" >&2
+fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "[setup] installing: ${need[*]}" >&2
   .venv/bin/python -m pip install -q --disable-pip-version-check "${need[@]}"
