@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SHARED_TARBALL = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 sys.path.insert(0, str(ROOT))
+from dist_cifar.files import read_jsonl  # noqa: E402
 
 
 def provenance(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -94,4 +95,4 @@ def run_trainer(args: list[str], out_dir: Path, nproc: int = 1, env: dict | None
                           timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"trainer failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return read_jsonl(out_dir / "metrics.jsonl")

@@ -63,6 +63,10 @@ def run_dist_cifar(args, model: str, env: dict, scratch: Path) -> dict:
             "images_per_s": last["images_per_s"], "timed_steps": last["steps"], "last_loss": last["train_loss"]}
 
 
+def peer_table(rows: list[dict]) -> str:
+    return table([r for r in rows if "images_per_s" in r], ["contestant", "images_per_s", "dist_cifar_ratio", "last_loss"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="small_cnn,vgg_truncated")
@@ -123,8 +127,7 @@ def main(argv=None) -> int:
                     row["dist_cifar_ratio"] = ours / row["images_per_s"]
             results[model] = {"rows": rows}
             print()
-            print(table([r for r in rows if "images_per_s" in r],
-                        ["contestant", "images_per_s", "dist_cifar_ratio", "last_loss"]))
+            print(peer_table(rows))
             if skip_lightning:
                 print(f"Lightning skipped: {skip_lightning}")
             print()
@@ -137,8 +140,7 @@ def main(argv=None) -> int:
                      "models": results})
     lines = []
     for model, result in results.items():
-        lines += [f"## {model}", table([r for r in result["rows"] if "images_per_s" in r],
-                                      ["contestant", "images_per_s", "dist_cifar_ratio", "last_loss"]), ""]
+        lines += [f"## {model}", peer_table(result["rows"]), ""]
     if not args.no_txt:
         out.with_suffix(".txt").write_text("\n".join(lines))
     from charts import peers_chart

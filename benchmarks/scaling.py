@@ -56,13 +56,13 @@ def main(argv=None) -> int:
     import torch
     gpus = torch.cuda.device_count()
     max_nproc = args.max_nproc or (gpus if gpus else 2)
-    counts = [n for n in (1, 2, 4, 8, 16) if n <= max_nproc]
+    counts = [] if args.assume_t1_ms else [n for n in (1, 2, 4, 8, 16) if n <= max_nproc]
     base = ["--model", args.model, "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
             "--steps-per-epoch", str(args.steps_per_epoch), "--split", "full", "--val-size", "0",
             "--no-save-best", *data_args(args.dataset, args.data_dir), *args.extra.split()]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in counts if not args.assume_t1_ms else ():
+        for n in counts:
             threads = [] if gpus else ["--threads", str(max(args.threads_total // n, 1))]
             env = {} if gpus else {"OMP_NUM_THREADS": str(max(args.threads_total // n, 1))}
             last = run_trainer([*base, *threads], Path(tmp) / f"n{n}", nproc=n, env=env)[-1]

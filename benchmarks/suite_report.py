@@ -13,13 +13,10 @@ from pathlib import Path
 
 from common import provenance, write_json
 from dist_cifar.cost import measure
+from dist_cifar.files import read_jsonl
 
 # Dense bf16 peak of an H200 SXM (the data sheet's 989.4 TFLOP/s without sparsity).
 H200_BF16_PEAK_TFLOPS = 989.4
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
 
 
 def distil_run(run_dir: Path, out: Path, peak_tflops: float) -> dict:

@@ -19,7 +19,7 @@ import torch
 
 from common import RESULTS, provenance, table, write_json
 from dist_cifar import distributed as D
-from dist_cifar.assembly import assemble
+from dist_cifar.assembly import FlipAveraged, assemble
 from dist_cifar.config import TrainConfig, make_config
 from dist_cifar.data import load_source, make_splits
 from dist_cifar.engine import evaluate
@@ -51,14 +51,13 @@ def main(argv=None) -> int:
         splits = loaded[key]
         result = {"run": f"{run_dir.parent.name}/{run_dir.name}", "model": fields["model"],
                   "augment": fields["augment"]}
-        for flip in (False, True):
-            cfg = make_config(**dict(fields, batch_size=saved["batch_size"], tta_flip=flip, compile=False,
-                                     device="cpu", wandb="off"))
-            run = assemble(cfg, info, splits)
-            run.model.module.load_state_dict(weights)
-            test = evaluate(run.model.eval_model, run.shards(splits.test), run.precision, info)
-            result["test_acc_flip" if flip else "test_acc"] = test.accuracy
-            result["test_loss_flip" if flip else "test_loss"] = test.loss
+        run = assemble(make_config(**dict(fields, batch_size=saved["batch_size"], tta_flip=False, compile=False,
+                                          device="cpu", wandb="off")), info, splits)
+        run.model.module.load_state_dict(weights)
+        test_shards = run.shards(splits.test)
+        for suffix, model in (("", run.model.eval_model), ("_flip", FlipAveraged(run.model.eval_model))):
+            test = evaluate(model, test_shards, run.precision, info)
+            result["test_acc" + suffix], result["test_loss" + suffix] = test.accuracy, test.loss
         result["gain_points"] = result["test_acc_flip"] - result["test_acc"]
         rows.append(result)
         print(f"{result['run']:<40} {result['test_acc']:6.2f} -> {result['test_acc_flip']:6.2f}", flush=True)
