@@ -19,7 +19,8 @@ import torch
 
 from common import RESULTS, provenance, table, write_json
 from dist_cifar import distributed as D
-from dist_cifar.assembly import FlipAveraged, assemble
+from dist_cifar.assembly import assemble
+from dist_cifar.parallel import FlipAveraged
 from dist_cifar.config import TrainConfig, make_config
 from dist_cifar.data import load_source, make_splits
 from dist_cifar.engine import evaluate

@@ -5,19 +5,16 @@ wrapper, optimizer, LR schedule and precision policy, and it computes the derive
 (global batch, steps per epoch, normalisation) once. The trainer, the benchmarks and the tests
 all call it; nothing else unpacks the config into these parts.
 
-The model wrapper keeps both the module (evaluation, checkpoints: the raw parameters) and the
-callable the step loop trains (DDP-wrapped, then compiled, so DDP keeps its bucketed all-reduce
-overlap under torch.compile).
+How the model is spread over the ranks (DDP, the hybrid sharded head, FSDP2) is parallel.py's
+job; the assembler builds the plain model with the run's seed and hands it over.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import distributed as D
 from .config import ConfigError, TrainConfig
@@ -25,88 +22,15 @@ from .data import Split, Splits, normalization
 from .engine import Precision, StepParts
 from .loaders import EvalShards, LoaderSpec, build_train_loader
 from .models import build_model
+from .parallel import WrappedModel, parallelize
 from .runtime import settle
 
 
-class CommTimer:
-    """A DDP communication hook that times each bucket's all-reduce.
-
-    comm_s sums, over buckets, the host time from the bucket's hand-off to its future's
-    completion. On gloo (CPU) that is the all-reduce itself; buckets overlap with backward and
-    each other, so it is communication time, not time added to the step. On NCCL the future
-    completes when the work is queued on the GPU stream, so the number is a lower bound."""
-
-    def __init__(self, kind: str):
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-        self.base = {"allreduce": default_hooks.allreduce_hook,
-                     "fp16": default_hooks.fp16_compress_hook,
-                     "bf16": default_hooks.bf16_compress_hook}[kind]
-        self.total_s = 0.0
-
-    def hook(self, state, bucket):  # DDP calls this once per gradient bucket
-        t0 = time.perf_counter()
-
-        def done(fut):
-            self.total_s += time.perf_counter() - t0
-            return fut.value()
-
-        return self.base(state, bucket).then(done)
-
-    def take(self) -> float:
-        value, self.total_s = self.total_s, 0.0
-        return value
-
-
-class FlipAveraged(nn.Module):
-    """Test-time augmentation: the logits of an image and of its mirror, averaged. Training flips,
-    so both views are in distribution; evaluation costs twice the forward passes."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.inner(x) + self.inner(x.flip(3))) / 2
-
-
-@dataclass
-class WrappedModel:
-    module: nn.Module            # raw parameters: evaluation, checkpoints, parameter counts
-    train_model: nn.Module       # what the step loop calls (DDP and/or compiled)
-    eval_model: nn.Module        # module, compiled when --compile
-    comm: Optional[CommTimer] = None
-
-
 def wrap_model(cfg: TrainConfig, info: D.DistInfo) -> WrappedModel:
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (shards are cut from them)
     with torch.device(info.device):  # built where it trains: vgg16_cifar's 333M parameters init in ms on a GPU
         module = build_model(cfg.model, cfg.batchnorm, cfg.dropout, cfg.pooling)
-    if cfg.sync_bn and info.distributed:  # runtime.resolve has refused it on CPU
-        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
-    module = module.to(info.device, memory_format=memory_format)
-    train_model: nn.Module = module
-    comm = None
-    if info.distributed:
-        train_model = DDP(
-            module, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-            bucket_cap_mb=cfg.ddp_bucket_mb, gradient_as_bucket_view=cfg.ddp_grad_as_bucket_view,
-            static_graph=cfg.ddp_static_graph,
-            # BatchNorm statistics stay per rank while training (no broadcast before every forward);
-            # the trainer broadcasts rank 0's buffers once before each evaluation instead.
-            broadcast_buffers=False,
-        )
-        if cfg.ddp_comm_hook != "none":
-            comm = CommTimer(cfg.ddp_comm_hook)
-            train_model.register_comm_hook(None, comm.hook)
-    torch.manual_seed(cfg.seed + 7_919 * (info.rank + 1))  # dropout masks differ between ranks
-    eval_model = module
-    if cfg.compile:
-        train_model = torch.compile(train_model, mode=cfg.compile_mode, dynamic=False)
-        eval_model = torch.compile(module, mode=cfg.compile_mode, dynamic=False)
-    if cfg.tta_flip:
-        eval_model = FlipAveraged(eval_model)  # outside compile: both views reuse one graph
-    return WrappedModel(module, train_model, eval_model, comm)
+    return parallelize(module, cfg, info)
 
 
 def build_optimizer(cfg: TrainConfig, module: nn.Module, device: torch.device) -> torch.optim.Optimizer:
@@ -164,8 +88,9 @@ class TrainingRun:
                          label_smoothing=self.cfg.label_smoothing, grads_to_none=not bucket_views)
 
     def shards(self, split: Split) -> EvalShards:
-        """This rank's exact slice of an evaluation split, normalised like training."""
-        return EvalShards(split, self.info.device, self.eval_spec)
+        """This rank's exact slice of an evaluation split, normalised like training (in lockstep
+        over the ranks when the model's forward is itself a collective)."""
+        return EvalShards(split, self.info.device, self.eval_spec, lockstep=self.model.plan.lockstep)
 
 
 def assemble(cfg: TrainConfig, info: D.DistInfo, splits: Splits) -> TrainingRun:
@@ -180,9 +105,10 @@ def assemble(cfg: TrainConfig, info: D.DistInfo, splits: Splits) -> TrainingRun:
     if len(loader) == 0:
         raise ConfigError(f"--batch-size {cfg.batch_size} x {info.world_size} processes exceeds the "
                           f"{len(splits.train)} training images: lower --batch-size")
-    # `is not None`, never truthiness: a rank whose shard is empty must still join the all-reduce
-    val_shards = EvalShards(splits.val, info.device, eval_spec) if splits.val is not None else None
     model = wrap_model(cfg, info)
+    # `is not None`, never truthiness: a rank whose shard is empty must still join the all-reduce
+    val_shards = (EvalShards(splits.val, info.device, eval_spec, lockstep=model.plan.lockstep)
+                  if splits.val is not None else None)
     optimizer = build_optimizer(cfg, model.module, info.device)
     scheduler = build_scheduler(cfg, optimizer, len(loader))
     policy = Precision.build(cfg.precision, info.device)

@@ -358,13 +358,16 @@ class CheckpointManager:
             self.blocked_s += time.perf_counter() - t0
         return True
 
-    def save_best(self, module: torch.nn.Module, *, epoch: int, val_loss: Optional[float]) -> None:
-        """best.pt: the weights alone (evaluation, fine-tuning), rank 0 only, in the background."""
+    def save_best(self, *, epoch: int, val_loss: Optional[float]) -> None:
+        """best.pt: the plain weights alone (evaluation, fine-tuning), in the background. Every
+        rank calls it (a sharded model is consolidated on rank 0); rank 0 writes."""
+        t0 = time.perf_counter()
+        if self.info.is_main:
+            self._join("best")
+        state = self.parts["model"].state_dict()
         if not self.info.is_main:
             return
-        t0 = time.perf_counter()
-        self._join("best")
-        weights = self.snapshots["best"].take(module.state_dict())
+        weights = self.snapshots["best"].take(state)
         blob = {"format": FORMAT, "model_name": self.config["model"], "epoch": epoch, "val_loss": val_loss,
                 "state_dict": weights, "config": self.config}
         self._start("best", lambda: self._write_best(blob))
@@ -428,12 +431,15 @@ class CheckpointManager:
             print(f"[dist_cifar] {message}", flush=True)
 
     # -- loading ---------------------------------------------------------------------
-    def load_best(self, module: torch.nn.Module) -> bool:
-        self._join("best")
+    def load_best(self) -> bool:
+        """Every rank loads best.pt into the model (each keeps its slice of a sharded one); False
+        when there is none. Every rank must call it."""
+        if self.info.is_main:
+            self._join("best")
         best = self.out_dir / files.BEST
-        if not best.exists():
+        if not D.broadcast_object(self.info, best.exists() if self.info.is_main else None):
             return False
-        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+        self.parts["model"].load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
         return True
 
     def restore(self, path: Path, state: RunState, *, steps_per_epoch: int, seed: int) -> list[str]:

@@ -113,6 +113,8 @@ class TrainConfig:
     """Process-group backend: auto (nccl with CUDA, else gloo), nccl or gloo."""
     dist_timeout: float = 300.0
     """Seconds a collective may wait before the job fails instead of hanging."""
+    parallel: str = "ddp"
+    """How the model is spread over the ranks: ddp (every rank holds the whole model; DDP all-reduces every gradient), hybrid (convolutions data-parallel under DDP, the classifier's first two Linear layers sharded over the ranks: features are all-gathered, not the 302M-parameter FC1's gradients; README "Past one GPU"), fsdp (FSDP2: every parameter sharded, bf16 all-gather under bf16, fp32 reduce-scatter; for very large global batches)."""
     sync_bn: bool = False
     """Convert BatchNorm to SyncBatchNorm (batch statistics over all ranks)."""
     ddp_bucket_mb: float = 25.0
@@ -192,6 +194,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "backend": ("auto", "nccl", "gloo"),
     "ddp_comm_hook": ("none", "allreduce", "fp16", "bf16"),
+    "parallel": ("ddp", "hybrid", "fsdp"),
     "wandb": ("auto", "online", "offline", "off"),
     "job_type": ("train", "benchmark", "ablation"),
     "preset": ("", "report", "fast", "smoke"),
@@ -382,3 +385,8 @@ def validate(cfg: TrainConfig) -> None:
     from .models import MODELS  # late import: models is a sibling, not a dependency of config
     if cfg.model not in MODELS:
         raise ConfigError(f"--model {cfg.model!r} is unknown; known models: {', '.join(MODELS)}")
+    if cfg.parallel == "hybrid" and cfg.model == "linear":
+        raise ConfigError("--parallel hybrid shards a classifier of at least two Linear layers; --model linear has "
+                          "one: use --parallel ddp")
+    if cfg.parallel == "fsdp" and cfg.sync_bn:
+        raise ConfigError("--sync-bn is a DDP feature: use --parallel ddp or hybrid with it, or drop it")

@@ -73,6 +73,85 @@ def ring_allreduce_s(grad_bytes: float, gpus: int, link_gbs: float) -> float:
     return 0.0 if gpus <= 1 else 2 * (gpus - 1) / gpus * grad_bytes / (link_gbs * 1e9)
 
 
+def ring_bytes(kind: str, full_bytes: int, world: int) -> int:
+    """What one rank sends for one collective over `full_bytes` (the all-reduced tensor, or the
+    gathered / scattered full tensor) with the ring algorithm."""
+    if world <= 1:
+        return 0
+    if kind == "all_reduce":
+        return 2 * (world - 1) * full_bytes // world
+    return (world - 1) * full_bytes // world  # all_gather, reduce_scatter
+
+
+DESIGNS = ("ddp", "hybrid", "fsdp")
+
+
+def predict_wire(design: str, model: str, *, batch_per_rank: int, world: int, precision: str = "fp32",
+                 comm_hook: str = "none", **switches) -> dict[str, int]:
+    """Bytes one rank sends per training step under `design`, by collective (ring accounting),
+    from the model's shapes alone. parallel.py records the same from the running job.
+
+    ddp: every gradient all-reduced (2 bytes an element with an fp16/bf16 hook).
+    hybrid: the first Linear column-parallel, the second row-parallel: features all-gathered
+    (in the autocast dtype) and their gradients reduce-scattered (fp32); the second Linear's
+    outputs reduce-scattered (fp32) and their gradients all-gathered (fp32); every other
+    parameter (the trunk, the second Linear's bias, later layers) all-reduced by DDP.
+    fsdp: per unit (each Linear, then the root with the rest) its parameters, dim 0 padded to a
+    multiple of the world size, all-gathered in the parameter dtype in forward (and again in
+    backward for the Linear units, resharded after forward) and reduce-scattered in fp32."""
+    with torch.device("meta"):
+        net = build_model(model, **switches)
+    out = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
+    if world <= 1:
+        return out
+    low = 2 if precision in ("bf16", "fp16") else 4
+    params = dict(net.named_parameters())
+    linears = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if design == "ddp":
+        hook = 2 if comm_hook in ("fp16", "bf16") else 4
+        out["all_reduce"] = ring_bytes("all_reduce", sum(p.numel() for p in params.values()) * hook, world)
+    elif design == "hybrid":
+        (first_name, first), (second_name, second) = linears[:2]
+        sharded = {f"{first_name}.weight", f"{first_name}.bias", f"{second_name}.weight"}
+        rest = sum(p.numel() for name, p in params.items() if name not in sharded)
+        hook = 2 if comm_hook in ("fp16", "bf16") else 4
+        rows = batch_per_rank * world
+        out["all_reduce"] = ring_bytes("all_reduce", rest * hook, world)
+        out["all_gather"] = (ring_bytes("all_gather", rows * first.in_features * low, world)
+                             + ring_bytes("all_gather", rows * second.out_features * 4, world))
+        out["reduce_scatter"] = (ring_bytes("reduce_scatter", rows * first.in_features * 4, world)
+                                 + ring_bytes("reduce_scatter", rows * second.out_features * 4, world))
+    elif design == "fsdp":
+        param_bytes = 2 if precision == "bf16" else 4
+        units = [name for name, _ in linears] + [""]
+        owned: dict[str, int] = {u: 0 for u in units}
+        for name, p in params.items():
+            owner = max((u for u in units if u == "" or name.startswith(u + ".")), key=len)
+            owned[owner] += -(-p.shape[0] // world) * world * (p.numel() // p.shape[0])
+        for unit, numel in owned.items():
+            gathers = 1 if unit == "" else 2
+            out["all_gather"] += gathers * ring_bytes("all_gather", numel * param_bytes, world)
+            out["reduce_scatter"] += ring_bytes("reduce_scatter", numel * 4, world)
+    else:
+        raise ValueError(f"unknown design {design!r}")
+    return out
+
+
+def hybrid_crossover(model: str, *, world: int, precision: str = "fp32", comm_hook: str = "none",
+                     limit: int = 1 << 17) -> int:
+    """The smallest global batch at which the hybrid head sends more bytes per rank per step than
+    DDP does (0 when it never does below `limit`)."""
+    ddp = sum(predict_wire("ddp", model, batch_per_rank=1, world=world, comm_hook=comm_hook).values())
+    per_rank = 1
+    while per_rank * world <= limit:
+        hybrid = sum(predict_wire("hybrid", model, batch_per_rank=per_rank, world=world, precision=precision,
+                                  comm_hook=comm_hook).values())
+        if hybrid > ddp:
+            return per_rank * world
+        per_rank *= 2
+    return 0
+
+
 def floors(cost: ModelCost, *, batch_size: int, gpus: int, peak_tflops: float, link_gbs: float,
            images: int = TRAIN_IMAGES) -> dict[str, float]:
     steps = images // (batch_size * gpus)
@@ -119,6 +198,15 @@ def main(argv=None) -> int:
     print(f"  all-reduce floor fp32      {fl['allreduce_fp32_s_per_epoch']:10.3f} s/epoch "
           f"({1000 * fl['allreduce_fp32_s_per_step']:.2f} ms/step x {fl['steps_per_epoch']} steps)")
     print(f"  all-reduce floor bf16 hook {fl['allreduce_bf16_s_per_epoch']:10.3f} s/epoch")
+    if args.gpus > 1:
+        print(f"bytes each GPU sends per step at {args.batch_size}/GPU (ring; --parallel):")
+        for design, precision, hook in (("ddp", "fp32", "none"), ("ddp", "bf16", "bf16"), ("hybrid", "fp32", "none"),
+                                        ("hybrid", "bf16", "bf16"), ("fsdp", "bf16", "none")):
+            if design == "hybrid" and sum(isinstance(m, nn.Linear) for m in build_model(args.model).modules()) < 2:
+                continue
+            wire = predict_wire(design, args.model, batch_per_rank=args.batch_size, world=args.gpus,
+                                precision=precision, comm_hook=hook)
+            print(f"  {design:<7} {precision} (hook {hook:<4}) {sum(wire.values()) / 1e6:12.1f} MB")
     return 0
 
 

@@ -160,12 +160,3 @@ def broadcast_buffers(info: DistInfo, module: torch.nn.Module) -> None:
         with torch.no_grad():
             for buffer in module.buffers():
                 dist.broadcast(buffer, src=0)
-
-
-def broadcast_module(info: DistInfo, module: torch.nn.Module) -> None:
-    """Rank 0's parameters and buffers on every rank (e.g. the best weights it loaded)."""
-    if not info.distributed:
-        return
-    with torch.no_grad():
-        for tensor in module.state_dict().values():
-            dist.broadcast(tensor, src=0)

@@ -184,20 +184,25 @@ class EvalShards:
     """Exact distributed evaluation: rank r takes the r-th contiguous slice of the split, no
     duplicates, so summed counts equal a single process's. Every batch has `batch_size` rows:
     the last one is padded with zero images whose outputs the caller drops (the labels cover
-    the real rows only), so a compiled model sees one shape and never recompiles."""
+    the real rows only), so a compiled model sees one shape and never recompiles.
 
-    def __init__(self, split: Split, device: torch.device, spec: LoaderSpec):
+    `lockstep`: every rank yields as many batches as the largest slice needs (the extra ones all
+    padding, with no labels), for models whose forward is a collective (a sharded head, FSDP)."""
+
+    def __init__(self, split: Split, device: torch.device, spec: LoaderSpec, *, lockstep: bool = False):
         part = torch.tensor_split(torch.arange(len(split)), spec.world)[spec.rank]
         self.x = split.x[part].to(device)
         self.y = split.y[part].to(device)
         self.batch_size = spec.batch_size
         self.normalize = Normalizer(spec.mean, spec.std, device, spec.channels_last)
+        largest = -(-len(split) // spec.world)  # tensor_split's first slice is the largest
+        self.count = -(-(largest if lockstep else len(self.y)) // self.batch_size)
 
     def __len__(self) -> int:
-        return (len(self.y) + self.batch_size - 1) // self.batch_size
+        return self.count
 
     def batches(self) -> Iterator[Batch]:
-        for start in range(0, len(self.y), self.batch_size):
+        for start in range(0, self.count * self.batch_size, self.batch_size):
             images = self.x[start:start + self.batch_size]
             if images.shape[0] < self.batch_size:
                 pad = images.new_zeros((self.batch_size - images.shape[0], *images.shape[1:]))

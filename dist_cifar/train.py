@@ -28,14 +28,15 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from . import __version__, files, plot, rundir
+from . import __version__, cost, files, plot, rundir
 from .assembly import TrainingRun, assemble
 from .checkpoint import CheckpointManager, RunState
 from .config import ConfigError, TrainConfig, parse_config
 from .data import DataError, Splits, load_source, make_splits
 from .engine import EpochSums, EvalResult, NonFiniteLoss, StepHooks, evaluate, global_mean, train_epoch
 from .faults import FaultInjector
-from .models import count_parameters
+from .models import build_model, count_parameters
+from .parallel import ConsolidatedModel, ConsolidatedOptimizer
 from .preemption import EXIT_PREEMPTED, PreemptionFlag
 from .reporting import Reporter, SilentReporter
 from .runtime import resolve
@@ -132,7 +133,9 @@ def epoch_loop(run: TrainingRun, state: RunState, checkpoints: CheckpointManager
         record = epoch_record(run, result, val, eval_s=time.perf_counter() - t_eval,
                               compile_s=result.first_step_s if start.epoch == first_epoch else None)
         state.history.append(record)
-        track_best(state, record, checkpoints, run.model.module, save=cfg.save_best)
+        if start.epoch == first_epoch:
+            check_wire(run, record, reporter)
+        track_best(state, record, checkpoints, save=cfg.save_best)
         state.epoch, state.step, state.sums = start.epoch + 1, 0, EpochSums()
         last = state.epoch == cfg.epochs
         if checkpoint_due(cfg, checkpoints, state.epoch):
@@ -205,8 +208,11 @@ def make_reporter(cfg: TrainConfig, notes: tuple[str, ...], info: D.DistInfo, ou
 
 
 def stateful_parts(run: TrainingRun) -> dict[str, Any]:
-    """What a checkpoint asks for its state: weights, optimizer, schedule, GradScaler."""
-    parts = {"model": run.model.module, "optimizer": run.optimizer, "scheduler": run.scheduler}
+    """What a checkpoint asks for its state: weights, optimizer, schedule, GradScaler. Weights and
+    optimizer come through the parallel layout, so a checkpoint always holds the plain state."""
+    plan, module = run.model.plan, run.model.module
+    parts = {"model": ConsolidatedModel(plan, module), "optimizer": ConsolidatedOptimizer(plan, run.optimizer, module),
+             "scheduler": run.scheduler}
     if run.precision.scaler is not None:
         parts["scaler"] = run.precision.scaler
     return parts
@@ -248,18 +254,42 @@ def describe(run: TrainingRun, out_dir: Path) -> dict[str, Any]:
     return dict(run.cfg.to_dict(), world_size=info.world_size, global_batch_size=run.global_batch_size,
                 device_name=device_name, torch_version=torch.__version__, git_commit=git_commit(),
                 dist_cifar_version=__version__,
-                num_params=count_parameters(run.model.module), out_dir=str(out_dir),
+                num_params=plain_parameter_count(run.cfg), out_dir=str(out_dir),
+                parallel_resolved=run.model.plan.name, wire_predicted=predicted_wire(run),
                 precision_resolved=run.precision.name, backend_resolved=info.backend or "none",
                 data_source=splits.source, steps_per_epoch_resolved=run.steps_per_epoch,
                 split_sizes=dict(train=len(splits.train), val=len(splits.val) if splits.val is not None else 0,
                                  test=len(splits.test)))
 
 
+def plain_parameter_count(cfg: TrainConfig) -> int:
+    """Parameters of the whole model, whatever slice of it this rank holds."""
+    with torch.device("meta"):
+        return count_parameters(build_model(cfg.model, **model_switches(cfg)))
+
+
+def model_switches(cfg: TrainConfig) -> dict[str, bool]:
+    return dict(batchnorm=cfg.batchnorm, dropout=cfg.dropout, pooling=cfg.pooling)
+
+
+def predicted_wire(run: TrainingRun) -> dict[str, int]:
+    """What dist_cifar.cost predicts each rank sends per step (ring accounting), by collective."""
+    cfg, info = run.cfg, run.info
+    if not info.distributed:
+        return {}
+    return cost.predict_wire(run.model.plan.name, cfg.model, batch_per_rank=cfg.batch_size, world=info.world_size,
+                             precision=run.precision.name, comm_hook=cfg.ddp_comm_hook, **model_switches(cfg))
+
+
 def start_line(run: TrainingRun, run_config: dict[str, Any]) -> str:
     cfg, info = run.cfg, run.info
-    return (f"{cfg.model}: {run_config['num_params']:,} parameters | world size {info.world_size} x batch "
+    line = (f"{cfg.model}: {run_config['num_params']:,} parameters | world size {info.world_size} x batch "
             f"{cfg.batch_size} per process = global batch {run.global_batch_size} | {run.precision.name} on "
             f"{run_config['device_name']} | {run.steps_per_epoch} steps/epoch | out {run_config['out_dir']}")
+    if info.distributed:
+        wire = sum(run_config["wire_predicted"].values())
+        line += f"\n  {run.model.plan.describe()}: {wire / 1e6:,.1f} MB per rank per step on the wire (predicted)"
+    return line
 
 
 # ------------------------------------------------------------------------------ per epoch
@@ -281,11 +311,20 @@ def epoch_record(run: TrainingRun, result, val: Optional[EvalResult], *, eval_s:
         "rank_time_min_s": min(rank_times), "rank_time_max_s": max(rank_times),
         "peak_memory_mb": peak_memory_mb(info.device), "compile_s": compile_s, "eval_time_s": eval_s,
         "steps": result.steps, "world_size": info.world_size,
+        "wire_bytes_per_step": run.model.plan.wire().total() if info.distributed and result.steps else None,
         "checkpoint_blocked_s": None, "checkpoint_write_s": None,  # filled in after the epoch's saves
     }
 
 
-def track_best(state: RunState, record: dict, checkpoints: CheckpointManager, module, *, save: bool) -> None:
+def check_wire(run: TrainingRun, record: dict, reporter) -> None:
+    """Say so when the bytes the collectives sent differ from dist_cifar.cost's prediction."""
+    predicted = sum(predicted_wire(run).values())
+    if record["wire_bytes_per_step"] is not None and record["wire_bytes_per_step"] != predicted:
+        reporter.note(f"warning: each rank sent {record['wire_bytes_per_step']:,} bytes per step, dist_cifar.cost "
+                      f"predicted {predicted:,}")
+
+
+def track_best(state: RunState, record: dict, checkpoints: CheckpointManager, *, save: bool) -> None:
     """Keep the weights with the lowest validation loss, as the report does (last epoch when
     there is no validation split)."""
     val_loss = record["val_loss"] if record["val_loss"] is not None else -float(record["epoch"])
@@ -293,7 +332,7 @@ def track_best(state: RunState, record: dict, checkpoints: CheckpointManager, mo
         state.best_val_loss, state.best_epoch = val_loss, record["epoch"]
         state.time_to_best_s = state.train_time_s
         if save:
-            checkpoints.save_best(module, epoch=record["epoch"], val_loss=record["val_loss"])
+            checkpoints.save_best(epoch=record["epoch"], val_loss=record["val_loss"])
 
 
 # ------------------------------------------------------------------------------ end of run
@@ -311,9 +350,8 @@ def finish(run: TrainingRun, state: RunState, reporter, *, checkpoints: Checkpoi
     """The report's compute_accuracy on the best weights, the confusion matrix, plots, summary."""
     cfg, info, splits, model = run.cfg, run.info, run.splits, run.model
     out_dir = checkpoints.out_dir
-    if info.is_main and cfg.save_best:
-        checkpoints.load_best(model.module)
-    D.broadcast_module(info, model.module)
+    if cfg.save_best:
+        checkpoints.load_best()
     last = state.history[-1] if state.history else {}
     timing = {"epochs_run": len(state.history), "total_time_s": state.train_time_s,
               "mean_epoch_time_s": sum(r["epoch_time_s"] for r in state.history) / max(len(state.history), 1),

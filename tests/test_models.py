@@ -50,7 +50,8 @@ def test_flip_tta_averages_the_two_views_and_is_what_evaluation_sees():
     import torch
 
     from dist_cifar import distributed as D
-    from dist_cifar.assembly import FlipAveraged, assemble
+    from dist_cifar.assembly import assemble
+    from dist_cifar.parallel import FlipAveraged
     from dist_cifar.config import make_config
     from dist_cifar.data import make_splits, make_synthetic
     from dist_cifar.engine import evaluate

@@ -1,0 +1,537 @@
+"""How a model is spread over the ranks: `parallelize(module, cfg, info)` -> WrappedModel.
+
+Three designs (`--parallel`), all on plain torch.distributed, gloo or NCCL:
+
+- `ddp`: every rank holds the whole model; DDP all-reduces every gradient (1.33 GB fp32 per
+  step for vgg16_cifar, whatever the batch).
+- `hybrid`: data parallelism for the convolutions, model parallelism for the classifier
+  (Krizhevsky 2014, "One weird trick"). The trunk and the small replicated layers stay under DDP
+  (it ignores the sharded parameters). The trunk's features are all-gathered along the batch,
+  the first Linear is column-parallel (each rank owns a slice of its output neurons), the second
+  row-parallel (each rank owns the matching slice of its inputs) and ends in a reduce-scatter
+  that hands each rank the summed outputs of its own samples; later layers are replicated.
+  Bytes per step scale with the batch (features), not with the 302M parameters of FC1.
+- `fsdp`: torch's FSDP2 (`fully_shard` on every Linear and on the root; bf16 parameter
+  all-gather under bf16, fp32 gradient reduce-scatter, AdamW steps the local shard). Its bytes
+  scale with the parameters (3 x their size per step in ring terms), so it only wins when the
+  batch is so large that the hybrid's gathered features outweigh them.
+
+Gradient scale in the hybrid head. Each rank's loss is the mean over its own samples; DDP
+averages the trunk's gradients over ranks. Inside the sharded region (between the gather and
+the reduce-scatter) autograd would see the *sum* of the per-rank losses, so the reduce-scatter's
+backward divides by W (the region then holds the gradient of the global mean loss), and the
+gather's backward multiplies by W (the trunk gets the per-rank-mean scale that DDP averages).
+
+Dropout stays correct: in the models here it precedes FC1, so it acts on each rank's own samples
+before the gather (one draw per (sample, unit)); activations between FC1 and FC2 are split by
+unit, so a dropout there would also be drawn by exactly one rank.
+
+Checkpoints never see the layout: `stateful_model` / `stateful_optimizer` return objects whose
+`state_dict()` is the plain single-process state (consolidated on rank 0; a collective) and
+whose `load_state_dict()` takes that plain state and keeps this rank's slice. So a checkpoint
+resumes under any design and world size, and `best.pt` loads into `models.build_model`.
+
+Bytes on the wire: `plan.wire()` is what each rank sends per training step, by collective, in
+ring-algorithm terms (all-reduce 2(W-1)/W x size, all-gather and reduce-scatter (W-1)/W x the
+full size), read from the collectives themselves: DDP's reducer buckets, the hybrid head's
+tensors as they are sent, FSDP2's padded shards. `dist_cifar.cost.predict_wire` predicts the
+same numbers from the model alone. gloo implements reduce-scatter as an all-reduce, so on gloo
+the reduce-scatter really sends twice its ring share; the accounting is the ring's.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import distributed as D
+from .config import ConfigError, TrainConfig
+from .cost import ring_bytes
+
+
+# ------------------------------------------------------------------------------ wrapper
+
+
+class CommTimer:
+    """A DDP communication hook that times each bucket's all-reduce.
+
+    comm_s sums, over buckets, the host time from the bucket's hand-off to its future's
+    completion. On gloo (CPU) that is the all-reduce itself; buckets overlap with backward and
+    each other, so it is communication time, not time added to the step. On NCCL the future
+    completes when the work is queued on the GPU stream, so the number is a lower bound."""
+
+    def __init__(self, kind: str):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        self.base = {"allreduce": default_hooks.allreduce_hook,
+                     "fp16": default_hooks.fp16_compress_hook,
+                     "bf16": default_hooks.bf16_compress_hook}[kind]
+        self.total_s = 0.0
+
+    def hook(self, state, bucket):  # DDP calls this once per gradient bucket
+        t0 = time.perf_counter()
+
+        def done(fut):
+            self.total_s += time.perf_counter() - t0
+            return fut.value()
+
+        return self.base(state, bucket).then(done)
+
+    def take(self) -> float:
+        value, self.total_s = self.total_s, 0.0
+        return value
+
+
+class FlipAveraged(nn.Module):
+    """Test-time augmentation: the logits of an image and of its mirror, averaged. Training flips,
+    so both views are in distribution; evaluation costs twice the forward passes."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.inner(x) + self.inner(x.flip(3))) / 2
+
+
+@dataclass
+class WrappedModel:
+    module: nn.Module            # this rank's parameters (sharded under hybrid/fsdp): eval, checkpoints
+    train_model: nn.Module       # what the step loop calls (DDP and/or compiled)
+    eval_model: nn.Module        # module, compiled when --compile
+    plan: "Plan"                 # how the parameters are spread: consolidation, bytes on the wire
+    comm: Optional[CommTimer] = None
+
+
+# ------------------------------------------------------------------------------ wire accounting
+
+
+@dataclass
+class Wire:
+    """Bytes one rank sends per training step, by collective (ring accounting)."""
+
+    world: int
+    sites: dict[str, tuple[str, int]] = field(default_factory=dict)  # site -> (kind, full bytes)
+
+    def add(self, site: str, kind: str, full_bytes: int) -> None:
+        self.sites[site] = (kind, int(full_bytes))
+
+    def by_kind(self) -> dict[str, int]:
+        out = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
+        for kind, full in self.sites.values():
+            out[kind] += ring_bytes(kind, full, self.world)
+        return out
+
+    def total(self) -> int:
+        return sum(self.by_kind().values())
+
+
+# ------------------------------------------------------------------------------ designs
+
+
+class Plan:
+    """`ddp` (and one process): every rank holds the whole model; the plain state is its own."""
+
+    name = "ddp"
+    lockstep = False  # must every rank run every forward (evaluation then pads batch counts)?
+
+    def __init__(self, info: D.DistInfo):
+        self.info = info
+        self.wire_meter = Wire(info.world_size)
+        self.ddp: Optional[DDP] = None
+        self.hook_bytes = 4  # bytes per gradient element on the wire (2 with a bf16/fp16 hook)
+
+    def wire(self) -> Wire:
+        if self.ddp is not None:
+            # the reducer's own buckets: fp32 gradient bytes of every parameter DDP manages
+            sizes = str(self.ddp._get_ddp_logging_data().get("bucket_sizes", "0"))
+            grad_bytes = sum(int(s) for s in sizes.split(",") if s.strip())
+            self.wire_meter.add("ddp_gradients", "all_reduce", grad_bytes * self.hook_bytes // 4)
+        return self.wire_meter
+
+    # -- the plain (single-process) state, consolidated; collectives: every rank calls them
+    def full_model_state(self, module: nn.Module) -> dict[str, Any]:
+        return module.state_dict()
+
+    def load_full_model_state(self, module: nn.Module, state: dict[str, Any]) -> None:
+        module.load_state_dict(state)
+
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str, Any]:
+        return optimizer.state_dict()
+
+    def load_full_optimizer_state(self, optimizer: torch.optim.Optimizer, module: nn.Module,
+                                  state: dict[str, Any]) -> None:
+        optimizer.load_state_dict(state)
+
+    def describe(self) -> str:
+        return "ddp (every rank holds the whole model)" if self.info.distributed else "one process"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's slice of a parameter of the plain model: along `dim`, `sizes[r]` rows for rank r."""
+
+    dim: int
+    sizes: tuple[int, ...]
+
+    def offset(self, rank: int) -> int:
+        return sum(self.sizes[:rank])
+
+    def local(self, full: torch.Tensor, rank: int) -> torch.Tensor:
+        return full.narrow(self.dim, self.offset(rank), self.sizes[rank])
+
+
+def split_sizes(n: int, world: int) -> tuple[int, ...]:
+    """torch.tensor_split's sizes: the first n % world ranks get one more."""
+    return tuple(n // world + (1 if r < n % world else 0) for r in range(world))
+
+
+class ShardedPlan(Plan):
+    """Parameters some of which are split over the ranks (`shards`: FQN -> Shard); consolidation
+    gathers them on rank 0, loading keeps this rank's slice of the plain tensor."""
+
+    lockstep = True
+
+    def __init__(self, info: D.DistInfo):
+        super().__init__(info)
+        self.shards: dict[str, Shard] = {}
+
+    def _gather(self, local: torch.Tensor, shard: Shard) -> Optional[torch.Tensor]:
+        """The plain tensor on rank 0 (None elsewhere); uneven slices are padded for the gather."""
+        biggest = max(shard.sizes)
+        pad = [0, 0] * (local.dim() - 1 - shard.dim) + [0, biggest - local.shape[shard.dim]]
+        padded = F.pad(local.detach(), pad).contiguous()
+        pieces = [torch.empty_like(padded) for _ in range(self.info.world_size)] if self.info.is_main else None
+        dist.gather(padded, pieces, dst=0)
+        if not self.info.is_main:
+            return None
+        return torch.cat([p.narrow(shard.dim, 0, n) for p, n in zip(pieces, shard.sizes)], dim=shard.dim)
+
+    def full_model_state(self, module: nn.Module) -> dict[str, Any]:
+        state = module.state_dict()
+        for name, shard in self.shards.items():
+            state[name] = self._gather(state[name], shard)
+        return state if self.info.is_main else {}
+
+    def load_full_model_state(self, module: nn.Module, state: dict[str, Any]) -> None:
+        mine = dict(state)
+        for name, shard in self.shards.items():
+            mine[name] = shard.local(state[name], self.info.rank)
+        module.load_state_dict(mine)
+
+    def _param_shards(self, module: nn.Module) -> dict[int, Shard]:
+        """Optimizer index -> Shard (the optimizer holds module.parameters() in order)."""
+        return {i: self.shards[name] for i, (name, _) in enumerate(module.named_parameters()) if name in self.shards}
+
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str, Any]:
+        state = optimizer.state_dict()
+        params = list(module.parameters())
+        for index, shard in self._param_shards(module).items():
+            # a copy: state_dict() shares the per-parameter dicts with the live optimizer
+            per_param = state["state"][index] = dict(state["state"].get(index, {}))
+            for key, value in per_param.items():
+                if isinstance(value, torch.Tensor) and value.shape == params[index].shape:
+                    per_param[key] = self._gather(value, shard)  # moments; `step` stays as it is
+        return state if self.info.is_main else {}
+
+    def load_full_optimizer_state(self, optimizer: torch.optim.Optimizer, module: nn.Module,
+                                  state: dict[str, Any]) -> None:
+        mine = {"param_groups": state["param_groups"], "state": {i: dict(s) for i, s in state["state"].items()}}
+        params = list(module.parameters())
+        for index, shard in self._param_shards(module).items():
+            full_shape = list(params[index].shape)
+            full_shape[shard.dim] = sum(shard.sizes)
+            for key, value in mine["state"].get(index, {}).items():
+                if isinstance(value, torch.Tensor) and list(value.shape) == full_shape:
+                    mine["state"][index][key] = shard.local(value, self.info.rank).clone()
+        optimizer.load_state_dict(mine)
+
+
+# ---- hybrid: the collectives as autograd functions
+
+
+class GatherBatch(torch.autograd.Function):
+    """Forward: every rank's rows, concatenated along the batch (all-gather). Backward: the
+    gradient's rows of this rank summed over ranks (reduce-scatter, in fp32), times W."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, head: "HeadComm") -> torch.Tensor:
+        ctx.head = head
+        x = x.contiguous()
+        out = x.new_empty((head.world * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x)
+        head.note("head_features", "all_gather", out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        head = ctx.head
+        full = grad.float().contiguous()
+        mine = full.new_empty((full.shape[0] // head.world, *full.shape[1:]))
+        dist.reduce_scatter_tensor(mine, full)
+        head.note("head_features_grad", "reduce_scatter", full)
+        return (mine * head.world).to(grad.dtype), None
+
+
+class ReduceScatterBatch(torch.autograd.Function):
+    """Forward: partial outputs summed over ranks (fp32), each rank keeping its own samples' rows
+    (reduce-scatter). Backward: every rank's output gradient, concatenated (all-gather), over W."""
+
+    @staticmethod
+    def forward(ctx, partial: torch.Tensor, head: "HeadComm") -> torch.Tensor:
+        ctx.head = head
+        full = partial.float().contiguous()
+        mine = full.new_empty((full.shape[0] // head.world, *full.shape[1:]))
+        dist.reduce_scatter_tensor(mine, full)
+        head.note("head_outputs", "reduce_scatter", full)
+        return mine
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        head = ctx.head
+        grad = grad.contiguous()
+        out = grad.new_empty((head.world * grad.shape[0], *grad.shape[1:]))
+        dist.all_gather_into_tensor(out, grad)
+        head.note("head_outputs_grad", "all_gather", out)
+        return out / head.world, None
+
+
+@dataclass(eq=False)
+class HeadComm:
+    """What the head's collectives share: the world size, and the meter of training steps' bytes
+    (evaluation forwards are not training steps and are not metered)."""
+
+    world: int
+    wire: Wire
+    metering: bool = True
+
+    def note(self, site: str, kind: str, full: torch.Tensor) -> None:
+        if self.metering:
+            self.wire.add(site, kind, full.numel() * full.element_size())
+
+
+class ColumnParallelLinear(nn.Module):
+    """This rank's output neurons of a Linear, on every rank's samples (gathered first)."""
+
+    def __init__(self, full: nn.Linear, shard: Shard, rank: int, comm: HeadComm):
+        super().__init__()
+        self.comm = comm
+        self.weight = nn.Parameter(shard.local(full.weight.detach(), rank).clone())
+        self.bias = nn.Parameter(shard.local(full.bias.detach(), rank).clone()) if full.bias is not None else None
+
+    @torch.compiler.disable  # collectives in autograd functions: the head runs eagerly
+    def forward(self, x_local: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x_local.device.type):  # features travel in the autocast dtype
+            x_local = x_local.to(torch.get_autocast_dtype(x_local.device.type))
+        self.comm.metering = self.training
+        x = GatherBatch.apply(x_local, self.comm) if self.comm.world > 1 else x_local
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """This rank's input columns of a Linear; partial outputs reduce-scattered back to each
+    rank's own samples, then the (replicated) bias."""
+
+    def __init__(self, full: nn.Linear, shard: Shard, rank: int, comm: HeadComm):
+        super().__init__()
+        self.comm = comm
+        self.weight = nn.Parameter(shard.local(full.weight.detach(), rank).clone())
+        self.bias = nn.Parameter(full.bias.detach().clone()) if full.bias is not None else None
+
+    @torch.compiler.disable
+    def forward(self, x_columns: torch.Tensor) -> torch.Tensor:
+        partial = F.linear(x_columns, self.weight)
+        out = ReduceScatterBatch.apply(partial, self.comm) if self.comm.world > 1 else partial.float()
+        return out + self.bias if self.bias is not None else out
+
+
+class HybridPlan(ShardedPlan):
+    name = "hybrid"
+
+    def __init__(self, info: D.DistInfo, module: nn.Module):
+        super().__init__(info)
+        linears = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+        if len(linears) < 2:
+            raise ConfigError("--parallel hybrid shards a classifier of at least two Linear layers; this model has "
+                              f"{len(linears)}: use --parallel ddp")
+        (first_name, first), (second_name, second) = linears[:2]
+        if first.out_features < info.world_size:
+            raise ConfigError(f"--parallel hybrid: {first.out_features} output neurons of {first_name} cannot be "
+                              f"split over {info.world_size} ranks: use --parallel ddp")
+        sizes = split_sizes(first.out_features, info.world_size)
+        self.comm = HeadComm(info.world_size, self.wire_meter)
+        column = ColumnParallelLinear(first, Shard(0, sizes), info.rank, self.comm)
+        row = RowParallelLinear(second, Shard(1, sizes), info.rank, self.comm)
+        for name, replacement in ((first_name, column), (second_name, row)):
+            parent_name, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, child, replacement)
+        self.shards = {f"{first_name}.weight": Shard(0, sizes), f"{second_name}.weight": Shard(1, sizes)}
+        if first.bias is not None:
+            self.shards[f"{first_name}.bias"] = Shard(0, sizes)
+        self.layers = (first_name, second_name, sizes)
+
+    def describe(self) -> str:
+        first, second, sizes = self.layers
+        spread = f"{sizes[0]}" if len(set(sizes)) == 1 else "/".join(map(str, sizes))
+        return (f"hybrid (convolutions data-parallel; {first} column-parallel, {second} row-parallel: "
+                f"{spread} neurons per rank)")
+
+
+class FSDPPlan(ShardedPlan):
+    """FSDP2: every Linear its own unit (resharded after forward), the rest in the root unit."""
+
+    name = "fsdp"
+
+    def __init__(self, info: D.DistInfo, module: nn.Module, precision: str):
+        super().__init__(info)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        self.param_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        policy = MixedPrecisionPolicy(param_dtype=self.param_dtype if precision == "bf16" else None,
+                                      reduce_dtype=torch.float32)
+        mesh = init_device_mesh(info.device.type, (info.world_size,))
+        self.units: list[tuple[str, bool]] = []  # (unit name, resharded after forward)
+        for name, m in list(module.named_modules()):
+            if isinstance(m, nn.Linear):
+                fully_shard(m, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+                self.units.append((name, True))
+        fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+        self.units.append(("", False))
+        self.module = module
+
+    def wire(self) -> Wire:
+        # per unit: one all-gather of its padded parameters per forward (and again in backward
+        # when resharded), one fp32 reduce-scatter of their gradients
+        owned = unit_params(self.module, [name for name, _ in self.units])
+        world = self.info.world_size
+        for name, resharded in self.units:
+            padded = sum(padded_rows(p.shape[0], world) * (p.numel() // max(p.shape[0], 1)) for p in owned[name])
+            label = name or "root"
+            self.wire_meter.add(f"fsdp_{label}_gather", "all_gather", padded * self.param_dtype.itemsize)
+            if resharded:
+                self.wire_meter.add(f"fsdp_{label}_regather", "all_gather", padded * self.param_dtype.itemsize)
+            self.wire_meter.add(f"fsdp_{label}_grads", "reduce_scatter", padded * 4)
+        return self.wire_meter
+
+    def full_model_state(self, module: nn.Module) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_full_model_state(self, module: nn.Module, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        by_name = get_optimizer_state_dict(module, optimizer,
+                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.info.is_main:
+            return {}
+        index = {name: i for i, (name, _) in enumerate(module.named_parameters())}
+        groups = [dict(g, params=[index[n] for n in g["params"]]) for g in by_name["param_groups"]]
+        return {"state": {index[n]: s for n, s in by_name["state"].items()}, "param_groups": groups}
+
+    def load_full_optimizer_state(self, optimizer: torch.optim.Optimizer, module: nn.Module,
+                                  state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        names = [name for name, _ in module.named_parameters()]
+        by_name = {"state": {names[int(i)]: s for i, s in state["state"].items()},
+                   "param_groups": [dict(g, params=[names[int(i)] for i in g["params"]]) for g in state["param_groups"]]}
+        set_optimizer_state_dict(module, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+    def describe(self) -> str:
+        return (f"fsdp (FSDP2: {len(self.units)} units, {'bf16' if self.param_dtype == torch.bfloat16 else 'fp32'} "
+                f"parameter all-gather, fp32 gradient reduce-scatter)")
+
+
+def padded_rows(rows: int, world: int) -> int:
+    """FSDP2 pads dim 0 of every parameter to a multiple of the world size."""
+    return -(-rows // world) * world
+
+
+def unit_params(module: nn.Module, units: list[str]) -> dict[str, list[torch.Tensor]]:
+    """Each parameter belongs to the innermost unit whose name prefixes it ("" is the root)."""
+    owned: dict[str, list[torch.Tensor]] = {u: [] for u in units}
+    for name, p in module.named_parameters():
+        owner = max((u for u in units if u == "" or name.startswith(u + ".")), key=len)
+        owned[owner].append(p)
+    return owned
+
+
+# ------------------------------------------------------------------------------ entry point
+
+
+def parallelize(module: nn.Module, cfg: TrainConfig, info: D.DistInfo) -> WrappedModel:
+    """Spread `module` (built with the run's seed, on its device) over the ranks as `cfg.parallel`
+    says; return what the step loop, evaluation and checkpoints use."""
+    if cfg.sync_bn and info.distributed:  # runtime.resolve has refused it on CPU
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
+    module = module.to(info.device, memory_format=memory_format)
+    design = cfg.parallel if info.distributed else "ddp"  # one process: nothing to spread
+    plan: Plan
+    ignored: list[str] = []
+    if design == "hybrid":
+        plan = HybridPlan(info, module)
+        ignored = list(plan.shards)  # DDP neither broadcasts nor all-reduces this rank's own slices
+    elif design == "fsdp":
+        plan = FSDPPlan(info, module, cfg.precision)
+    else:
+        plan = Plan(info)
+    train_model: nn.Module = module
+    comm = None
+    if info.distributed and design != "fsdp":
+        if ignored:
+            DDP._set_params_and_buffers_to_ignore_for_model(module, ignored)
+        train_model = DDP(
+            module, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+            bucket_cap_mb=cfg.ddp_bucket_mb, gradient_as_bucket_view=cfg.ddp_grad_as_bucket_view,
+            static_graph=cfg.ddp_static_graph,
+            # BatchNorm statistics stay per rank while training (no broadcast before every forward);
+            # the trainer broadcasts rank 0's buffers once before each evaluation instead.
+            broadcast_buffers=False,
+        )
+        plan.ddp = train_model
+        if cfg.ddp_comm_hook != "none":
+            comm = CommTimer(cfg.ddp_comm_hook)
+            train_model.register_comm_hook(None, comm.hook)
+            plan.hook_bytes = 2 if cfg.ddp_comm_hook in ("fp16", "bf16") else 4
+    torch.manual_seed(cfg.seed + 7_919 * (info.rank + 1))  # dropout masks differ between ranks
+    eval_model = module
+    if cfg.compile:
+        train_model = torch.compile(train_model, mode=cfg.compile_mode, dynamic=False)
+        eval_model = torch.compile(module, mode=cfg.compile_mode, dynamic=False)
+    if cfg.tta_flip:
+        eval_model = FlipAveraged(eval_model)  # outside compile: both views reuse one graph
+    return WrappedModel(module, train_model, eval_model, plan, comm)
+
+
+class ConsolidatedModel:
+    """The checkpoint's view of the model: the plain state_dict, whatever the layout."""
+
+    def __init__(self, plan: Plan, module: nn.Module):
+        self.plan, self.module = plan, module
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.plan.full_model_state(self.module)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.plan.load_full_model_state(self.module, state)
+
+
+class ConsolidatedOptimizer:
+    """The checkpoint's view of the optimizer: a single process's state_dict."""
+
+    def __init__(self, plan: Plan, optimizer: torch.optim.Optimizer, module: nn.Module):
+        self.plan, self.optimizer, self.module = plan, optimizer, module
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.plan.full_optimizer_state(self.optimizer, self.module)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.plan.load_full_optimizer_state(self.optimizer, self.module, state)
