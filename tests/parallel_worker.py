@@ -1,0 +1,64 @@
+"""One optimizer step of a (possibly sharded) model on a fixed global batch; writes the plain
+gradients, updated weights and optimizer state (rank 0). Run alone (the reference) or under torchrun.
+
+    python tests/parallel_worker.py OUT.pt DESIGN [--load STATE.pt]
+
+With --load, the plain state in STATE.pt (model + optimizer, as a checkpoint holds them) is then
+also loaded through the layout and consolidated again (key "round_trip"): resharding."""
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from dist_cifar import distributed as D
+from dist_cifar.config import make_config
+from dist_cifar.models import build_model
+from dist_cifar.parallel import ConsolidatedModel, ConsolidatedOptimizer, parallelize
+
+GLOBAL_BATCH = 12  # divides over 1, 2, 3 and 4 ranks
+
+
+def plain_grads(wrapped, info) -> dict:
+    """Gradients of the plain model (a sharded parameter's slices gathered on rank 0)."""
+    plan, grads = wrapped.plan, {}
+    for name, p in wrapped.module.named_parameters():
+        g = p.grad
+        if hasattr(g, "full_tensor"):
+            g = g.full_tensor()  # FSDP2: a DTensor
+        elif name in getattr(plan, "shards", {}):
+            g = plan._gather(g, plan.shards[name])
+        grads[name] = g
+    return grads
+
+
+def main() -> None:
+    out, design = sys.argv[1], sys.argv[2]
+    cfg = make_config(model="small_cnn", batchnorm=False, dropout=False, parallel=design, device="cpu",
+                      precision="fp32", channels_last=False, compile=False)
+    with D.session("cpu", "gloo") as info:
+        torch.manual_seed(cfg.seed)
+        wrapped = parallelize(build_model(cfg.model, batchnorm=False, dropout=False), cfg, info)
+        optimizer = torch.optim.Adam(wrapped.module.parameters(), lr=1e-2)
+        model_state = ConsolidatedModel(wrapped.plan, wrapped.module)
+        optim_state = ConsolidatedOptimizer(wrapped.plan, optimizer, wrapped.module)
+        g = torch.Generator().manual_seed(123)
+        x = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g)
+        y = torch.randint(0, 10, (GLOBAL_BATCH,), generator=g)
+        b = GLOBAL_BATCH // info.world_size
+        mine = slice(info.rank * b, (info.rank + 1) * b)
+        loss = F.cross_entropy(wrapped.train_model(x[mine]), y[mine])
+        loss.backward()
+        grads = plain_grads(wrapped, info)
+        optimizer.step()
+        result = {"grads": grads, "weights": model_state.state_dict(), "optimizer": optim_state.state_dict()}
+        if "--load" in sys.argv:
+            saved = torch.load(sys.argv[sys.argv.index("--load") + 1], weights_only=True)
+            model_state.load_state_dict(saved["weights"])
+            optim_state.load_state_dict(saved["optimizer"])
+            result["round_trip"] = {"weights": model_state.state_dict(), "optimizer": optim_state.state_dict()}
+        if info.is_main:
+            torch.save(result, out)
+
+
+if __name__ == "__main__":
+    main()

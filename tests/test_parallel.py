@@ -1,0 +1,174 @@
+"""--parallel {ddp,hybrid,fsdp}: the sharded head and FSDP2 against one process and against DDP,
+resharding checkpoints, and bytes on the wire against dist_cifar.cost. Real torchrun jobs on gloo."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, base_env, read_jsonl, run_torchrun, run_train
+from dist_cifar import checkpoint as ckpt
+from dist_cifar import cost
+from dist_cifar.models import build_model
+
+WORKER = "tests/parallel_worker.py"
+
+
+def worker(out, design, nproc, *extra):
+    cmd = ([sys.executable, WORKER] if nproc == 1 else
+           [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", WORKER])
+    proc = subprocess.run([*cmd, str(out), design, *map(str, extra)], cwd=ROOT, env=base_env(), capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+def relative(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def plain(state):
+    return json.loads(json.dumps(state, default=lambda t: t.tolist()))  # tuples and lists compare equal
+
+
+@pytest.mark.parametrize("design", ["hybrid", "fsdp"])
+def test_one_step_equals_one_process_and_reshards_exactly(tmp_path, design):
+    """fp32, no dropout or BatchNorm: one step on 2 and 3 ranks (3 splits FC1's 64 neurons
+    22/21/21) gives the single process's gradients and Adam-updated weights; a plain state loaded
+    at 3 ranks and consolidated again is bit-identical."""
+    ref = worker(tmp_path / "one.pt", "ddp", 1)
+    for world in (2, 3):
+        got = worker(tmp_path / f"{world}.pt", design, world, *(["--load", tmp_path / "one.pt"] if world == 3 else []))
+        assert sorted(got["grads"]) == sorted(ref["grads"])
+        for name in ref["grads"]:
+            assert ref["grads"][name].abs().max() > 0
+            assert relative(got["grads"][name], ref["grads"][name]) <= 1e-5, (world, name)
+            assert relative(got["weights"][name], ref["weights"][name]) <= 1e-5, (world, name)
+        assert got["weights"]["fc1.weight"].shape == (64, 1024)  # consolidated, not a slice
+    again = got["round_trip"]
+    assert all(torch.equal(again["weights"][k], ref["weights"][k]) for k in ref["weights"])
+    assert plain(again["optimizer"]) == plain(ref["optimizer"])
+
+
+TWENTY = ["--dataset", "synthetic", "--synthetic-size", "512", "--model", "small_cnn", "--batch-size", "16",
+          "--epochs", "2", "--steps-per-epoch", "10", "--record-step-losses", "--val-size", "33",
+          "--eval-batch-size", "16", "--quiet"]
+
+
+def test_twenty_steps_match_ddp_and_bytes_match_the_prediction(tmp_path):
+    """BatchNorm and dropout on: hybrid and fsdp follow DDP's 20 losses to 1e-4 (BatchNorm uses each
+    rank's own batch statistics under all three); evaluation stays exact with uneven shards (33
+    validation images, 17/16 per rank, in batches of 16: the second rank pads a whole batch); every
+    rank's bytes per step, recorded from the collectives, equal dist_cifar.cost's prediction."""
+    runs = {}
+    for design in ("ddp", "hybrid", "fsdp"):
+        out = tmp_path / design
+        proc = run_torchrun(2, [*TWENTY, "--parallel", design, "--out-dir", str(out)])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[design] = out
+        config = json.loads((out / "config.json").read_text())
+        assert config["parallel_resolved"] == design and config["num_params"] == 69_050
+        predicted = cost.predict_wire(design, "small_cnn", batch_per_rank=16, world=2)
+        assert config["wire_predicted"] == predicted
+        metrics = read_jsonl(out / "metrics.jsonl")
+        assert [m["wire_bytes_per_step"] for m in metrics] == [sum(predicted.values())] * 2
+        assert "on the wire (predicted)" in proc.stdout and "warning: each rank sent" not in proc.stdout
+    ddp_losses = [r["loss"] for r in read_jsonl(runs["ddp"] / "step_losses.jsonl")]
+    assert len(ddp_losses) == 20
+    for design in ("hybrid", "fsdp"):
+        losses = [r["loss"] for r in read_jsonl(runs[design] / "step_losses.jsonl")]
+        assert max(abs(a - b) for a, b in zip(losses, ddp_losses)) <= 1e-4, design
+        assert losses[-1] < losses[0]
+        for key in ("val_loss", "val_accuracy"):
+            a = [m[key] for m in read_jsonl(runs[design] / "metrics.jsonl")]
+            b = [m[key] for m in read_jsonl(runs["ddp"] / "metrics.jsonl")]
+            assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-4, (design, key)
+        summary = json.loads((runs[design] / "summary.json").read_text())
+        assert abs(summary["test_loss"] - json.loads((runs["ddp"] / "summary.json").read_text())["test_loss"]) < 1e-4
+    # hybrid sends less than DDP even on this small model; FSDP more (3 passes over the parameters)
+    sent = {d: read_jsonl(runs[d] / "metrics.jsonl")[0]["wire_bytes_per_step"] for d in runs}
+    assert sent["hybrid"] < sent["ddp"] < sent["fsdp"]
+
+
+def test_vgg16_prediction_is_the_issue_arithmetic():
+    """vgg16_cifar at 4 images per rank on 2 ranks: DDP all-reduces 1.33 GB of fp32 gradients,
+    the hybrid head sends ~59 MB (the trunk's 14.7M parameters plus the features)."""
+    ddp = sum(cost.predict_wire("ddp", "vgg16_cifar", batch_per_rank=4, world=2).values())
+    hybrid = sum(cost.predict_wire("hybrid", "vgg16_cifar", batch_per_rank=4, world=2).values())
+    assert ddp == 332_943_818 * 4
+    assert 58e6 < hybrid < 60e6 and ddp / hybrid > 22
+
+
+def exact(out, epochs, *extra):
+    return ["--dataset", "synthetic", "--synthetic-size", "512", "--model", "small_cnn", "--batch-size", "16",
+            "--epochs", str(epochs), "--augment", "--record-step-losses", "--quiet", "--out-dir", str(out), *extra]
+
+
+def test_hybrid_resume_same_world_is_bit_exact(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_torchrun(2, exact(a, 2, "--parallel", "hybrid")).returncode == 0
+    stop = run_torchrun(2, exact(b, 2, "--parallel", "hybrid"), DIST_CIFAR_FAULT="preempt:rank=1:step=20")
+    assert stop.returncode != 0 and "preempted" in stop.stderr
+    again = run_torchrun(2, exact(b, 2, "--parallel", "hybrid"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from" in again.stdout
+    assert (a / "step_losses.jsonl").read_text() == (b / "step_losses.jsonl").read_text()
+    ma = torch.load(ckpt.committed(a)[-1], weights_only=True)
+    mb = torch.load(ckpt.committed(b)[-1], weights_only=True)
+    assert all(torch.equal(ma["model"][k], mb["model"][k]) for k in ma["model"])
+    assert ma["model"]["fc1.weight"].shape == (64, 1024)  # the checkpoint holds the plain model
+
+
+def test_resume_at_another_world_size_reshards(tmp_path):
+    """2 -> 3 -> 1 ranks, and 1 -> 2, under hybrid: each resume reshards the head and continues;
+    the finished run re-evaluated at 3 ranks gives the 2-rank run's test loss; best.pt is the
+    plain state_dict (strict load)."""
+    out = tmp_path / "run"
+    hybrid = ("--parallel", "hybrid", "--no-save-best")
+    assert run_torchrun(2, exact(out, 1, *hybrid)).returncode == 0
+    first = json.loads((out / "summary.json").read_text())["test_loss"]
+    same = run_torchrun(3, exact(out, 1, *hybrid))  # nothing left to train: only evaluated, resharded
+    assert same.returncode == 0, same.stderr[-2000:]
+    assert "world size changed 2 -> 3" in same.stdout
+    assert abs(json.loads((out / "summary.json").read_text())["test_loss"] - first) < 1e-5
+    more = run_torchrun(3, exact(out, 2, *hybrid))
+    assert more.returncode == 0, more.stderr[-2000:]
+    alone = run_train(exact(out, 3, *hybrid))
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert "world size changed 3 -> 1" in alone.stdout
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["world_size"] for m in metrics] == [2, 3, 1] and metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+
+    single = tmp_path / "single"
+    assert run_train(exact(single, 1)).returncode == 0
+    up = run_torchrun(2, exact(single, 2, "--parallel", "hybrid"))
+    assert up.returncode == 0, up.stderr[-2000:]
+    assert "world size changed 1 -> 2" in up.stdout
+    assert re.search(r"hybrid \(convolutions data-parallel; fc1 column-parallel", up.stdout)
+    best = torch.load(single / "best.pt", weights_only=True)["state_dict"]
+    build_model("small_cnn").load_state_dict(best, strict=True)
+
+
+def test_two_emulated_hosts_every_design(tmp_path):
+    """Two network namespaces joined by a veth pair (launch/two_hosts.sh): torchrun --nnodes=2 with
+    c10d rendezvous on the first namespace's address, gloo over the veth, for each design; the
+    link's own counters saw at least the bytes the collectives recorded."""
+    for design in ("ddp", "hybrid", "fsdp"):
+        out = tmp_path / design
+        proc = subprocess.run(["bash", "launch/two_hosts.sh", "--", "--dataset", "synthetic", "--synthetic-size", "256",
+                               "--batch-size", "16", "--epochs", "1", "--model", "small_cnn", "--quiet",
+                               "--parallel", design, "--out-dir", str(out), "--dist-timeout", "60"],
+                              cwd=ROOT, env=base_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=240)
+        if proc.returncode == 77:
+            pytest.skip(proc.stderr.strip().splitlines()[-1])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        config = json.loads((out / "config.json").read_text())
+        assert config["world_size"] == 2 and config["parallel_resolved"] == design
+        metrics = read_jsonl(out / "metrics.jsonl")[0]
+        sent = [int(x) for x in re.findall(r"host\d=(\d+)", proc.stderr)]
+        assert len(sent) == 2 and min(sent) >= metrics["wire_bytes_per_step"] * metrics["steps"], proc.stderr[-1000:]
+        assert json.loads((out / "summary.json").read_text())["test_accuracy"] > 0
+    assert not [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+                if n.startswith(("dcA", "dcB"))]  # the namespaces are gone
