@@ -96,3 +96,23 @@ def run_trainer(args: list[str], out_dir: Path, nproc: int = 1, env: dict | None
     if proc.returncode != 0:
         raise RuntimeError(f"trainer failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return read_jsonl(out_dir / "metrics.jsonl")
+
+
+def run_bounded(cmd: list[str], *, timeout: float, env: dict | None = None, grace: float = 45.0) -> tuple[int, str, str, bool]:
+    """Run `cmd` for at most `timeout` s; past that, SIGTERM it and give it `grace` s to stop before
+    SIGKILL. torchrun forwards SIGTERM and kills its workers after its own 30 s, so a grace longer
+    than that leaves none running (subprocess.run(timeout=) SIGKILLs torchrun at once and orphans
+    its workers, which sit in their own sessions). Returns (exit code, stdout, stderr, timed out)."""
+    import signal
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err, False
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        return proc.returncode, out, err, True

@@ -12,15 +12,65 @@ Model: epoch time for 1..64 GPUs from the measured single-device step time t1, t
 gradient bytes and a link bandwidth, for fp32 and bf16-compressed all-reduce:
     t_step(N) = t1 + (1 - overlap) * ring(N)   (ring(N) = 2 (N-1)/N x bytes / bandwidth)
 reported for no overlap (0) and full overlap (t_step = max(t1, ring)).
+
+Designs (`--designs`, model only, no process started): step time of ddp, ddp + bf16 hook, hybrid
+and fsdp for 1-8 GPUs on one node and 2-4 nodes of 8, at a fixed global batch, as
+    t_step = FLOPs per image x images per GPU / (peak x MFU) + bytes per GPU / link
+with the bytes from dist_cifar.cost.predict_wire (ring accounting; on several nodes the slowest
+link, the inter-node one, carries the ring) and no overlap of communication with compute. The
+assumptions are printed with the table. `--check-scaleout FILE` puts the same arithmetic against
+benchmarks/scaleout.py's measured step times on the emulated link: compute is taken from the
+fastest-communicating run there and every design's step predicted as compute + bytes / rate.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
 from common import RESULTS, data_args, provenance, run_trainer, table, write_json
-from dist_cifar.cost import TRAIN_IMAGES, measure, ring_allreduce_s
+from dist_cifar.cost import TRAIN_IMAGES, measure, predict_wire, ring_allreduce_s
+
+DESIGN_FLAGS = {"ddp": ("ddp", "none"), "ddp_bf16_hook": ("ddp", "bf16"), "hybrid": ("hybrid", "bf16"),
+                "fsdp": ("fsdp", "none")}
+
+
+def design_rows(model: str, *, global_batch: int, peak_tflops: float, mfu: float, nvlink_gbs: float,
+                internode_gbs: float) -> list[dict]:
+    """Predicted step time and scaling efficiency of each design, bf16 compute, 1-8 GPUs on one
+    node and 2-4 nodes of 8 GPUs."""
+    flops = measure(model).train_flops_per_image
+    single = flops * global_batch / (peak_tflops * 1e12 * mfu)
+    rows = []
+    for nodes, gpus in [(1, g) for g in (1, 2, 4, 8)] + [(n, 8 * n) for n in (2, 3, 4)]:
+        per_gpu = global_batch // gpus
+        compute = flops * per_gpu / (peak_tflops * 1e12 * mfu)
+        link = (nvlink_gbs if nodes == 1 else internode_gbs) * 1e9
+        row = {"nodes": nodes, "gpus": gpus, "images_per_gpu": per_gpu, "compute_ms": 1000 * compute}
+        for label, (design, hook) in DESIGN_FLAGS.items():
+            wire = sum(predict_wire(design, model, batch_per_rank=per_gpu, world=gpus, precision="bf16",
+                                    comm_hook=hook).values())
+            step = compute + wire / link
+            row[f"{label}_ms"] = 1000 * step
+            row[f"{label}_eff"] = single / (gpus * step)
+        rows.append(row)
+    return rows
+
+
+def check_scaleout(path: Path) -> list[dict]:
+    """Measured step times on the emulated link against compute + bytes / rate."""
+    measured = [r for r in json.loads(path.read_text())["rows"] if "step_s" in r]
+    rate_bps = {r["rate"]: float(r["rate"].replace("gbit", "")) * 1e9 / 8 for r in measured}
+    # compute: the run that sends least, at the fastest link, less its own transfer time
+    base = min(measured, key=lambda r: (r["wire_mb_per_step"] * 1e6 / rate_bps[r["rate"]], -rate_bps[r["rate"]]))
+    compute = base["step_s"] - base["wire_mb_per_step"] * 1e6 / rate_bps[base["rate"]]
+    rows = []
+    for r in measured:
+        predicted = compute + r["wire_mb_per_step"] * 1e6 / rate_bps[r["rate"]]
+        rows.append({"rate": r["rate"], "design": r["design"], "measured_s": r["step_s"], "predicted_s": predicted,
+                     "measured_over_predicted": r["step_s"] / predicted})
+    return rows
 
 
 def model_rows(t1: float, batch: int, grad_bytes: int, link_gbs: float) -> list[dict]:
@@ -52,7 +102,16 @@ def main(argv=None) -> int:
     p.add_argument("--assume-t1-ms", type=float, default=0.0,
                    help="model only: take this single-device step time instead of measuring (says so in the JSON)")
     p.add_argument("--out", default="")
+    p.add_argument("--designs", action="store_true", help="model only: the designs' step times for 1-32 GPUs")
+    p.add_argument("--global-batch", type=int, default=512, help="--designs: global batch")
+    p.add_argument("--peak-tflops", type=float, default=790.0, help="--designs: bf16 peak per GPU (H200 measured)")
+    p.add_argument("--mfu", type=float, default=0.4, help="--designs: ASSUMED fraction of the peak the compute reaches")
+    p.add_argument("--nvlink-gbs", type=float, default=350.0, help="--designs: ring bus bandwidth in a node, GB/s")
+    p.add_argument("--internode-gbs", type=float, default=50.0, help="--designs: per-GPU bandwidth between nodes, GB/s")
+    p.add_argument("--check-scaleout", default="", help="a benchmarks/scaleout.py JSON to check the model against")
     args = p.parse_args(argv)
+    if args.designs or args.check_scaleout:
+        return design_main(args)
     import torch
     gpus = torch.cuda.device_count()
     max_nproc = args.max_nproc or (gpus if gpus else 2)
@@ -91,6 +150,27 @@ def main(argv=None) -> int:
                                "rows": predicted}})
     from charts import scaling_chart
     scaling_chart(out)
+    return 0
+
+
+def design_main(args) -> int:
+    payload = {"benchmark": "scaling_designs", "provenance": provenance(), "args": vars(args)}
+    if args.designs:
+        assumptions = (f"assumed: bf16 compute at {args.mfu:.0%} of {args.peak_tflops:g} TFLOP/s per GPU, "
+                       f"{args.nvlink_gbs:g} GB/s ring bandwidth in a node, {args.internode_gbs:g} GB/s per GPU "
+                       f"between nodes, no overlap of communication with compute, global batch {args.global_batch}")
+        rows = design_rows(args.model, global_batch=args.global_batch, peak_tflops=args.peak_tflops, mfu=args.mfu,
+                           nvlink_gbs=args.nvlink_gbs, internode_gbs=args.internode_gbs)
+        print(f"{args.model}: {assumptions}")
+        print(table(rows, ["nodes", "gpus", "images_per_gpu", "compute_ms", *[f"{d}_ms" for d in DESIGN_FLAGS],
+                           *[f"{d}_eff" for d in DESIGN_FLAGS]]))
+        payload.update(assumptions=assumptions, rows=rows)
+    if args.check_scaleout:
+        checked = check_scaleout(Path(args.check_scaleout))
+        print("\nmodel against the emulated link (compute from the least-communicating run):")
+        print(table(checked, ["rate", "design", "measured_s", "predicted_s", "measured_over_predicted"]))
+        payload["check_scaleout"] = {"source": args.check_scaleout, "rows": checked}
+    write_json(Path(args.out) if args.out else RESULTS / f"scaling_designs_{args.model}_model.json", payload)
     return 0
 
 

@@ -83,7 +83,8 @@ class TrainingRun:
 
     @property
     def step_parts(self) -> StepParts:
-        bucket_views = self.info.distributed and self.cfg.ddp_grad_as_bucket_view
+        # FSDP2 has no buckets: its reduce-scatter assigns fresh gradients, so they are freed
+        bucket_views = self.info.distributed and self.cfg.ddp_grad_as_bucket_view and self.model.plan.name != "fsdp"
         return StepParts(self.model.train_model, self.optimizer, self.scheduler, self.precision,
                          label_smoothing=self.cfg.label_smoothing, grads_to_none=not bucket_views)
 

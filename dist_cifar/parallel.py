@@ -255,50 +255,50 @@ class ShardedPlan(Plan):
 # ---- hybrid: the collectives as autograd functions
 
 
+def gather_rows(x: torch.Tensor, head: "HeadComm", site: str) -> torch.Tensor:
+    """Every rank's rows, concatenated along dim 0 (all-gather)."""
+    x = x.contiguous()
+    out = x.new_empty((head.world * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x)
+    head.note(site, "all_gather", out)
+    return out
+
+
+def sum_rows_scattered(x: torch.Tensor, head: "HeadComm", site: str) -> torch.Tensor:
+    """Summed over ranks in fp32, each rank keeping its own slice of dim 0 (reduce-scatter)."""
+    full = x.float().contiguous()
+    mine = full.new_empty((full.shape[0] // head.world, *full.shape[1:]))
+    dist.reduce_scatter_tensor(mine, full)
+    head.note(site, "reduce_scatter", full)
+    return mine
+
+
 class GatherBatch(torch.autograd.Function):
-    """Forward: every rank's rows, concatenated along the batch (all-gather). Backward: the
-    gradient's rows of this rank summed over ranks (reduce-scatter, in fp32), times W."""
+    """Forward: every rank's rows, concatenated along the batch. Backward: the gradient's rows of
+    this rank summed over ranks, times W."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, head: "HeadComm") -> torch.Tensor:
         ctx.head = head
-        x = x.contiguous()
-        out = x.new_empty((head.world * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x)
-        head.note("head_features", "all_gather", out)
-        return out
+        return gather_rows(x, head, "head_features")
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        head = ctx.head
-        full = grad.float().contiguous()
-        mine = full.new_empty((full.shape[0] // head.world, *full.shape[1:]))
-        dist.reduce_scatter_tensor(mine, full)
-        head.note("head_features_grad", "reduce_scatter", full)
-        return (mine * head.world).to(grad.dtype), None
+        return (sum_rows_scattered(grad, ctx.head, "head_features_grad") * ctx.head.world).to(grad.dtype), None
 
 
 class ReduceScatterBatch(torch.autograd.Function):
-    """Forward: partial outputs summed over ranks (fp32), each rank keeping its own samples' rows
-    (reduce-scatter). Backward: every rank's output gradient, concatenated (all-gather), over W."""
+    """Forward: partial outputs summed over ranks (fp32), each rank keeping its own samples' rows.
+    Backward: every rank's output gradient, concatenated, over W."""
 
     @staticmethod
     def forward(ctx, partial: torch.Tensor, head: "HeadComm") -> torch.Tensor:
         ctx.head = head
-        full = partial.float().contiguous()
-        mine = full.new_empty((full.shape[0] // head.world, *full.shape[1:]))
-        dist.reduce_scatter_tensor(mine, full)
-        head.note("head_outputs", "reduce_scatter", full)
-        return mine
+        return sum_rows_scattered(partial, head, "head_outputs")
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        head = ctx.head
-        grad = grad.contiguous()
-        out = grad.new_empty((head.world * grad.shape[0], *grad.shape[1:]))
-        dist.all_gather_into_tensor(out, grad)
-        head.note("head_outputs_grad", "all_gather", out)
-        return out / head.world, None
+        return gather_rows(grad, ctx.head, "head_outputs_grad") / ctx.head.world, None
 
 
 @dataclass(eq=False)

@@ -11,7 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TORCH_PIN=(torch==2.14.1 torchvision==0.29.1)
-OTHERS=(numpy rich matplotlib wandb pytest)
+REQUIRED=(numpy rich matplotlib)
+OPTIONAL=(wandb pytest)
 MIN_TORCH=2.4
 
 usable_torch=$("$PY" - "$MIN_TORCH" <<'EOF' 2>/dev/null || echo ""
@@ -22,7 +23,7 @@ minimum = tuple(int(x) for x in sys.argv[1].split("."))
 print(torch.__version__ if version >= minimum else "")
 EOF
 )
-stamp=".venv/.dist_cifar-$(printf '%s\n' "${TORCH_PIN[@]}" "${OTHERS[@]}" "setuptools>=70.1" "base:${usable_torch}" | sha1sum | cut -c1-12)"
+stamp=".venv/.dist_cifar-$(printf '%s\n' "${TORCH_PIN[@]}" "${REQUIRED[@]}" "${OPTIONAL[@]}" "setuptools:torch" "base:${usable_torch}" | sha1sum | cut -c1-12)"
 if [ -f "$stamp" ] && .venv/bin/python -c "import torch, dist_cifar" 2>/dev/null; then
   exit 0
 fi
@@ -38,19 +39,44 @@ else
   need+=("${TORCH_PIN[@]}")
   echo "[setup] installing ${TORCH_PIN[*]} into .venv (from local disk here; a few minutes the first time)" >&2
 fi
-for module in "${OTHERS[@]}"; do
+for module in "${REQUIRED[@]}"; do
   .venv/bin/python -c "import $module" 2>/dev/null || need+=("$module")
 done
-# `pip install .` without an index (tests, offline clusters) builds with this setuptools:
-# bdist_wheel is built in from 70.1 on
-if ! .venv/bin/python -c 'import sys, setuptools; sys.exit(tuple(map(int, setuptools.__version__.split(".")[:2])) < (70, 1))' 2>/dev/null; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check "setuptools>=70.1" 2>/dev/null \
-    || echo "[setup] note: no setuptools >= 70.1 to be had (no package index?): training is unaffected, 'pip install .' without an index is not" >&2
-fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "[setup] installing: ${need[*]}" >&2
   .venv/bin/python -m pip install -q --disable-pip-version-check "${need[@]}"
 fi
+# `pip install .` without an index (tests, offline clusters) builds with this setuptools:
+# bdist_wheel is built in from 70.1 on; torch's own bounds on it (e.g. <82 for torch 2.11) hold too
+setuptools_spec=$(.venv/bin/python - <<'PYEOF' 2>/dev/null || echo ">=70.1"
+import importlib.metadata as md
+from packaging.requirements import Requirement
+specs = [">=70.1"]
+for line in md.requires("torch") or []:
+    req = Requirement(line)
+    if req.name == "setuptools" and (req.marker is None or req.marker.evaluate({"extra": ""})):
+        specs += [str(s) for s in req.specifier]
+print(",".join(specs))
+PYEOF
+)
+if ! .venv/bin/python - "$setuptools_spec" <<'PYEOF' 2>/dev/null; then
+import sys, importlib.metadata as md
+from packaging.specifiers import SpecifierSet
+sys.exit(0 if md.version("setuptools") in SpecifierSet(sys.argv[1]) else 1)
+PYEOF
+  .venv/bin/python -m pip install -q --disable-pip-version-check --retries 0 --timeout 15 "setuptools$setuptools_spec" >/dev/null 2>&1 \
+    || echo "[setup] note: no setuptools$setuptools_spec to be had (no package index?): training is unaffected, 'pip install .' without an index is not" >&2
+fi
+# Optional: W&B logging and the test runner. A GPU host without an index may have neither.
+for module in "${OPTIONAL[@]}"; do
+  .venv/bin/python -c "import $module" 2>/dev/null && continue
+  if ! .venv/bin/python -m pip install -q --disable-pip-version-check --retries 0 --timeout 15 "$module" >/dev/null 2>&1; then
+    case $module in
+      wandb) echo "[setup] wandb is not installed and cannot be installed here: W&B logging is off until 'pip install wandb' (training is unaffected)" >&2 ;;
+      *) echo "[setup] $module is not installed and cannot be installed here: the test suite needs it ('pip install $module')" >&2 ;;
+    esac
+  fi
+done
 # The project itself as a path entry: no build backend, no package index needed.
 echo "$PWD" > "$site/_dist_cifar_repo.pth"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then

@@ -140,15 +140,49 @@ def test_gpus_the_driver_lists_but_torch_cannot_see_stop_the_trainer(tmp_path):
     assert run_train(smoke_args(tmp_path / "o2", ["--device", "cpu"]), env=env).returncode == 0
 
 
-def test_setup_reuses_an_installed_torch_without_a_package_index(tmp_path):
-    """PYTHON has torch (and the rest) already, and no package index answers: setup must build
-    .venv from what is installed and install nothing."""
+def copy_of_the_checkout(tmp_path):
     copy = tmp_path / "repo"
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     for name in files + ["launch/setup_env.sh"]:
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
         if (ROOT / name).is_file():
             shutil.copy2(ROOT / name, copy / name)
+    return copy
+
+
+def test_setup_on_a_gpu_host_without_wandb_nor_index(tmp_path):
+    """The GPU host: a usable torch, no wandb, no package index, and a torch that bounds
+    setuptools (torch 2.11 wants <82; a stand-in dist-info says so here). Setup builds .venv, says
+    in one line that W&B is off, and asks only for a setuptools within torch's bound."""
+    shadow = tmp_path / "shadow"
+    (shadow / "wandb").mkdir(parents=True)
+    (shadow / "wandb" / "__init__.py").write_text("raise ImportError('no wandb on this host')\n")
+    meta = shadow / f"torch-{torch.__version__.split('+')[0]}.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: {torch.__version__}\n"
+                                   "Requires-Dist: setuptools<82\n")
+    copy = copy_of_the_checkout(tmp_path)
+    env = base_env(PYTHON=sys.executable, PIP_NO_INDEX="1", PIP_INDEX_URL="http://127.0.0.1:9/simple",
+                   PYTHONPATH=f"{shadow}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run(["bash", "launch/setup_env.sh"], cwd=copy, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    wandb_lines = [l for l in proc.stderr.splitlines() if "wandb" in l]
+    assert wandb_lines == ["[setup] wandb is not installed and cannot be installed here: W&B logging is off until "
+                           "'pip install wandb' (training is unaffected)"], proc.stderr
+    assert "no setuptools>=70.1,<82 to be had" in proc.stderr, proc.stderr  # torch's bound is kept
+    run = subprocess.run([str(copy / ".venv/bin/python"), "-m", "dist_cifar.train", "--dataset", "synthetic",
+                          "--synthetic-size", "128", "--epochs", "1", "--batch-size", "32", "--model", "linear",
+                          "--out-dir", str(tmp_path / "o")], cwd=copy, env={**env, "WANDB_MODE": ""},
+                         capture_output=True, text=True, timeout=200)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "wandb is not installed; W&B logging is off" in run.stdout
+
+
+def test_setup_reuses_an_installed_torch_without_a_package_index(tmp_path):
+    """PYTHON has torch (and the rest) already, and no package index answers: setup must build
+    .venv from what is installed and install nothing."""
+    copy = copy_of_the_checkout(tmp_path)
     env = base_env(PYTHON=sys.executable, PIP_NO_INDEX="1", PIP_INDEX_URL="http://127.0.0.1:9/simple")
     proc = subprocess.run(["bash", "launch/setup_env.sh"], cwd=copy, env=env, capture_output=True, text=True,
                           timeout=300)

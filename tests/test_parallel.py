@@ -106,12 +106,13 @@ def exact(out, epochs, *extra):
             "--epochs", str(epochs), "--augment", "--record-step-losses", "--quiet", "--out-dir", str(out), *extra]
 
 
-def test_hybrid_resume_same_world_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("design", ["hybrid", "fsdp"])
+def test_resume_same_world_is_bit_exact(tmp_path, design):
     a, b = tmp_path / "a", tmp_path / "b"
-    assert run_torchrun(2, exact(a, 2, "--parallel", "hybrid")).returncode == 0
-    stop = run_torchrun(2, exact(b, 2, "--parallel", "hybrid"), DIST_CIFAR_FAULT="preempt:rank=1:step=20")
+    assert run_torchrun(2, exact(a, 2, "--parallel", design)).returncode == 0
+    stop = run_torchrun(2, exact(b, 2, "--parallel", design), DIST_CIFAR_FAULT="preempt:rank=1:step=20")
     assert stop.returncode != 0 and "preempted" in stop.stderr
-    again = run_torchrun(2, exact(b, 2, "--parallel", "hybrid"))
+    again = run_torchrun(2, exact(b, 2, "--parallel", design))
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed from" in again.stdout
     assert (a / "step_losses.jsonl").read_text() == (b / "step_losses.jsonl").read_text()
