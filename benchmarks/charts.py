@@ -37,12 +37,13 @@ def peers_chart(json_path: Path) -> Path:
         values = [r["images_per_s"] for r in rows]
         bars = ax.bar(names, values, color=["tab:blue", "tab:purple", "tab:gray"][:len(rows)])
         for bar, row in zip(bars, rows):
-            ratio = "" if row.get("key") == "dist_cifar" else f"\ndist_cifar {row['dist_cifar_ratio']:.2f}x"
+            ratio = "" if row.get("key") == "dist_cifar" or "dist_cifar_ratio" not in row else \
+                f"\ndist_cifar {row['dist_cifar_ratio']:.2f}x"
             ax.annotate(f"{row['images_per_s']:,.0f}{ratio}",
                         (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
         ax.set_title(f"{model}, global batch {data['args']['global_batch_size']}", fontsize=10)
         ax.set_ylabel("training images/s (steady state)")
-        ax.set_ylim(0, max(values) * 1.25)
+        ax.set_ylim(0, max(values, default=1) * 1.25)
     world = data["world"]
     fig.suptitle(f"peers: {world['processes']} processes on {world['backend']} ({where(data['provenance'])})",
                  fontsize=10)

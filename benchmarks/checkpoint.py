@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="vgg16_cifar")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dir", default="", help="where to write (default: a temporary folder in runs/, git-ignored)")
+    p.add_argument("--dir", default="", help="folder to write in: a ckpt-bench-* folder is made inside it and removed after (default: runs/, git-ignored); nothing else there is touched")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     info = D.DistInfo(device=D.local_device(args.device, 0))
@@ -72,10 +72,10 @@ def main(argv=None) -> int:
     optimizer.step()
     synchronize(info.device)
     cfg = make_config(model=args.model)
-    scratch = RESULTS.parents[1] / "runs"  # ignored by git, on the repository's file system
-    scratch.mkdir(exist_ok=True)
-    folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=scratch))
-    folder.mkdir(parents=True, exist_ok=True)
+    # a fresh folder of its own, inside --dir (default runs/, ignored by git): only that is deleted
+    scratch = Path(args.dir) if args.dir else RESULTS.parents[1] / "runs"
+    scratch.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=scratch))
     manager = CheckpointManager(folder, info, config=cfg.to_dict(), parts={"model": model, "optimizer": optimizer},
                                 keep_last=1, global_batch_size=128)
     sync_s, blocked_s, written_s, sizes = [], [], [], []

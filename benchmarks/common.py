@@ -90,12 +90,24 @@ def run_trainer(args: list[str], out_dir: Path, nproc: int = 1, env: dict | None
     launcher = [sys.executable, "-m", "dist_cifar.train"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "dist_cifar.train"]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    proc = subprocess.run([*launcher, *args, "--out-dir", str(out_dir), "--overwrite", "--quiet",
-                           "--checkpoint-every", "0", "--checkpoint-interval-min", "0", "--wandb", "off"], cwd=ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"trainer failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    code, _, err, timed_out = run_bounded(
+        [*launcher, *args, "--out-dir", str(out_dir), "--overwrite", "--quiet", "--checkpoint-every", "0",
+         "--checkpoint-interval-min", "0", "--wandb", "off"], timeout=timeout, env=full_env)
+    if timed_out:
+        raise RuntimeError(f"trainer did not finish in {timeout:g} s")
+    if code != 0:
+        raise RuntimeError(f"trainer failed ({code}): {err[-2000:]}")
     return read_jsonl(out_dir / "metrics.jsonl")
+
+
+def single_rank_env() -> dict[str, str]:
+    """A one-rank process group without torchrun (what torchrun --nproc_per_node=1 sets up), so a
+    time-boxed stage has no launcher whose workers could outlive it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
 def run_bounded(cmd: list[str], *, timeout: float, env: dict | None = None, grace: float = 45.0) -> tuple[int, str, str, bool]:

@@ -4,7 +4,8 @@
     python benchmarks/epoch_time.py --model vgg16_cifar --batch-size 512 --nproc 8   # GPUs
 
 Rungs (each adds one feature to the previous): fp32 eager + torch DataLoader, +bf16,
-+channels_last, +compile, +tensor loader, and under torchrun (--nproc > 1) +bf16 comm hook.
++channels_last, +compile, +tensor loader, and under torchrun (--nproc > 1) +bf16 comm hook, or with one process +DDP + bf16 hook at world size 1
+(what the trainer skips by default there).
 Each rung is the real trainer in its own process; the time per epoch is the steady state
 (the last epoch; the first one compiles/warms up), projected to a full pass when
 --steps-per-epoch caps it. CUDA epochs are timed after a device sync.
@@ -16,7 +17,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, data_args, provenance, run_trainer, table, write_json
+from common import RESULTS, data_args, provenance, run_trainer, single_rank_env, table, write_json
 
 # Every rung names each feature on or off: on GPUs the trainer's defaults turn them all on.
 RUNGS = [
@@ -28,6 +29,10 @@ RUNGS = [
 ]
 HOOK_RUNG = ("+bf16 comm hook", ["--precision", "bf16", "--loader", "tensor", "--channels-last", "--compile",
                                  "--ddp-comm-hook", "bf16"])
+# One GPU: what DDP and its bf16 hook cost at world size 1 (by default the trainer skips both there);
+# run in a one-rank process group
+SINGLE_DDP_RUNG = ("+DDP + bf16 hook at world size 1", ["--precision", "bf16", "--loader", "tensor", "--channels-last",
+                                                        "--compile", "--ddp-single", "--ddp-comm-hook", "bf16"])
 
 
 def main(argv=None) -> int:
@@ -42,10 +47,11 @@ def main(argv=None) -> int:
     p.add_argument("--num-workers", type=int, default=2, help="torch loader workers")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch default)")
     p.add_argument("--rungs", default="", help="comma-separated rung numbers to run (0-based; default all)")
+    p.add_argument("--extra", default="", help="trainer flags appended to every rung, e.g. --extra=--no-compile")
     p.add_argument("--out", default="", help="JSON path (default benchmarks/results/epoch_time_<model>_<device>.json)")
     args = p.parse_args(argv)
 
-    rungs = RUNGS + ([HOOK_RUNG] if args.nproc > 1 else [])
+    rungs = RUNGS + ([HOOK_RUNG] if args.nproc > 1 else [SINGLE_DDP_RUNG])
     chosen = {int(r) for r in args.rungs.split(",") if r.strip()} or set(range(len(rungs)))
     common = ["--model", args.model, "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
               "--steps-per-epoch", str(args.steps_per_epoch), "--num-workers", str(args.num_workers),
@@ -59,7 +65,9 @@ def main(argv=None) -> int:
         for number, (name, flags) in enumerate(rungs):
             if number not in chosen:
                 continue
-            records = run_trainer([*common, *flags], Path(tmp) / "run", nproc=args.nproc)
+            group = single_rank_env() if "--ddp-single" in flags else None
+            records = run_trainer([*common, *flags, *args.extra.split()], Path(tmp) / "run", nproc=args.nproc,
+                                  env=group)
             config = json.loads((Path(tmp) / "run" / "config.json").read_text())
             last = records[-1]
             full_steps = config["split_sizes"]["train"] // (args.batch_size * args.nproc)

@@ -76,7 +76,8 @@ def main() -> None:
         module = torch.compile(module)
     timer = SteadyStateTimer(args.steps)
     trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=local_world, num_nodes=world // local_world,
-                        strategy="ddp", precision="bf16-mixed" if cuda else "32-true", benchmark=cuda,
+                        strategy="ddp" if world > 1 else "auto",  # like for like: no DDP at world size 1
+                        precision="bf16-mixed" if cuda else "32-true", benchmark=cuda,
                         max_steps=2 * args.steps,
                         callbacks=[timer], logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, ROOT, SHARED_TARBALL, provenance, run_trainer, table, write_json
+from common import RESULTS, ROOT, SHARED_TARBALL, provenance, run_bounded, run_trainer, table, write_json
 
 HERE = Path(__file__).resolve().parent
 CONTESTANTS = ("dist_cifar", "lightning", "plain")
@@ -42,10 +42,13 @@ def run_peer(script: str, args, model: str, env: dict) -> dict:
            str(HERE / script), "--model", model, "--dataset", args.dataset, "--data-dir", args.data_dir,
            "--global-batch-size", str(args.global_batch_size), "--steps", str(args.steps), "--lr", str(args.lr),
            "--weight-decay", str(args.weight_decay), "--num-workers", str(args.num_workers)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("PEER_RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{script} failed ({proc.returncode}): {proc.stderr[-1500:]}")
+    code, out, err, timed_out = run_bounded(cmd, timeout=args.timeout, env=env)
+    lines = [l for l in out.splitlines() if l.startswith("PEER_RESULT ")]
+    if timed_out:
+        raise RuntimeError(f"{script} did not finish in --timeout {args.timeout:g} s")
+    if code != 0 or not lines:
+        tail = [l for l in err.strip().splitlines() if l.strip()][-1:] or [f"exit {code}"]
+        raise RuntimeError(f"{script} failed ({code}): {tail[0][:300]}")
     return json.loads(lines[-1].split(" ", 1)[1])
 
 
@@ -61,6 +64,25 @@ def run_dist_cifar(args, model: str, env: dict, scratch: Path) -> dict:
     return {"contestant": "dist_cifar (defaults: " + f"{config['precision_resolved']}, "
             f"{'compile' if config['compile'] else 'eager'}, {config['loader']} loader)",
             "images_per_s": last["images_per_s"], "timed_steps": last["steps"], "last_loss": last["train_loss"]}
+
+
+def peer_rows(runs: dict[str, list[dict]], errors: dict[str, str], skip_lightning: str) -> list[dict]:
+    """One row per contestant: the median over rounds, or why it has no number."""
+    rows = []
+    for contestant in CONTESTANTS:
+        if not runs[contestant]:
+            why = skip_lightning if contestant == "lightning" and skip_lightning else errors.get(contestant, "not run")
+            rows.append({"contestant": contestant, "key": contestant, "skipped": why})
+            continue
+        rates = [r["images_per_s"] for r in runs[contestant]]
+        rows.append({"contestant": runs[contestant][0]["contestant"], "key": contestant,
+                     "images_per_s": statistics.median(rates), "per_round": rates,
+                     "last_loss": runs[contestant][-1]["last_loss"]})
+    ours = rows[0].get("images_per_s")
+    for row in rows:
+        if "images_per_s" in row and ours:
+            row["dist_cifar_ratio"] = ours / row["images_per_s"]
+    return rows
 
 
 def peer_table(rows: list[dict]) -> str:
@@ -96,48 +118,48 @@ def main(argv=None) -> int:
                **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     skip_lightning = lightning_missing()
     results: dict[str, dict] = {}
+    meta = provenance()
+    device = "gpu" if gpus else "cpu"
+    out = Path(args.out) if args.out else RESULTS / f"peers_{device}.json"
+
+    def save() -> None:
+        write_json(out, {"benchmark": "peers", "provenance": meta, "args": vars(args),
+                         "world": {"processes": args.nproc, "threads_per_process": threads or None,
+                                   "backend": "nccl" if gpus else "gloo", "ddp": args.nproc > 1},
+                         "models": results})
+
     with tempfile.TemporaryDirectory(dir=ROOT / "runs" if (ROOT / "runs").is_dir() else None) as tmp:
         for model in args.models.split(","):
             runs: dict[str, list[dict]] = {c: [] for c in CONTESTANTS}
+            errors: dict[str, str] = {}
             for round_ in range(args.rounds):
                 order = CONTESTANTS[round_ % 3:] + CONTESTANTS[:round_ % 3]  # no contestant always goes first
                 for contestant in order:
                     if contestant == "lightning" and skip_lightning:
                         continue
-                    if contestant == "dist_cifar":
-                        result = run_dist_cifar(args, model, env, Path(tmp))
-                    else:
-                        result = run_peer(f"peer_{'lightning' if contestant == 'lightning' else 'plain_ddp'}.py",
-                                          args, model, env)
+                    try:  # one contestant's failure is its row, not the end of the comparison
+                        if contestant == "dist_cifar":
+                            result = run_dist_cifar(args, model, env, Path(tmp))
+                        else:
+                            result = run_peer(f"peer_{'lightning' if contestant == 'lightning' else 'plain_ddp'}.py",
+                                              args, model, env)
+                    except (RuntimeError, subprocess.TimeoutExpired, OSError, KeyError) as exc:
+                        errors[contestant] = str(exc)
+                        print(f"{model:<14} round {round_ + 1}  {contestant}: {exc}", flush=True)
+                        continue
                     runs[contestant].append(result)
                     print(f"{model:<14} round {round_ + 1}  {result['contestant']:<52} "
                           f"{result['images_per_s']:>10,.0f} img/s", flush=True)
-            rows = []
-            for contestant in CONTESTANTS:
-                if not runs[contestant]:
-                    rows.append({"contestant": contestant, "skipped": skip_lightning})
-                    continue
-                rates = [r["images_per_s"] for r in runs[contestant]]
-                rows.append({"contestant": runs[contestant][0]["contestant"], "key": contestant,
-                             "images_per_s": statistics.median(rates), "per_round": rates,
-                             "last_loss": runs[contestant][-1]["last_loss"]})
-            ours = rows[0]["images_per_s"]
-            for row in rows:
-                if "images_per_s" in row:
-                    row["dist_cifar_ratio"] = ours / row["images_per_s"]
+                    results[model] = {"rows": peer_rows(runs, errors, skip_lightning)}
+                    save()  # after every contestant: a time-boxed run keeps what finished
+            rows = peer_rows(runs, errors, skip_lightning)
             results[model] = {"rows": rows}
             print()
             print(peer_table(rows))
             if skip_lightning:
                 print(f"Lightning skipped: {skip_lightning}")
             print()
-    meta = provenance()
-    device = "gpu" if gpus else "cpu"
-    out = Path(args.out) if args.out else RESULTS / f"peers_{device}.json"
-    write_json(out, {"benchmark": "peers", "provenance": meta, "args": vars(args),
-                     "world": {"processes": args.nproc, "threads_per_process": threads or None,
-                               "backend": "nccl" if gpus else "gloo"},
-                     "models": results})
+    save()
     lines = []
     for model, result in results.items():
         lines += [f"## {model}", peer_table(result["rows"]), ""]

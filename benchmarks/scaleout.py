@@ -38,13 +38,15 @@ DESIGNS = {  # label -> trainer flags
 
 def run_one(design: str, rate: str, args, scratch: Path) -> dict:
     out = scratch / f"{design}-{rate}"
+    saves = ["--checkpoint-every", "1", "--keep-last", "1"] if args.checkpoints else ["--checkpoint-every", "0"]
     trainer = ["--model", args.model, "--dataset", "synthetic", "--synthetic-size", str(args.synthetic_size),
                "--val-size", "0", "--batch-size", str(args.batch_size), "--epochs", "2",
-               "--steps-per-epoch", str(args.steps), "--no-final-eval", "--no-save-best", "--checkpoint-every", "0",
+               "--steps-per-epoch", str(args.steps), "--no-final-eval", "--no-save-best", *saves,
                "--checkpoint-interval-min", "0", "--wandb", "off", "--quiet", "--threads", str(args.threads),
                "--dist-timeout", "900", "--out-dir", str(out), *DESIGNS[design]]
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
-    proc = subprocess.run(["bash", "launch/two_hosts.sh", "--rate", rate, "--", *trainer], cwd=ROOT, env=env,
+    shaping = [] if rate == "unshaped" else ["--rate", rate]
+    proc = subprocess.run(["bash", "launch/two_hosts.sh", *shaping, "--", *trainer], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=args.timeout)
     row = {"design": design, "rate": rate}
     if proc.returncode == 77:
@@ -61,7 +63,9 @@ def run_one(design: str, rate: str, args, scratch: Path) -> dict:
             "predicted_mb_per_step": sum(config["wire_predicted"].values()) / 1e6,
             "link_mb_rank1_total": sent[1] / 1e6 if len(sent) == 2 else None,
             "steps_total": sum(m["steps"] for m in metrics),
-            "peak_memory_mb": steady["peak_memory_mb"]}
+            "peak_memory_mb": steady["peak_memory_mb"],  # max RSS so far on CPU: epoch 0's save included
+            **({"checkpoint_blocked_s": metrics[0]["checkpoint_blocked_s"],
+                "checkpoint_write_s": metrics[-1]["checkpoint_write_s"]} if args.checkpoints else {})}
 
 
 def draw(rows: list[dict], path: Path, title: str) -> None:
@@ -100,18 +104,20 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="vgg16_cifar")
     parser.add_argument("--batch-size", type=int, default=4, help="images per rank")
     parser.add_argument("--steps", type=int, default=2, help="steps per epoch (2 epochs: warm-up, timed)")
-    parser.add_argument("--rates", nargs="+", default=["1gbit", "10gbit"])
+    parser.add_argument("--rates", nargs="+", default=["1gbit", "10gbit"], help="tc tbf rates, or unshaped")
     parser.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=list(DESIGNS))
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per rank")
     parser.add_argument("--synthetic-size", type=int, default=256)
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    parser.add_argument("--checkpoints", action="store_true",
+                        help="save a checkpoint after each epoch: what consolidating the state on rank 0 costs")
     parser.add_argument("--out", default=str(RESULTS), help="folder for the JSON and PNG")
     args = parser.parse_args(argv)
     if args.batch_size <= 0 or args.steps <= 0 or args.threads <= 0:
         parser.error("--batch-size, --steps and --threads must be > 0")
     rows = []
     out = Path(args.out)
-    stem = f"scaleout_{args.model}_bs{args.batch_size}_cpu"
+    stem = f"scaleout_{args.model}_bs{args.batch_size}_cpu" + ("_checkpoints" if args.checkpoints else "")
     with tempfile.TemporaryDirectory(prefix="scaleout-", dir=ROOT / "runs" if (ROOT / "runs").is_dir() else None) as tmp:
         for rate in args.rates:
             for design in args.designs:
@@ -126,7 +132,8 @@ def main(argv=None) -> int:
                 r["speedup_vs_ddp"] = ddp["step_s"] / r["step_s"]
                 r["bytes_ratio_ddp_over"] = ddp["wire_mb_per_step"] / r["wire_mb_per_step"]
     columns = ["rate", "design", "step_s", "speedup_vs_ddp", "wire_mb_per_step", "bytes_ratio_ddp_over",
-               "link_mb_rank1_total", "peak_memory_mb", "warmup_step_s", "error"]
+               "link_mb_rank1_total", "peak_memory_mb", "warmup_step_s",
+               *(["checkpoint_blocked_s", "checkpoint_write_s"] if args.checkpoints else []), "error"]
     text = table(rows, columns)
     print(text)
     summary = {"provenance": provenance(), "args": vars(args), "rows": rows,
@@ -134,7 +141,8 @@ def main(argv=None) -> int:
                                  for d in args.designs}}
     write_json(out / f"{stem}.json", summary)
     (out / f"{stem}.txt").write_text(text + "\n")
-    draw(rows, out / f"{stem}.png", f"{args.model}, 2 emulated hosts (1 CPU rank each, gloo), {args.batch_size} images/rank")
+    if not args.checkpoints:
+        draw(rows, out / f"{stem}.png", f"{args.model}, 2 emulated hosts (1 CPU rank each, gloo), {args.batch_size} images/rank")
     return 0
 
 

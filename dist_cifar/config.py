@@ -123,6 +123,8 @@ class TrainConfig:
     """DDP gradient_as_bucket_view: gradients alias the buckets (one copy fewer)."""
     ddp_static_graph: bool = False
     """DDP static_graph: the graph is the same every step."""
+    ddp_single: bool = False
+    """Wrap the model in DDP (with its comm hook) even with one process; by default a world of one trains the bare module: no hook, no bucket copies, no DDP bookkeeping per step."""
     ddp_comm_hook: str = "none"
     """DDP communication hook: none (DDP's built-in fp32 all-reduce, comm_s not measured), allreduce (the same all-reduce as a timed Python hook), fp16 or bf16 (compressed, timed)."""
 

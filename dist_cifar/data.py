@@ -14,6 +14,8 @@ import os
 import pickle
 import shutil
 import tarfile
+import tempfile
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ import torch
 
 from . import fetch
 
+NUM_CLASSES = 10  # every model's output width (models.NUM_CLASSES)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -103,7 +106,14 @@ def user_cache(anchor: Path, tag: str) -> Path:
 
 
 def cache_path_for(anchor: Path, tag: str) -> Path:
-    """Beside the data when writable, else in the user cache (keyed by the data's path)."""
+    """$DIST_CIFAR_CACHE_DIR when set (keyed by the data's path), else beside the data when
+    writable, else in the user cache. The GPU suite sets it: a cache beside the tarball would
+    travel with the checkout, 185 MB over what may travel."""
+    chosen = os.environ.get("DIST_CIFAR_CACHE_DIR")
+    if chosen:
+        key = hashlib.sha1(str(anchor.resolve()).encode()).hexdigest()[:16]
+        Path(chosen).mkdir(parents=True, exist_ok=True)
+        return Path(chosen) / f".dist_cifar_cache_{tag}_{key}.pt"
     beside = anchor.parent if anchor.is_file() else anchor
     if writable(beside):
         return beside / f".dist_cifar_cache_{tag}.pt"
@@ -125,7 +135,26 @@ def remove_stale_temps(cache: Path) -> None:
             stray.unlink(missing_ok=True)
 
 
+def untrusted(cache: Path) -> str:
+    """Why a cache file may not be loaded ('' when it may): one another user owns, or others may
+    write, could hold planted images whose fingerprint (path, size, inode, mtime) anyone can copy."""
+    st = cache.lstat()
+    if cache.is_symlink():
+        return "it is a symbolic link"
+    if st.st_uid != os.getuid():
+        return f"it is owned by uid {st.st_uid}, not you"
+    if st.st_mode & 0o022:
+        return "other users may write to it"
+    return ""
+
+
 def load_cached(cache: Path, fp: str, build: Callable[[], RawData]) -> RawData:
+    if cache.exists() or cache.is_symlink():
+        why = untrusted(cache)
+        if why:
+            mine = user_cache(cache, "cache").with_suffix(".pt")
+            print(f"[dist_cifar] ignoring cache {cache}: {why}; using {mine}")
+            cache = mine
     if cache.parent.is_dir():
         remove_stale_temps(cache)
     if cache.exists():
@@ -144,6 +173,7 @@ def load_cached(cache: Path, fp: str, build: Callable[[], RawData]) -> RawData:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         torch.save(blob, tmp)
+        os.chmod(tmp, 0o644)  # never writable by others, whatever the umask (see `untrusted`)
         os.replace(tmp, cache)  # readers see the old cache or the new one, never half of one
     except OSError as exc:
         print(f"[dist_cifar] could not write cache {cache}: {exc}")
@@ -171,11 +201,15 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             batch = NumpyOnlyUnpickler(f, encoding="bytes").load()
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        raw = np.asarray(batch[b"data"])
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
     except Exception as exc:
         raise DataError(f"corrupt CIFAR-10 batch file {path} ({type(exc).__name__}: "
                         f"{str(exc)[:80]}); {fix}") from None
+    if raw.dtype != np.uint8:  # a cast would wrap values above 255 and zero a [0, 1] float image
+        raise DataError(f"CIFAR-10 batch file {path} holds {raw.dtype} pixels, not uint8 0..255 as the official "
+                        f"files do; convert them (round(x * 255) for [0, 1] floats) or {fix}")
+    data = raw
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
         raise DataError(f"corrupt CIFAR-10 batch file {path} (data {data.shape}, "
                         f"{len(labels)} labels; expected (N, 3072) and N labels); {fix}")
@@ -224,17 +258,21 @@ def fetch_archive(data_dir: Path) -> Path:
                              f"--data-dir <your image tree>") from None
 
 
+STALE_TEMP_S = 3600  # a temporary extraction untouched this long belongs to a dead process
+
+
 def extract_cifar10(archive: Path) -> Path:
     """Extract into a temporary folder and rename the batches folder into place only when it is
     complete, so a truncated or foreign archive never leaves a half folder behind. Beside the
     archive when that folder is writable, else in the user cache."""
     parent = archive.parent if writable(archive.parent) else user_cache(archive, "cifar10")
     parent.mkdir(parents=True, exist_ok=True)
-    for stale in parent.glob(".tmp-extract-*"):
-        if stale.name != f".tmp-extract-{os.getpid()}":
-            shutil.rmtree(stale, ignore_errors=True)  # an extraction killed midway
-    tmp = parent / f".tmp-extract-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    target = parent / "cifar-10-batches-py"
+    for stale in parent.glob(".tmp-extract-*"):  # extractions killed midway; never a live one, never a link
+        if stale.is_dir() and not stale.is_symlink() and time.time() - stale.stat().st_mtime > STALE_TEMP_S:
+            shutil.rmtree(stale, ignore_errors=True)
+    # O_EXCL with an unpredictable name: a path planted in a shared folder is never followed
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-extract-", dir=parent))
     try:
         try:
             with tarfile.open(archive) as tar:
@@ -247,10 +285,15 @@ def extract_cifar10(archive: Path) -> Path:
             missing = [name for name in BATCH_FILES if not (extracted / name).exists()]
             raise DataError(f"{archive} is not the CIFAR-10 python archive: it lacks cifar-10-batches-py/"
                             f"{{{','.join(missing)}}}; download it again")
-        target = parent / "cifar-10-batches-py"
+        if complete(target):
+            return target  # another process (another node's first rank, an ablation array) finished first
         if target.exists():
-            shutil.rmtree(target)  # an incomplete earlier extraction
-        os.replace(extracted, target)
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete earlier extraction
+        try:
+            os.replace(extracted, target)
+        except OSError:
+            if not complete(target):  # lost a race to a process whose copy is complete: that is success
+                raise
         return target
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -283,10 +326,18 @@ def load_cifar10(data_dir: Path, download: bool = False) -> RawData:
 # ---------------------------------------------------------------------------- image folders
 
 
+MAX_IMAGE_BYTES = 32 << 20  # a 32x32 image is a few KB; anything this large is not one
+
+
 def decode_image(blob: bytes, name: str) -> np.ndarray:
     from PIL import Image
     try:
-        img = Image.open(io.BytesIO(blob)).convert("RGB")
+        img = Image.open(io.BytesIO(blob))
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit/int/float grey: scale, never clip to 255
+            wide = np.asarray(img, dtype=np.float64)
+            top = 65535.0 if img.mode.startswith("I;16") else max(float(wide.max()), 1.0)
+            img = Image.fromarray(np.clip(wide * 255.0 / top + 0.5, 0, 255).astype(np.uint8))
+        img = img.convert("RGB")
     except Exception as exc:
         raise DataError(f"unreadable image {name} ({type(exc).__name__}); remove or replace it") from None
     if img.size != (32, 32):
@@ -300,6 +351,9 @@ def collect(entries: list[tuple[str, str, str, Callable[[], bytes]]]) -> RawData
     classes = tuple(sorted({c for s, c, _, _ in entries if s == "train"}))
     if not classes:
         raise DataError("no train/<class>/<image> files found in the image folder")
+    if len(classes) > NUM_CLASSES:
+        raise DataError(f"the image folder has {len(classes)} classes under train/ but the models have "
+                        f"{NUM_CLASSES} outputs (CIFAR-10): keep {NUM_CLASSES} class folders")
     index = {c: i for i, c in enumerate(classes)}
     out = {}
     for split in ("train", "test"):
@@ -348,6 +402,9 @@ def load_imagefolder(data_dir: Path) -> RawData:
                     for member in tar:
                         where = split_member(member.name) if member.isfile() else None
                         if where:
+                            if member.size > MAX_IMAGE_BYTES:  # read() would hold it all in memory
+                                raise DataError(f"{archive}: member {member.name} is {member.size:,} bytes, not an "
+                                                f"image this loader reads (at most {MAX_IMAGE_BYTES:,}); remove it")
                             blob = tar.extractfile(member).read()
                             entries.append((*where, lambda b=blob: b))
             except DataError:

@@ -58,11 +58,20 @@ def atomic_write_json(path: Path, payload: Any) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON Lines file ([] when it does not exist)."""
+    """The records of a JSON Lines file ([] when it does not exist). A last line that does not
+    parse is an append cut short (a kill, a full disk) and is dropped; a bad line elsewhere raises."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines) - 1:
+                raise
+    return records
 
 
 def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:

@@ -193,9 +193,10 @@ class EvalShards:
         part = torch.tensor_split(torch.arange(len(split)), spec.world)[spec.rank]
         self.x = split.x[part].to(device)
         self.y = split.y[part].to(device)
-        self.batch_size = spec.batch_size
-        self.normalize = Normalizer(spec.mean, spec.std, device, spec.channels_last)
         largest = -(-len(split) // spec.world)  # tensor_split's first slice is the largest
+        # never padded past the largest slice: --eval-batch-size 100000 on 640 images is 640 rows
+        self.batch_size = max(min(spec.batch_size, largest), 1)
+        self.normalize = Normalizer(spec.mean, spec.std, device, spec.channels_last)
         self.count = -(-(largest if lockstep else len(self.y)) // self.batch_size)
 
     def __len__(self) -> int:

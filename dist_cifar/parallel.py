@@ -169,7 +169,11 @@ class Plan:
         optimizer.load_state_dict(state)
 
     def describe(self) -> str:
-        return "ddp (every rank holds the whole model)" if self.info.distributed else "one process"
+        if not self.info.distributed:
+            return "one process"
+        if self.ddp is None:
+            return "ddp at world size 1: the bare module, no DDP wrapper or comm hook (--ddp-single adds them)"
+        return "ddp (every rank holds the whole model)" + (" at world size 1 (--ddp-single)" if self.info.world_size == 1 else "")
 
 
 @dataclass(frozen=True)
@@ -485,7 +489,8 @@ def parallelize(module: nn.Module, cfg: TrainConfig, info: D.DistInfo) -> Wrappe
         plan = Plan(info)
     train_model: nn.Module = module
     comm = None
-    if info.distributed and design != "fsdp":
+    # one process: DDP would only add its reducer and hook to every step (unless asked for)
+    if info.distributed and design != "fsdp" and (info.world_size > 1 or cfg.ddp_single):
         if ignored:
             DDP._set_params_and_buffers_to_ignore_for_model(module, ignored)
         train_model = DDP(

@@ -339,10 +339,10 @@ def track_best(state: RunState, record: dict, checkpoints: CheckpointManager, *,
 
 
 def steady_epoch_time(history: list[dict]) -> Optional[float]:
-    """Median epoch time without the epochs that compiled (and the very first, which warms up)."""
-    steady = [r["epoch_time_s"] for r in history[1:] if r.get("compile_s") is None]
-    times = sorted(steady or [r["epoch_time_s"] for r in history])
-    return times[len(times) // 2] if times else None
+    """Median epoch time without the epochs that compiled (and the very first, which warms up);
+    None when no such epoch ran: a warm-up epoch is never reported as the steady one."""
+    steady = sorted(r["epoch_time_s"] for r in history[1:] if r.get("compile_s") is None)
+    return steady[len(steady) // 2] if steady else None
 
 
 def finish(run: TrainingRun, state: RunState, reporter, *, checkpoints: CheckpointManager,

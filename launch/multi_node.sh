@@ -17,7 +17,11 @@ nproc=${args[3]:-${NPROC_PER_NODE:-$($PYTHON -c "import torch; print(torch.cuda.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # inductor would start min(32, CPUs) compile workers in every process: give each rank its share
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}
+# torchrun's own join timeout is 600 s with nothing printed; bound it and say what is awaited
+join_timeout=${JOIN_TIMEOUT:-300}
+[[ "$join_timeout" =~ ^[1-9][0-9]*$ ]] || { echo "[launch] JOIN_TIMEOUT must be a positive number of seconds, got '$join_timeout'" >&2; exit 2; }
+echo "[launch] node $node_rank of $nnodes: waiting up to ${join_timeout}s for all $nnodes nodes at $endpoint (rendezvous id ${RDZV_ID:-dist_cifar}; JOIN_TIMEOUT=... to change)" >&2
 source launch/torchrun.sh
 run_torchrun --nnodes="$nnodes" --node_rank="$node_rank" \
   --nproc_per_node="$nproc" --rdzv-backend=c10d --rdzv-endpoint="$endpoint" \
-  --rdzv-id="${RDZV_ID:-dist_cifar}" -m dist_cifar.train "$@"
+  --rdzv-id="${RDZV_ID:-dist_cifar}" --rdzv-conf="join_timeout=$join_timeout" -m dist_cifar.train "$@"

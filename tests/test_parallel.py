@@ -173,3 +173,19 @@ def test_two_emulated_hosts_every_design(tmp_path):
         assert json.loads((out / "summary.json").read_text())["test_accuracy"] > 0
     assert not [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
                 if n.startswith(("dcA", "dcB"))]  # the namespaces are gone
+
+
+def test_world_size_one_trains_the_bare_module(tmp_path):
+    """One rank under torchrun: no DDP wrapper and no comm hook unless --ddp-single; the losses
+    are the same either way (the fp32 hook changes nothing), only the overhead differs."""
+    from conftest import smoke_args
+    bare = run_torchrun(1, smoke_args(tmp_path / "bare", ["--ddp-comm-hook", "allreduce", "--record-step-losses"]))
+    wrapped = run_torchrun(1, smoke_args(tmp_path / "ddp", ["--ddp-comm-hook", "allreduce", "--record-step-losses",
+                                                            "--ddp-single"]))
+    assert bare.returncode == 0 and wrapped.returncode == 0, bare.stderr[-2000:] + wrapped.stderr[-2000:]
+    assert "no DDP wrapper or comm hook" in bare.stdout and "(--ddp-single)" in wrapped.stdout
+    assert read_jsonl(tmp_path / "bare" / "metrics.jsonl")[0]["comm_s"] is None
+    assert read_jsonl(tmp_path / "ddp" / "metrics.jsonl")[0]["comm_s"] > 0
+    a = [r["loss"] for r in read_jsonl(tmp_path / "bare" / "step_losses.jsonl")]
+    b = [r["loss"] for r in read_jsonl(tmp_path / "ddp" / "step_losses.jsonl")]
+    assert len(a) == len(b) > 0 and max(abs(x - y) for x, y in zip(a, b)) < 1e-6

@@ -1,0 +1,181 @@
+"""The second adversarial pass (issue 23): data loss, security, hangs and defects, each case as
+the pass reproduced it, on real files and real processes."""
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, base_env, read_jsonl, run_train, write_official_cifar
+from test_data import make_tree
+from dist_cifar import data as D
+from dist_cifar.data import DataError, Split
+from dist_cifar.loaders import EvalShards, LoaderSpec
+
+
+def test_checkpoint_benchmark_leaves_the_given_folder_alone(tmp_path):
+    """Case 125: `benchmarks/checkpoint.py --dir X` deleted X and everything in it."""
+    folder = tmp_path / "X"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("keep")
+    (folder / "sub" / "run.log").write_text("d")
+    proc = subprocess.run([sys.executable, "benchmarks/checkpoint.py", "--model", "linear", "--dir", str(folder),
+                           "--out", str(tmp_path / "ck.json")], cwd=ROOT, env=base_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (folder / "notes.txt").read_text() == "keep" and (folder / "sub" / "run.log").read_text() == "d"
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "sub"]  # its own folder is gone
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="planting a file owned by another user needs root")
+def test_a_cache_planted_by_another_user_is_not_loaded(tmp_path, capsys):
+    """Case 092: in a sticky world-writable folder another user planted a cache with the right
+    fingerprint (path, size, inode, mtime: anyone can stat them) and all-zero images."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    tarball = shared / "small.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(make_tree(tmp_path / "tree"), arcname="cifar")
+    cache = D.cache_path_for(tarball, "imagefolder")
+    zeros = torch.zeros(9, 32, 32, 3, dtype=torch.uint8)
+    torch.save(dict(version=D.CACHE_VERSION, fingerprint=D.fingerprint([tarball]), train_x=zeros,
+                    train_y=torch.zeros(9, dtype=torch.long), test_x=zeros, test_y=torch.zeros(9, dtype=torch.long),
+                    classes=["airplane", "cat", "dog"], source="imagefolder"), cache)
+    os.chown(cache, 65534, 65534)
+    raw = D.load_imagefolder(tarball)
+    assert raw.train_x.float().std() > 10  # the real images, decoded again
+    assert "owned by uid 65534" in capsys.readouterr().out
+    cache.chmod(0o666)
+    os.chown(cache, 0, 0)
+    assert D.untrusted(cache) == "other users may write to it"
+
+
+def official_archive(tmp_path: Path) -> Path:
+    write_official_cifar(tmp_path / "src")
+    archive = tmp_path / "data" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    return archive
+
+
+def test_extraction_never_follows_a_planted_temporary_path(tmp_path):
+    """Case 137: a symlink planted as the predictable `.tmp-extract-<pid>` made root write the
+    batches into the folder it pointed to."""
+    archive = official_archive(tmp_path)
+    protected = tmp_path / "protected"
+    protected.mkdir()
+    for pid in (os.getpid(), os.getpid() + 1):
+        (archive.parent / f".tmp-extract-{pid}").symlink_to(protected)
+    target = D.extract_cifar10(archive)
+    assert D.complete(target) and target.parent == archive.parent
+    assert list(protected.iterdir()) == []  # nothing written through the link
+    assert all((archive.parent / f".tmp-extract-{pid}").is_symlink() for pid in (os.getpid(), os.getpid() + 1))
+
+
+def test_two_processes_extracting_one_archive_both_succeed(tmp_path):
+    """Cases 094/109: two first ranks on a shared folder; one used to delete the other's live
+    extraction and fail with a false 'not the CIFAR-10 python archive'."""
+    archive = official_archive(tmp_path)
+    code = ("import sys; from pathlib import Path; from dist_cifar.data import extract_cifar10; "
+            "print(extract_cifar10(Path(sys.argv[1])))")
+    for _ in range(3):
+        target = archive.parent / "cifar-10-batches-py"
+        if target.exists():
+            import shutil
+            shutil.rmtree(target)
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(archive)], cwd=ROOT, env=base_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        results = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], results
+        assert D.complete(target) and not list(archive.parent.glob(".tmp-extract-*"))
+
+
+def test_an_oversized_archive_member_is_refused_before_it_is_read(tmp_path):
+    """Case 089: a 3 GiB member of zeros (a few MB packed) was read whole into memory."""
+    bomb = tmp_path / "bomb.tar.gz"
+    with tarfile.open(bomb, "w:gz") as tar:
+        for split in ("train", "test"):
+            info = tarfile.TarInfo(f"cifar/{split}/cat/big.jpg")
+            info.size = D.MAX_IMAGE_BYTES + 1
+            tar.addfile(info, io.BytesIO(bytes(info.size)))
+    with pytest.raises(DataError, match="not an image this loader reads"):
+        D.load_imagefolder(bomb)
+
+
+def test_eval_batches_are_never_padded_past_the_split():
+    """Case 120: --eval-batch-size 100000 on 640 images ran 100,000-row batches (15 GB)."""
+    split = Split(torch.zeros(640, 32, 32, 3, dtype=torch.uint8), torch.zeros(640, dtype=torch.long))
+    shards = EvalShards(split, torch.device("cpu"), LoaderSpec(100_000))
+    batches = list(shards.batches())
+    assert len(batches) == 1 and batches[0][0].shape[0] == 640
+    two = [EvalShards(split, torch.device("cpu"), LoaderSpec(100_000, rank=r, world=3), lockstep=True) for r in range(3)]
+    assert {s.batch_size for s in two} == {214} and all(len(s) == 1 for s in two)
+
+
+def test_more_classes_than_outputs_is_one_line(tmp_path):
+    """Case 081: an 11-class folder crashed at the first step with 'Target 10 is out of bounds'."""
+    tree = make_tree(tmp_path / "tree", per_class=1, classes=tuple(f"c{i:02d}" for i in range(11)))
+    proc = run_train(["--dataset", "imagefolder", "--data-dir", str(tree), "--model", "small_cnn", "--epochs", "1",
+                      "--batch-size", "4", "--out-dir", str(tmp_path / "o")], timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: the image folder has 11 classes under train/ but the models have 10 outputs (CIFAR-10): "
+        "keep 10 class folders"]
+
+
+def test_sixteen_bit_images_are_scaled_and_odd_batches_refused(tmp_path):
+    """Cases 077, 090b, 090c: a 16-bit grey ramp came out near-white; float [0, 1] batch data
+    became zeros and int64 values above 255 wrapped, silently."""
+    ramp = (np.linspace(0, 65535, 32 * 32).reshape(32, 32)).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    decoded = D.decode_image(buf.getvalue(), "ramp.png")
+    assert decoded.shape == (32, 32, 3) and 120 < decoded.mean() < 135
+    root = write_official_cifar(tmp_path / "data")
+    for bad in (np.random.default_rng(0).random((20, 3072), dtype=np.float32),
+                np.full((20, 3072), 1020, dtype=np.int64)):
+        with open(root / "data_batch_1", "wb") as f:
+            pickle.dump({b"data": bad, b"labels": [0] * 20}, f, protocol=2)
+        with pytest.raises(DataError, match="not uint8 0..255"):
+            D.read_batch(root / "data_batch_1")
+
+
+def test_a_torn_last_line_does_not_block_resume(tmp_path):
+    """Cases 123/123b: the last 40 bytes of metrics.jsonl (or step_losses.jsonl) cut off: every
+    resume ended in a JSONDecodeError traceback."""
+    out = tmp_path / "run"
+    args = ["--dataset", "synthetic", "--synthetic-size", "256", "--model", "small_cnn", "--batch-size", "64",
+            "--record-step-losses", "--out-dir", str(out)]
+    assert run_train([*args, "--epochs", "2"]).returncode == 0
+    for name in ("metrics.jsonl", "step_losses.jsonl"):
+        text = (out / name).read_bytes()
+        (out / name).write_bytes(text[:-40])
+    again = run_train([*args, "--epochs", "3"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1, 2]
+    steps = [(r["epoch"], r["step"]) for r in read_jsonl(out / "step_losses.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1][0] == 2
+
+
+def test_a_node_that_never_comes_is_waited_for_a_bounded_time(tmp_path):
+    """Case 073: multi_node.sh waited silently (torchrun's 600 s) for a node that never came."""
+    from conftest import free_port
+    started = time.monotonic()
+    proc = subprocess.run(["bash", "launch/multi_node.sh", "2", "0", f"127.0.0.1:{free_port()}", "1", "--",
+                           "--dataset", "synthetic", "--out-dir", str(tmp_path / "o")], cwd=ROOT,
+                          env=base_env(JOIN_TIMEOUT="10", RDZV_ID="lonely", PYTHON=sys.executable),
+                          capture_output=True, text=True, timeout=150)
+    took = time.monotonic() - started
+    assert proc.returncode != 0 and took < 100, took
+    assert "waiting up to 10s for all 2 nodes at 127.0.0.1:" in proc.stderr
