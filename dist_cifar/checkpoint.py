@@ -25,12 +25,14 @@ only, so a checkpoint can never run code.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
 import random
 import re
+import sys
 import threading
 import time
 import warnings
@@ -215,6 +217,18 @@ def prune(out_dir: Path, keep_last: int, *, just_written: Optional[Path] = None)
         stray.unlink(missing_ok=True)  # a save killed midway (only rank 0 ever writes here)
 
 
+def best_problem(best: Path, epoch: int) -> str:
+    """Why best.pt cannot be the weights of `epoch` ('' when it can)."""
+    if not best.exists():
+        return f"is missing (the best weights were from epoch {epoch})"
+    if not verify(best):
+        return "does not match its commit marker (corrupt, torn, or written before markers existed)"
+    marked = (read_marker(best) or {}).get("epoch")
+    if marked != epoch:
+        return f"holds epoch {marked}'s weights but the best validation loss was at epoch {epoch}"
+    return ""
+
+
 def load(path: Path) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():
@@ -340,6 +354,7 @@ class CheckpointManager:
         write is still running; wait=True (end of run, preemption): waits for it. Returns whether
         a save was started. Every rank must make the same call."""
         t0 = time.perf_counter()
+        self.raise_failed_writes()
         busy = self.info.is_main and self._running("checkpoint")
         if self.info.distributed:  # every rank takes the same decision (only rank 0 writes)
             busy = D.broadcast_object(self.info, busy)
@@ -352,8 +367,9 @@ class CheckpointManager:
             self._join("checkpoint")
             snapshot = self.snapshots["checkpoint"].take(blob)
             delay = self.faults.save_delay(state.global_step) if self.faults else 0.0
+            fails = bool(self.faults) and self.faults.save_fails(state.global_step)
             epoch, step = state.epoch, state.step
-            self._start("checkpoint", lambda: self._write_checkpoint(snapshot, epoch, step, delay))
+            self._start("checkpoint", lambda: self._write_checkpoint(snapshot, epoch, step, delay, fails))
         with self.lock:
             self.blocked_s += time.perf_counter() - t0
         return True
@@ -373,6 +389,23 @@ class CheckpointManager:
         self._start("best", lambda: self._write_best(blob))
         with self.lock:
             self.blocked_s += time.perf_counter() - t0
+
+    def raise_failed_writes(self) -> None:
+        """Every rank raises the same one-line CheckpointError when a background write of rank 0's
+        has failed (a full disk, an unwritable folder): training does not go on without them."""
+        failed = str(self.errors[0]) if self.info.is_main and self.errors else ""
+        failed = D.broadcast_object(self.info, failed)
+        if failed:
+            self.errors = []
+            raise CheckpointError(f"a checkpoint write in {self.out_dir} failed ({failed[:200]}); the newest "
+                                  f"committed one is kept: free space or fix the folder, then rerun to resume")
+
+    def commit(self) -> None:
+        """Wait until the checkpoint just saved is committed (preemption: before saying so); raises
+        on every rank when it was not."""
+        if self.info.is_main:
+            self._join("checkpoint")
+        self.raise_failed_writes()
 
     def close(self, *, raise_errors: bool = True) -> None:
         """Wait for every write in flight; raise the first background error, if any."""
@@ -406,41 +439,54 @@ class CheckpointManager:
             t0 = time.perf_counter()
             try:
                 write()
-            except BaseException as exc:  # surfaced by close(): a failed write must not pass silently
+            except BaseException as exc:  # said now; the next save, commit or close() fails the job
                 self.errors.append(exc)
+                print(f"[dist_cifar] error: the {kind} write failed: {type(exc).__name__}: {str(exc)[:200]}",
+                      file=sys.stderr, flush=True)
             with self.lock:
                 self.write_s += time.perf_counter() - t0
         # not a daemon: the interpreter waits for a write in flight even on an unexpected exit
         self.threads[kind] = threading.Thread(target=run, name=f"dist_cifar-{kind}-writer")
         self.threads[kind].start()
 
-    def _write_checkpoint(self, snapshot: dict[str, Any], epoch: int, step: int, delay_s: float) -> None:
+    def _write_checkpoint(self, snapshot: dict[str, Any], epoch: int, step: int, delay_s: float,
+                          fails: bool = False) -> None:
         if not all_finite(snapshot["model"]):
             self._note(f"checkpoint at epoch {epoch} step {step} NOT committed: its weights are not finite")
             return
+        if fails:  # fault injection: what a full disk does to the write
+            raise OSError(errno.ENOSPC, "No space left on device (DIST_CIFAR_FAULT)",
+                          str(self.out_dir / checkpoint_name(epoch, step)))
         save(self.out_dir, snapshot, epoch, step, self.keep_last,
              before_publish=(lambda: time.sleep(delay_s)) if delay_s else None)
         self.last_commit = time.monotonic()
 
     def _write_best(self, blob: dict[str, Any]) -> None:
         if all_finite(blob["state_dict"]):
-            write_torch(self.out_dir / files.BEST, blob)
+            best = self.out_dir / files.BEST
+            marker_path(best).unlink(missing_ok=True)  # uncommitted while it is replaced
+            size, sha256 = write_torch(best, blob)
+            files.atomic_write_bytes(marker_path(best), json.dumps(
+                {"file": best.name, "size": size, "sha256": sha256, "epoch": blob["epoch"]}).encode())
+            remember_verified(best)
 
     def _note(self, message: str) -> None:
         if self.info.is_main:
             print(f"[dist_cifar] {message}", flush=True)
 
     # -- loading ---------------------------------------------------------------------
-    def load_best(self) -> bool:
-        """Every rank loads best.pt into the model (each keeps its slice of a sharded one); False
-        when there is none. Every rank must call it."""
+    def load_best(self, best_epoch: int) -> None:
+        """Every rank loads best.pt (the weights of epoch `best_epoch`) into the model, each keeping
+        its slice of a sharded one. A missing, corrupt or other-epoch best.pt is refused with one
+        line: the last weights are never reported as the best ones. Every rank must call it."""
         if self.info.is_main:
             self._join("best")
         best = self.out_dir / files.BEST
-        if not D.broadcast_object(self.info, best.exists() if self.info.is_main else None):
-            return False
+        problem = D.broadcast_object(self.info, best_problem(best, best_epoch) if self.info.is_main else None)
+        if problem:
+            raise CheckpointError(f"{best} {problem}; the summary is left as it was: rerun with --no-save-best to "
+                                  f"evaluate the last weights, or --overwrite to train again")
         self.parts["model"].load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
-        return True
 
     def restore(self, path: Path, state: RunState, *, steps_per_epoch: int, seed: int) -> list[str]:
         """Load `path` into the parts and `state`; returns what to tell the user."""

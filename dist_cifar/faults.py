@@ -7,6 +7,8 @@ DIST_CIFAR_FAULT holds one or more ';'-separated specs, each `KIND:key=value:...
   preempt:rank=0:step=5          rank 0 raises its preemption flag (as SIGTERM would)
   slow_save:step=16:seconds=60   the checkpoint taken at global step 16 waits 60 s between its
                                  fsync and its rename (tests a kill while a write is in flight)
+  fail_save:step=6               the checkpoint taken at global step 6 fails to write (as a full
+                                 disk would: OSError ENOSPC)
 Add `attempt=0` to fire only on torchrun's first attempt (TORCHELASTIC_RESTART_COUNT==0).
 Steps count optimizer steps from the start of the run (0-based), across epochs.
 """
@@ -19,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-KINDS = ("crash", "sleep", "nan", "preempt", "slow_save")
+KINDS = ("crash", "sleep", "nan", "preempt", "slow_save", "fail_save")
 
 
 @dataclass
@@ -72,6 +74,10 @@ class FaultInjector:
         """Seconds the checkpoint writer stalls before publishing the checkpoint of `step`."""
         fault = self._due("slow_save", 0, step)
         return fault.seconds if fault else 0.0
+
+    def save_fails(self, step: int) -> bool:
+        """Whether the checkpoint of `step` is to fail as a full disk would."""
+        return self._due("fail_save", 0, step) is not None
 
     def corrupt_loss(self, rank: int, step: int, loss: torch.Tensor) -> torch.Tensor:
         if self.faults and self._due("nan", rank, step):

@@ -16,13 +16,14 @@ METRICS = "metrics.jsonl"
 STEP_LOSSES = "step_losses.jsonl"
 SUMMARY = "summary.json"
 BEST = "best.pt"
+BEST_MARKER = "best.pt.commit"
 LOSS_CURVES = "loss_curves.png"
 CONFUSION = "confusion_matrix.png"
 WANDB_ID = "wandb_run_id.txt"
 WANDB_DIR = "wandb"
 TMP_PREFIX = ".tmp-"
 # What a run writes besides its checkpoints; `--overwrite` removes exactly these.
-ARTEFACTS = (CONFIG, METRICS, STEP_LOSSES, SUMMARY, BEST, LOSS_CURVES, CONFUSION, WANDB_ID)
+ARTEFACTS = (CONFIG, METRICS, STEP_LOSSES, SUMMARY, BEST, BEST_MARKER, LOSS_CURVES, CONFUSION, WANDB_ID)
 
 
 def fsync_dir(path: Path) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import secrets
 import shutil
@@ -83,11 +84,30 @@ def prepare(cfg: TrainConfig) -> tuple[Path, Optional[Path]]:
                                   f"resume it with the same settings, choose a new --out-dir, or pass --overwrite")
             return out, latest
     if holds_another_run(out):
-        if not cfg.overwrite:
+        own = not cfg.overwrite and own_start_without_checkpoint(out, cfg)
+        if not (cfg.overwrite or own):
             raise ConfigError(f"--out-dir {out} is not empty and holds no checkpoint to resume: pass "
                               f"--overwrite to replace its run, or choose a new --out-dir")
+        if own:
+            print(f"[dist_cifar] {out} holds only this run's own start, which stopped before its first checkpoint: "
+                  f"starting it again", flush=True)
         clear(out)
     return out, None
+
+
+def own_start_without_checkpoint(out: Path, cfg: TrainConfig) -> bool:
+    """The folder holds nothing but what this same run (same identity in config.json, no summary)
+    wrote before its first committed checkpoint: a crash, a kill or a NaN stop in the first
+    interval. The same command (an elastic restart, a requeue) then starts it again."""
+    try:
+        saved = json.loads((out / files.CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(saved, dict) or ckpt.identity_problem(ckpt.identity(saved), cfg.to_dict()) \
+            or (out / files.SUMMARY).exists():
+        return False
+    known = set(files.ARTEFACTS) | {LOCK, files.WANDB_DIR}
+    return all(p.name in known or p.name.startswith((files.TMP_PREFIX, "ckpt-")) for p in out.iterdir())
 
 
 def explicit_resume(cfg: TrainConfig, out: Path) -> Path:

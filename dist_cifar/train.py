@@ -31,7 +31,7 @@ from . import distributed as D
 from . import __version__, cost, files, plot, rundir
 from .assembly import TrainingRun, assemble
 from .checkpoint import CheckpointManager, RunState
-from .config import ConfigError, TrainConfig, parse_config
+from .config import ConfigError, TrainConfig, flag_name, parse_config
 from .data import DataError, Splits, load_source, make_splits
 from .engine import EpochSums, EvalResult, NonFiniteLoss, StepHooks, evaluate, global_mean, train_epoch
 from .faults import FaultInjector
@@ -59,16 +59,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         return fail(exc, EXIT_USAGE)
     except NonFiniteLoss as exc:
         return fail(exc, EXIT_NONFINITE)
+    except OSError as exc:  # a full disk or an unwritable file at the epoch's end: one line, not a traceback
+        if exc.filename is None:
+            raise
+        return fail(f"writing {exc.filename} failed ({exc.strerror}): free space or fix the folder; the "
+                    f"newest committed checkpoint is kept, rerun to resume", EXIT_USAGE)
     finally:
         flag.uninstall()
 
 
-def fail(exc: Exception, code: int) -> int:
+def fail(exc: object, code: int) -> int:
     print(f"error: {exc}", file=sys.stderr, flush=True)
     return code
 
 
 def train(cfg: TrainConfig, notes: tuple[str, ...], info: D.DistInfo, flag: PreemptionFlag) -> int:
+    same_config_everywhere(cfg, info)
     configure_backends(cfg, info)
     out_dir, resume_path = prepare_out_dir(cfg, info)
     splits = load_data(cfg, info)
@@ -123,6 +129,7 @@ def epoch_loop(run: TrainingRun, state: RunState, checkpoints: CheckpointManager
         if result.stopped:
             state.step, state.sums = result.end_step, result.sums
             checkpoints.save(state, wait=True)
+            checkpoints.commit()  # "written" only once it is
             print(f"[dist_cifar] rank {info.rank}: preempted ({flag.signal_name or 'signal on another rank'}), "
                   f"stopped at epoch {start.epoch} step {result.end_step}; checkpoint written; exit {EXIT_PREEMPTED}",
                   file=sys.stderr, flush=True)
@@ -174,6 +181,22 @@ def agreed(info: D.DistInfo, setup_step):
     if first:
         raise ConfigError(first)
     return value
+
+
+# may differ from node to node: where the data lies locally, host resources, console output
+# (the out dir is rank 0's choice, broadcast to the others)
+PER_HOST = ("data_dir", "out_dir", "threads", "num_workers", "quiet", "progress_every")
+
+
+def same_config_everywhere(cfg: TrainConfig, info: D.DistInfo) -> None:
+    """Ranks started with different flags would train different replicas (or hang on unequal step
+    counts): every rank compares its resolved config with rank 0's and all fail with one line."""
+    configs = D.all_gather_objects(info, cfg.to_dict())
+    for rank, other in enumerate(configs[1:], start=1):
+        differs = next((key for key in configs[0] if key not in PER_HOST and configs[0][key] != other.get(key)), None)
+        if differs:
+            raise ConfigError(f"rank {rank} was started with {flag_name(differs)} {other.get(differs)!r} but rank 0 "
+                              f"with {configs[0][differs]!r}: start every rank with the same flags")
 
 
 def prepare_out_dir(cfg: TrainConfig, info: D.DistInfo) -> tuple[Path, Optional[Path]]:
@@ -350,8 +373,8 @@ def finish(run: TrainingRun, state: RunState, reporter, *, checkpoints: Checkpoi
     """The report's compute_accuracy on the best weights, the confusion matrix, plots, summary."""
     cfg, info, splits, model = run.cfg, run.info, run.splits, run.model
     out_dir = checkpoints.out_dir
-    if cfg.save_best:
-        checkpoints.load_best()
+    if cfg.save_best and state.best_epoch >= 0:
+        checkpoints.load_best(state.best_epoch)
     last = state.history[-1] if state.history else {}
     timing = {"epochs_run": len(state.history), "total_time_s": state.train_time_s,
               "mean_epoch_time_s": sum(r["epoch_time_s"] for r in state.history) / max(len(state.history), 1),

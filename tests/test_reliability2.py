@@ -179,3 +179,125 @@ def test_a_node_that_never_comes_is_waited_for_a_bounded_time(tmp_path):
     took = time.monotonic() - started
     assert proc.returncode != 0 and took < 100, took
     assert "waiting up to 10s for all 2 nodes at 127.0.0.1:" in proc.stderr
+
+
+B = ["--dataset", "synthetic", "--synthetic-size", "512", "--model", "small_cnn", "--batch-size", "64", "--epochs", "4",
+     "--lr", "0.02", "--no-dropout"]
+
+
+def test_best_pt_is_verified_and_a_good_summary_never_overwritten(tmp_path):
+    """Cases 036-038: a missing best.pt made the rerun report the last weights under best_epoch;
+    one flipped bit rewrote summary.json with 8.59%; a truncated one was a traceback."""
+    out = tmp_path / "run"
+    assert run_train([*B, "--out-dir", str(out)]).returncode == 0
+    good = (out / "summary.json").read_text()
+    best = out / "best.pt"
+    original = best.read_bytes()
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0x40
+    for damage, expected in ((None, "is missing"), (bytes(flipped), "does not match its commit marker"),
+                             (original[:-1000], "does not match its commit marker")):
+        best.unlink(missing_ok=True)
+        if damage is not None:
+            best.write_bytes(damage)
+        proc = run_train([*B, "--out-dir", str(out)])
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        errors = [l for l in proc.stderr.splitlines() if l.strip()]
+        assert len(errors) == 1 and expected in errors[0] and "--no-save-best" in errors[0], errors
+        assert (out / "summary.json").read_text() == good
+    best.write_bytes(original)
+    again = run_train([*B, "--out-dir", str(out)])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["test_accuracy"] == json.loads(good)["test_accuracy"]
+
+
+def test_a_run_that_dies_before_its_first_checkpoint_restarts_with_the_same_command(tmp_path):
+    """Cases 022/057/058: torchrun --max-restarts and a plain rerun were refused ('not empty and
+    holds no checkpoint') after a crash in the first checkpoint interval."""
+    from conftest import smoke_args, torchrun_cmd
+    out = tmp_path / "elastic"
+    args = smoke_args(out, ["--epochs", "2"])
+    proc = subprocess.run(torchrun_cmd(2, args, ["--standalone", "--max-restarts=1"]), cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=base_env(DIST_CIFAR_FAULT="crash:rank=1:step=3:attempt=0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "injected crash" in proc.stderr and "starting it again" in proc.stdout
+    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1]
+    single = tmp_path / "single"
+    crashed = run_train(smoke_args(single, ["--epochs", "2"]), DIST_CIFAR_FAULT="crash:rank=0:step=2")
+    assert crashed.returncode != 0 and (single / "config.json").exists()
+    assert run_train(smoke_args(single, ["--epochs", "2"])).returncode == 0
+    other = run_train(smoke_args(single, ["--epochs", "2", "--lr", "0.5"]))  # another run's folder stays refused
+    assert other.returncode == 2
+
+
+def test_a_failed_background_write_stops_the_job_with_one_line(tmp_path):
+    """Cases 033/034: failed checkpoint writes were silent, training went on without them, and a
+    preemption said 'checkpoint written; exit 75' before dying on the failed rename."""
+    args = ["--dataset", "synthetic", "--synthetic-size", "512", "--model", "small_cnn", "--batch-size", "64",
+            "--epochs", "6", "--checkpoint-every-steps", "2"]
+    periodic = run_train([*args, "--out-dir", str(tmp_path / "a")], DIST_CIFAR_FAULT="fail_save:step=2")
+    assert periodic.returncode == 2, periodic.stderr[-2000:]
+    assert "error: the checkpoint write failed: OSError" in periodic.stderr
+    assert "a checkpoint write in" in periodic.stderr.strip().splitlines()[-1]
+    metrics = tmp_path / "a" / "metrics.jsonl"
+    assert not metrics.exists() or read_jsonl(metrics) == []  # it stopped at the next save, in epoch 0
+    preempted = run_train([*args, "--out-dir", str(tmp_path / "b")],
+                          DIST_CIFAR_FAULT="preempt:rank=0:step=5;fail_save:step=6")
+    assert preempted.returncode == 2, preempted.stderr[-2000:]
+    assert "checkpoint written" not in preempted.stderr and "Traceback" not in preempted.stderr
+
+
+def test_a_trickling_mirror_fails_within_the_deadline(tmp_path):
+    """Case 103: one byte every 5 s kept the download alive forever (each read was within the
+    30 s socket timeout) and left its part file behind."""
+    import http.server
+    import threading
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            try:
+                for _ in range(60):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.5)
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "dist_cifar.fetch", str(tmp_path / "d")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120, env=base_env(
+                                  DIST_CIFAR_CIFAR10_URL=f"http://127.0.0.1:{server.server_port}/c.tar.gz",
+                                  DIST_CIFAR_DOWNLOAD_TIMEOUT_S="5"))
+        took = time.monotonic() - started
+    finally:
+        server.shutdown()
+    assert proc.returncode == 1 and took < 40, (took, proc.stderr)
+    assert "not finished after 5 s" in proc.stderr
+    assert list((tmp_path / "d").glob(".*part*")) == []
+
+
+def test_ranks_started_with_different_flags_fail_with_one_line(tmp_path):
+    """Cases 066/067: two ranks started by hand with different --lr (or --epochs) trained
+    diverging replicas silently, or hung until the collective timeout."""
+    from conftest import free_port, smoke_args
+    port = free_port()
+    procs = []
+    for rank, extra in ((0, []), (1, ["--lr", "0.01"])):
+        env = base_env(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1",
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-m", "dist_cifar.train",
+                                       *smoke_args(tmp_path / f"o{rank}", ["--dist-timeout", "30", *extra])],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], results
+    for _, err in results:
+        assert "error: rank 1 was started with --lr 0.01 but rank 0 with 0.001" in err, err
