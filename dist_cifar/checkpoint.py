@@ -270,6 +270,26 @@ def check_compatible(state: dict[str, Any], config: dict[str, Any], path: Path) 
                               f"--out-dir, or pass --overwrite to replace that run")
 
 
+def check_progress(blob: dict[str, Any], config: dict[str, Any], path: Path, *, world_size: int,
+                   global_batch_size: int, steps_per_epoch: int) -> None:
+    """What the identity cannot say alone: at the same world size the batch must not change (the
+    run would silently continue another recipe), and the run must not already be past the
+    command's --epochs or, mid-epoch, past its --steps-per-epoch."""
+    run = blob.get("run", {})
+    fix = "resume with the run's own settings, choose a new --out-dir, or pass --overwrite"
+    if blob.get("world_size") == world_size and blob.get("global_batch_size") != global_batch_size:
+        raise CheckpointError(f"checkpoint {path.name} trained a global batch of {blob.get('global_batch_size')} "
+                              f"on {world_size} processes; this command gives {global_batch_size} (--batch-size / "
+                              f"--global-batch-size): {fix}")
+    if run.get("epoch", 0) > config.get("epochs", 0):
+        raise CheckpointError(f"checkpoint {path.name} has finished {run['epoch']} epochs, more than --epochs "
+                              f"{config.get('epochs')}: {fix}")
+    same = blob.get("world_size") == world_size and blob.get("global_batch_size") == global_batch_size
+    if same and run.get("step", 0) > steps_per_epoch:
+        raise CheckpointError(f"checkpoint {path.name} stopped at step {run['step']} of epoch {run.get('epoch')}, past "
+                              f"this command's {steps_per_epoch} steps per epoch (--steps-per-epoch): {fix}")
+
+
 class HostSnapshot:
     """Copies a nested state (dicts, lists, tensors) off the training device, reusing its host
     buffers from one save to the next (pinned on CUDA, so the copy runs at full bandwidth)."""
@@ -492,6 +512,8 @@ class CheckpointManager:
         """Load `path` into the parts and `state`; returns what to tell the user."""
         blob = load(path)
         check_compatible(blob, self.config, path)
+        check_progress(blob, self.config, path, world_size=self.info.world_size,
+                       global_batch_size=self.global_batch_size, steps_per_epoch=steps_per_epoch)
         same_sharding = (blob["world_size"] == self.info.world_size
                          and blob["global_batch_size"] == self.global_batch_size)
         for name, part in self.parts.items():

@@ -173,7 +173,8 @@ def epoch_line(r: dict[str, Any]) -> str:
 
 def summary_table(summary: dict[str, Any], per_class: list[tuple[str, float]]):
     from rich.table import Table
-    table = Table(title=f"dist_cifar: {summary.get('model')} ({summary.get('out_dir')})")
+    from rich.text import Text  # user strings (out dir, class folders) printed as they are, never as markup
+    table = Table(title=Text(f"dist_cifar: {summary.get('model')} ({summary.get('out_dir')})"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("train_accuracy", "val_accuracy", "test_accuracy", "test_loss", "best_epoch",
@@ -181,9 +182,9 @@ def summary_table(summary: dict[str, Any], per_class: list[tuple[str, float]]):
                 "world_size", "global_batch_size"):
         if summary.get(key) is not None:
             value = summary[key]
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else Text(str(value)))
     for name, acc in per_class:
-        table.add_row(f"test acc {name}", f"{acc:.2f}")
+        table.add_row(Text(f"test acc {name}"), f"{acc:.2f}")
     return table
 
 

@@ -301,3 +301,30 @@ def test_ranks_started_with_different_flags_fail_with_one_line(tmp_path):
     assert [p.returncode for p in procs] == [2, 2], results
     for _, err in results:
         assert "error: rank 1 was started with --lr 0.01 but rank 0 with 0.001" in err, err
+
+
+def test_user_strings_are_printed_literally(tmp_path):
+    """Cases 084/083: an out dir with `[/` ended a finished run with rich's MarkupError (exit 1);
+    a class folder `cat[red]` was shown as `cat`."""
+    tree = make_tree(tmp_path / "tree", per_class=2, classes=("cat[red]", "dog"))
+    out = tmp_path / "n084[/]x"
+    proc = run_train(["--dataset", "imagefolder", "--data-dir", str(tree), "--model", "small_cnn", "--epochs", "1",
+                      "--batch-size", "2", "--val-size", "0", "--out-dir", str(out)], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "n084[/]x" in proc.stdout and "test acc cat[red]" in proc.stdout
+
+
+def test_resume_refuses_recipe_changes_outside_the_identity(tmp_path):
+    """Cases 042/055/056: a changed --batch-size, a lowered --epochs on a finished run and a
+    --steps-per-epoch below the resume step were accepted."""
+    from conftest import smoke_args
+    out = tmp_path / "run"
+    assert run_train(smoke_args(out, ["--epochs", "2", "--synthetic-size", "512"])).returncode == 0
+    for extra, named in ((["--batch-size", "64"], "--batch-size"), (["--epochs", "1"], "more than --epochs 1")):
+        proc = run_train(smoke_args(out, ["--epochs", "2", "--synthetic-size", "512", *extra]))
+        assert proc.returncode == 2 and named in proc.stderr, proc.stderr[-1500:]
+    mid = tmp_path / "mid"
+    stop = run_train(smoke_args(mid, ["--epochs", "2", "--synthetic-size", "512"]), DIST_CIFAR_FAULT="preempt:rank=0:step=9")
+    assert stop.returncode == 75
+    low = run_train(smoke_args(mid, ["--epochs", "2", "--synthetic-size", "512", "--steps-per-epoch", "1"]))
+    assert low.returncode == 2 and "--steps-per-epoch" in low.stderr, low.stderr[-1500:]
