@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default="", help="folder to write in: a ckpt-bench-* folder is made inside it and removed after (default: runs/, git-ignored); nothing else there is touched")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
+    if args.repeats <= 0:
+        p.error("--repeats must be > 0")
     info = D.DistInfo(device=D.local_device(args.device, 0))
     torch.manual_seed(0)
     model = build_model(args.model).to(info.device)

@@ -52,7 +52,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     rungs = RUNGS + ([HOOK_RUNG] if args.nproc > 1 else [SINGLE_DDP_RUNG])
-    chosen = {int(r) for r in args.rungs.split(",") if r.strip()} or set(range(len(rungs)))
+    try:
+        chosen = {int(r) for r in args.rungs.split(",") if r.strip()} or set(range(len(rungs)))
+    except ValueError:
+        p.error(f"--rungs takes comma-separated numbers, got {args.rungs!r}")
+    if not chosen <= set(range(len(rungs))) or args.epochs <= 0 or args.steps_per_epoch <= 0:
+        p.error(f"--rungs must be within 0..{len(rungs) - 1} and --epochs, --steps-per-epoch > 0")
     common = ["--model", args.model, "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
               "--steps-per-epoch", str(args.steps_per_epoch), "--num-workers", str(args.num_workers),
               "--split", "full", "--val-size", "0", "--no-save-best", "--no-final-eval",

@@ -367,6 +367,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--val-size must be >= 0 (or -1 for the default), got {cfg.val_size}")
     if not cfg.lr > 0:
         raise ConfigError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.lr > 1e4 or cfg.weight_decay > 1e4:  # float32 arithmetic overflows long before 1e308
+        raise ConfigError(f"--lr {cfg.lr:g} / --weight-decay {cfg.weight_decay:g}: values above 1e4 overflow "
+                          f"float32 training; use a sane value (the report's weight decays are 0..1)")
+    if not 0 <= cfg.seed < 2**32:  # numpy's and every RNG's range
+        raise ConfigError(f"--seed must be in 0..{2**32 - 1}, got {cfg.seed}")
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise ConfigError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if cfg.dist_timeout <= 0:

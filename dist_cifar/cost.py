@@ -176,8 +176,8 @@ def main(argv=None) -> int:
     parser.add_argument("--link-gbs", type=float, default=400.0, help="all-reduce bus bandwidth per GPU, GB/s")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    if args.batch_size <= 0 or args.gpus <= 0:
-        print("error: --batch-size and --gpus must be > 0", file=sys.stderr)
+    if args.batch_size <= 0 or args.gpus <= 0 or not args.peak_tflops > 0 or not args.link_gbs > 0:
+        print("error: --batch-size, --gpus, --peak-tflops and --link-gbs must be > 0", file=sys.stderr)
         return 2
     cost = measure(args.model)
     fl = floors(cost, batch_size=args.batch_size, gpus=args.gpus, peak_tflops=args.peak_tflops, link_gbs=args.link_gbs)

@@ -14,6 +14,10 @@ nnodes=${args[0]:-${NNODES:?give NNODES}}
 node_rank=${args[1]:-${NODE_RANK:?give NODE_RANK}}
 endpoint=${args[2]:-${RDZV_ENDPOINT:?give the rendezvous endpoint host:port of node 0}}
 nproc=${args[3]:-${NPROC_PER_NODE:-$($PYTHON -c "import torch; print(torch.cuda.device_count() or 1)")}}
+for value in "$nnodes" "$nproc"; do
+  [[ "$value" =~ ^[1-9][0-9]*$ ]] || { echo "[launch] NNODES and NPROC_PER_NODE must be positive numbers, got '$value'" >&2; exit 2; }
+done
+[[ "$node_rank" =~ ^[0-9]+$ ]] && [ "$node_rank" -lt "$nnodes" ] || { echo "[launch] NODE_RANK must be in 0..$(( nnodes - 1 )), got '$node_rank'" >&2; exit 2; }
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # inductor would start min(32, CPUs) compile workers in every process: give each rank its share
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}

@@ -13,6 +13,10 @@ if [ $# -gt 0 ] && [ "$1" != "--" ]; then nproc=$1; shift; fi
 if [ -z "$nproc" ]; then
   nproc=$($PYTHON -c "import torch; print(torch.cuda.device_count() or 2)")
 fi
+if ! [[ "$nproc" =~ ^[1-9][0-9]*$ ]]; then
+  echo "[launch] NPROC must be a positive number of processes, got '$nproc' (bash launch/single_node.sh 4 -- ARGS)" >&2
+  exit 2
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # inductor would start min(32, CPUs) compile workers in every process: give each rank its share
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}

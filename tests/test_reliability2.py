@@ -328,3 +328,21 @@ def test_resume_refuses_recipe_changes_outside_the_identity(tmp_path):
     assert stop.returncode == 75
     low = run_train(smoke_args(mid, ["--epochs", "2", "--synthetic-size", "512", "--steps-per-epoch", "1"]))
     assert low.returncode == 2 and "--steps-per-epoch" in low.stderr, low.stderr[-1500:]
+
+
+@pytest.mark.parametrize("cmd, named", [
+    (["bash", "launch/single_node.sh", "abc", "--"], "NPROC must be a positive number"),
+    (["bash", "launch/single_node.sh", "0", "--"], "NPROC must be a positive number"),
+    (["bash", "slurm/train.sbatch"], "submit it with sbatch"),
+    ([sys.executable, "-m", "dist_cifar.cost", "--peak-tflops", "0"], "must be > 0"),
+    ([sys.executable, "-m", "dist_cifar.train", "--weight-decay", "1e308"], "overflow float32"),
+    ([sys.executable, "-m", "dist_cifar.train", "--seed", "99999999999999999999"], "--seed must be in"),
+    ([sys.executable, "benchmarks/epoch_time.py", "--rungs", "99"], "--rungs must be within"),
+    ([sys.executable, "benchmarks/checkpoint.py", "--repeats", "0"], "--repeats must be > 0"),
+])
+def test_bad_input_is_one_line_not_a_traceback(cmd, named):
+    """Cases 118, 124, 126, 127, 129."""
+    proc = subprocess.run(cmd, cwd=ROOT, env=base_env(PYTHON=sys.executable, SLURM_JOB_ID=""), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert named in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
