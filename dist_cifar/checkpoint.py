@@ -194,11 +194,19 @@ def verify(path: Path) -> bool:
 
 def find_latest(out_dir: Path) -> Optional[Path]:
     """Newest checkpoint whose commit marker matches its bytes."""
+    found = None
     for path in reversed(committed(out_dir)):
         if verify(path):
-            return path
+            found = path
+            break
         print(f"[dist_cifar] ignoring checkpoint {path.name}: it does not match its commit marker")
-    return None
+    newest = NAME.match(found.name) if found else None
+    for path in sorted(Path(out_dir).glob("ckpt-e*-s*.pt")):
+        m = NAME.match(path.name)
+        if m and not marker_path(path).exists() and (
+                newest is None or (int(m.group(1)), int(m.group(2))) > (int(newest.group(1)), int(newest.group(2)))):
+            print(f"[dist_cifar] ignoring checkpoint {path.name}: it has no commit marker (its write was cut short)")
+    return found
 
 
 def prune(out_dir: Path, keep_last: int, *, just_written: Optional[Path] = None) -> None:
@@ -215,6 +223,16 @@ def prune(out_dir: Path, keep_last: int, *, just_written: Optional[Path] = None)
             kept += 1
     for stray in Path(out_dir).glob(files.TMP_PREFIX + "ckpt-*"):
         stray.unlink(missing_ok=True)  # a save killed midway (only rank 0 ever writes here)
+    for stray in Path(out_dir).glob(f"{files.TMP_PREFIX}{files.BEST}-*"):
+        if not stray.name.endswith(f"-{os.getpid()}"):  # a best.pt write of a dead process
+            stray.unlink(missing_ok=True)
+    if just_written is not None:
+        newest = NAME.match(just_written.name)
+        for path in Path(out_dir).glob("ckpt-e*-s*.pt"):  # renamed, never committed, and now superseded
+            m = NAME.match(path.name)
+            if m and not marker_path(path).exists() and (int(m.group(1)), int(m.group(2))) < \
+                    (int(newest.group(1)), int(newest.group(2))):
+                path.unlink(missing_ok=True)
 
 
 def best_problem(best: Path, epoch: int) -> str:
@@ -239,8 +257,10 @@ def load(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"refusing checkpoint {path}: it does not load as plain tensors and "
                               f"data (weights_only): {first}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a dist_cifar checkpoint (format {FORMAT}); "
-                              f"pass --resume none to start fresh")
+        found = state.get("format") if isinstance(state, dict) else None
+        what = f"written by another dist_cifar version (format {found}; this one reads {FORMAT})" \
+            if found is not None else f"not a dist_cifar checkpoint (format {FORMAT})"
+        raise CheckpointError(f"{path} is {what}: choose a new --out-dir, or pass --overwrite to replace that run")
     return state
 
 

@@ -16,6 +16,7 @@ import shutil
 import tarfile
 import tempfile
 import time
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,6 +395,9 @@ def load_imagefolder(data_dir: Path) -> RawData:
         else:
             raise DataMissing(f"no image folder at {data_dir.resolve()}: expected train/<class>/*.jpg and "
                             f"test/<class>/*.jpg, or one .tar.gz of that tree (pass it as --data-dir)")
+    if archive is not None and zipfile.is_zipfile(archive):
+        raise DataError(f"{archive} is a zip file; the image loader reads a .tar.gz of train/<class>/* and "
+                        f"test/<class>/*: unzip it and pass the folder, or repack it with tar czf")
     if archive is not None:
         def build() -> RawData:
             entries = []

@@ -86,6 +86,9 @@ def prepare(cfg: TrainConfig) -> tuple[Path, Optional[Path]]:
     if holds_another_run(out):
         own = not cfg.overwrite and own_start_without_checkpoint(out, cfg)
         if not (cfg.overwrite or own):
+            if cfg.resume == "none":
+                raise ConfigError(f"--resume none: --out-dir {out} is not empty (another run's files): pass "
+                                  f"--overwrite to replace them, or choose a new --out-dir")
             raise ConfigError(f"--out-dir {out} is not empty and holds no checkpoint to resume: pass "
                               f"--overwrite to replace its run, or choose a new --out-dir")
         if own:

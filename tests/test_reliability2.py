@@ -346,3 +346,47 @@ def test_bad_input_is_one_line_not_a_traceback(cmd, named):
                           text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert named in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_strays_are_cleaned_and_unmarked_checkpoints_named(tmp_path):
+    """Cases 030r/035/049: `.tmp-best.pt-<pid>` of a dead run stayed forever; a checkpoint renamed
+    without its marker stayed, and when it was the newest the resume took an older one silently."""
+    from conftest import smoke_args
+    from dist_cifar import checkpoint as ckpt
+    out = tmp_path / "run"
+    assert run_train(smoke_args(out, ["--epochs", "2", "--keep-last", "3"])).returncode == 0
+    (out / ".tmp-best.pt-999999").write_bytes(b"half")
+    newest = ckpt.committed(out)[-1]
+    unmarked = out / ckpt.checkpoint_name(9, 0)
+    unmarked.write_bytes(newest.read_bytes())  # a rename whose marker never came
+    older = out / ckpt.checkpoint_name(0, 3)
+    older.write_bytes(b"x")
+    proc = run_train(smoke_args(out, ["--epochs", "3", "--keep-last", "3"]))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"ignoring checkpoint {unmarked.name}: it has no commit marker" in proc.stdout
+    assert not (out / ".tmp-best.pt-999999").exists() and not older.exists()
+
+
+def test_messages_say_what_is_true(tmp_path):
+    """Cases 046/047 (another format told to --resume none, which was refused), 020 (--resume none
+    'holds no checkpoint'), 088 (a valid .zip called a corrupt archive)."""
+    from conftest import smoke_args
+    from dist_cifar import checkpoint as ckpt
+    out = tmp_path / "run"
+    assert run_train(smoke_args(out)).returncode == 0
+    path = ckpt.committed(out)[-1]
+    blob = torch.load(path, weights_only=True)
+    blob["format"] = 3
+    torch.save(blob, path)
+    ckpt.save(out, blob, 5, 0, keep_last=5)  # committed, but of another format
+    proc = run_train(smoke_args(out, ["--epochs", "6"]))
+    assert proc.returncode == 2 and "another dist_cifar version (format 3; this one reads 2)" in proc.stderr
+    assert "--overwrite" in proc.stderr and "--resume none" not in proc.stderr
+    none = run_train(smoke_args(out, ["--resume", "none"]))
+    assert none.returncode == 2 and "--resume none: --out-dir" in none.stderr and "holds no checkpoint" not in none.stderr
+    import zipfile
+    archive = tmp_path / "images.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("train/cat/0.png", b"x")
+    with pytest.raises(DataError, match="is a zip file"):
+        D.load_imagefolder(archive)
