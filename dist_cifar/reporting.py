@@ -9,6 +9,7 @@ step_losses.jsonl (rundir.py) and the PNG plots (plot.py; this module only uploa
 """
 from __future__ import annotations
 
+import re
 import secrets
 import sys
 from pathlib import Path
@@ -82,8 +83,14 @@ class Reporter(SilentReporter):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         files.atomic_write_json(self.out_dir / files.CONFIG, run_config)
         if self.wandb_mode != "off":
-            self.run, self.wandb_mode = start_wandb(self.out_dir, self.wandb_mode, run_config, wandb_id,
-                                                    note=self.note, **self.wandb_kwargs)
+            try:
+                self.run, self.wandb_mode = start_wandb(self.out_dir, self.wandb_mode, run_config, wandb_id,
+                                                        note=self.note, **self.wandb_kwargs)
+            except Exception as exc:  # an unwritable wandb/ folder, a broken install: training goes on
+                self.note(f"W&B could not start ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+                          f"logging to metrics.jsonl only")
+                self.run, self.wandb_mode = None, "off"
+                return
             self.wandb_id = self.run.id
             files.atomic_write_bytes(self.out_dir / files.WANDB_ID, self.wandb_id.encode())
 
@@ -196,6 +203,9 @@ def start_wandb(out_dir: Path, mode: str, run_config: dict[str, Any], run_id: st
     import wandb
     if not run_id and (out_dir / files.WANDB_ID).exists():
         run_id = (out_dir / files.WANDB_ID).read_text().strip()
+    if run_id and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):  # wandb refuses '/', and so every resume
+        note(f"ignoring the W&B run id {run_id[:40]!r} (letters, digits, - and _ only): starting a new W&B run")
+        run_id = ""
     run_id = run_id or secrets.token_hex(4)
 
     def init(as_mode: str):

@@ -123,6 +123,8 @@ def resolve_wandb(requested: str, notes: list[str]) -> str:
     env_mode = os.environ.get("WANDB_MODE")
     if requested == "off" or (requested == "auto" and env_mode in ("disabled", "off")):
         return "off"
+    if env_mode and env_mode not in ("online", "offline", "disabled", "off", "dryrun", "run"):
+        raise ConfigError(f"WANDB_MODE={env_mode!r} is not one of online, offline, disabled: fix or unset it")
     try:
         import wandb  # noqa: F401  (imported only when W&B will be used)
     except ImportError:

@@ -89,6 +89,9 @@ def train(cfg: TrainConfig, notes: tuple[str, ...], info: D.DistInfo, flag: Pree
                                                              seed=cfg.seed))
             for note in notes:
                 reporter.note(note)
+            if resume_path.parent.resolve() != out_dir.resolve() and state.wandb_id:
+                reporter.note(f"a fork of {resume_path.parent} into {out_dir}: a new W&B run, not {state.wandb_id}")
+                state.wandb_id = ""  # two folders must not log into one W&B run
         run_config = describe(run, out_dir)
         agreed(info, lambda: reporter.start(run_config, state.wandb_id))
         state.wandb_id = reporter.wandb_id or state.wandb_id

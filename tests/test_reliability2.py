@@ -390,3 +390,30 @@ def test_messages_say_what_is_true(tmp_path):
         z.writestr("train/cat/0.png", b"x")
     with pytest.raises(DataError, match="is a zip file"):
         D.load_imagefolder(archive)
+
+
+def test_wandb_problems_never_end_a_run(tmp_path):
+    """Cases 140 (unwritable wandb/), 144 (WANDB_MODE=garbage: a pydantic traceback), 138 (a run
+    id with '/' made every resume fail), 152 (a fork into another folder reused the W&B run)."""
+    from conftest import smoke_args
+    garbage = run_train(smoke_args(tmp_path / "g"), WANDB_MODE="garbage")
+    assert garbage.returncode == 2 and "WANDB_MODE='garbage' is not one of" in garbage.stderr
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "wandb").write_text("a file where the folder should be")
+    blocked = run_train([*smoke_args(out), "--wandb", "offline", "--overwrite"], WANDB_MODE="offline")
+    assert blocked.returncode == 0, blocked.stderr[-2000:]
+    assert "W&B could not start" in blocked.stdout
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "wandb_run_id.txt").write_text("../../escape")
+    odd = run_train(smoke_args(bad, ["--overwrite"]), WANDB_MODE="offline")
+    assert odd.returncode == 0, odd.stderr[-2000:]
+    src = tmp_path / "src"
+    assert run_train(smoke_args(src), WANDB_MODE="offline").returncode == 0
+    first_id = (src / "wandb_run_id.txt").read_text()
+    from dist_cifar import checkpoint as ckpt
+    fork = run_train([*smoke_args(tmp_path / "fork", ["--epochs", "2"]), "--resume", str(ckpt.committed(src)[-1])],
+                     WANDB_MODE="offline")
+    assert fork.returncode == 0, fork.stderr[-2000:]
+    assert "a fork of" in fork.stdout and (tmp_path / "fork" / "wandb_run_id.txt").read_text() != first_id
