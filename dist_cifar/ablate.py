@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -124,8 +125,26 @@ def train_args(study: Study, variant: Variant, args, out_dir: Path) -> list[str]
 
 
 def pending(study: Study, args) -> list[Variant]:
+    """The chosen variants without a readable summary (a torn or corrupt one is run again)."""
     chosen = [v for v in study.variants if not args.variants or v.name in args.variants.split(",")]
-    return [v for v in chosen if not (variant_dir(Path(args.out), study, v, args) / files.SUMMARY).exists()]
+    return [v for v in chosen if load_run(variant_dir(Path(args.out), study, v, args)) is None]
+
+
+def lock_study(folder: Path):
+    """One ablate process per study folder: a second one would truncate the first one's logs and
+    report its running variants as failed. Held until this process exits."""
+    import fcntl
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".ablate.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise RuntimeError(f"another dist_cifar.ablate is running in {folder}: wait for it, or choose another --out")
+    _study_locks.append(handle)
+
+
+_study_locks: list = []
 
 
 def run_local(study: Study, args) -> dict[str, str]:
@@ -138,7 +157,13 @@ def run_local(study: Study, args) -> dict[str, str]:
         print(f"[ablate] {study.name}/{variant.name}: {shlex.join(cmd[3:])}", flush=True)
         t0 = time.time()
         with open(out_dir.parent / f"{variant.name}.log", "w") as log:
-            code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+            trainer = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                code = trainer.wait()
+            finally:  # SIGTERM/Ctrl-C to ablate: the trainer checkpoints and stops too, never runs on alone
+                if trainer.poll() is None:
+                    trainer.terminate()
+                    trainer.wait(timeout=120)
         status[variant.name] = "ok" if code == 0 else f"failed (exit {code}, see {variant.name}.log)"
         print(f"[ablate] {study.name}/{variant.name}: {status[variant.name]} in {time.time() - t0:.0f}s", flush=True)
     return status
@@ -323,13 +348,28 @@ def main(argv=None) -> int:
         if args.study == "all":
             print("[ablate] skipping the weight_decay study: it sets --weight-decay per variant", flush=True)
         studies = [s for s in studies if s.name != "weight_decay"]
+    try:
+        from .config import ConfigError, make_config
+        make_config(**{name: value for name, value in overrides(args).items()})  # before any variant starts
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"error: --out {out} is a file: choose a folder", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds run_local, which stops the trainer
     failures = 0
     for study in studies:
         status: dict[str, str] = {}
         if args.report_only and not study_folder(out, study, args).is_dir():
             continue  # nothing was run for this study with these overrides
         if not args.report_only:
+            try:
+                lock_study(study_folder(out, study, args))
+            except RuntimeError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
             if args.slurm:
                 job = submit_slurm(study, args)
                 if job and not args.wait:

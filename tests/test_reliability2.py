@@ -417,3 +417,49 @@ def test_wandb_problems_never_end_a_run(tmp_path):
                      WANDB_MODE="offline")
     assert fork.returncode == 0, fork.stderr[-2000:]
     assert "a fork of" in fork.stdout and (tmp_path / "fork" / "wandb_run_id.txt").read_text() != first_id
+
+
+def test_ablate_validates_locks_reruns_torn_variants_and_stops_its_trainer(tmp_path):
+    """Cases 121 (--epochs 0 launched every variant to fail), 133 (two ablate processes on one
+    --out), 134 (a corrupt summary.json marked its variant done forever), 131 (SIGTERM to ablate
+    left its trainer running alone)."""
+    import argparse
+    import signal
+    from dist_cifar import ablate
+    cmd = [sys.executable, "-m", "dist_cifar.ablate", "batchnorm", "--dataset", "synthetic", "--synthetic-size", "256",
+           "--out", str(tmp_path / "abl")]
+    zero = subprocess.run([*cmd, "--epochs", "0"], cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=60)
+    assert zero.returncode == 2 and zero.stderr.strip() == "error: --epochs must be > 0, got 0"
+    assert not (tmp_path / "abl").exists()
+
+    args = argparse.Namespace(variants="", out=str(tmp_path / "abl"), epochs=None, weight_decay=None, optimizer=None,
+                              lr=None)
+    study = ablate.STUDIES["batchnorm"]
+    done = ablate.variant_dir(tmp_path / "abl", study, study.variants[0], args)
+    done.mkdir(parents=True)
+    (done / "metrics.jsonl").write_text("")
+    (done / "summary.json").write_text('{"test_accuracy": 5')  # torn
+    assert study.variants[0] in ablate.pending(study, args)
+
+    ablate.lock_study(ablate.study_folder(tmp_path / "abl", study, args))  # this process holds the study
+    try:
+        second = subprocess.run(cmd, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=60)
+    finally:
+        ablate._study_locks.pop().close()
+    assert second.returncode == 2 and "another dist_cifar.ablate is running" in second.stderr
+
+    running = subprocess.Popen([*cmd, "--epochs", "200"], cwd=ROOT, env=base_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    trainer = None
+    while time.monotonic() < deadline and trainer is None:
+        time.sleep(0.5)
+        found = subprocess.run(["pgrep", "-f", f"dist_cifar.train.*{tmp_path / 'abl'}"], capture_output=True, text=True)
+        trainer = next((int(p) for p in found.stdout.split() if int(p) != running.pid), None)
+    assert trainer is not None, "the variant's trainer never started"
+    time.sleep(3)
+    running.send_signal(signal.SIGTERM)
+    running.communicate(timeout=150)
+    assert running.returncode != 0
+    time.sleep(1)
+    assert subprocess.run(["kill", "-0", str(trainer)], capture_output=True).returncode != 0  # not left running
