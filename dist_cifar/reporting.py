@@ -39,6 +39,7 @@ EPOCH_KEYS = {
     "checkpoint_write_s": "background time of the checkpoint / best.pt writes that finished during this epoch",
     "steps": "optimizer steps in the epoch",
     "world_size": "number of processes",
+    "wire_bytes_per_step": "bytes each rank sent per training step (ring accounting of the collectives' sizes; parallel.py)",
 }
 
 

@@ -70,7 +70,8 @@ fi
 # Optional: W&B logging and the test runner. A GPU host without an index may have neither.
 for module in "${OPTIONAL[@]}"; do
   .venv/bin/python -c "import $module" 2>/dev/null && continue
-  if ! .venv/bin/python -m pip install -q --disable-pip-version-check --retries 0 --timeout 15 "$module" >/dev/null 2>&1; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check --retries 0 --timeout 15 "$module" >/dev/null 2>&1
+  if ! .venv/bin/python -c "import $module" 2>/dev/null; then  # not installed, or installed but unusable
     case $module in
       wandb) echo "[setup] wandb is not installed and cannot be installed here: W&B logging is off until 'pip install wandb' (training is unaffected)" >&2 ;;
       *) echo "[setup] $module is not installed and cannot be installed here: the test suite needs it ('pip install $module')" >&2 ;;
