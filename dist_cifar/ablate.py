@@ -351,8 +351,9 @@ def main(argv=None) -> int:
     try:
         from .config import ConfigError, make_config
         make_config(**{name: value for name, value in overrides(args).items()})  # before any variant starts
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        shlex.split(args.extra)
+    except (ConfigError, ValueError) as exc:  # ValueError: an unbalanced quote in --extra
+        print(f"error: {exc if isinstance(exc, ConfigError) else f'--extra {args.extra!r}: {exc}'}", file=sys.stderr)
         return 2
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -363,6 +364,7 @@ def main(argv=None) -> int:
     for study in studies:
         status: dict[str, str] = {}
         if args.report_only and not study_folder(out, study, args).is_dir():
+            print(f"[ablate] {study.name}: nothing run yet in {study_folder(out, study, args)}", flush=True)
             continue  # nothing was run for this study with these overrides
         if not args.report_only:
             try:
@@ -384,7 +386,7 @@ def main(argv=None) -> int:
                 status = run_local(study, args)
         failures += sum(1 for v in status.values() if v != "ok")
         print(f"[ablate] wrote {write_report(study, out, status, args)}", flush=True)
-    if args.study == "all":
+    if args.study == "all" and out.is_dir():
         print(f"[ablate] wrote {write_index(out)}")
     return 1 if failures else 0
 

@@ -314,8 +314,9 @@ def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
     args = vars(parser.parse_args(argv))
     print_config = args.pop("print_config", False)
     cfg = make_config(**args)
-    if print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
+    if print_config:  # what this host would run: every auto value resolved (runtime.py)
+        from .runtime import resolve  # late: runtime imports this module
+        print(json.dumps(resolve(cfg)[0].to_dict(), indent=2))
         sys.exit(0)
     return cfg
 

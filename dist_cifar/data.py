@@ -28,6 +28,7 @@ import torch
 from . import fetch
 
 NUM_CLASSES = 10  # every model's output width (models.NUM_CLASSES)
+STALE_TEMP_S = 3600  # a temporary file or folder untouched this long belongs to a dead process
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -129,10 +130,15 @@ def fingerprint(paths: list[Path]) -> str:
 
 
 def remove_stale_temps(cache: Path) -> None:
-    """Temp files of cache writes that were killed midway (any process but this one)."""
+    """Temp files of cache writes that were killed midway: another process's, untouched for an
+    hour (a live writer of a large cache touches its file far more often)."""
     mine = f".tmp{os.getpid()}"
     for stray in cache.parent.glob(cache.name + ".tmp*"):
-        if not stray.name.endswith(mine):
+        try:
+            stale = time.time() - stray.stat().st_mtime > STALE_TEMP_S
+        except OSError:
+            continue
+        if not stray.name.endswith(mine) and stale:
             stray.unlink(missing_ok=True)
 
 
@@ -259,9 +265,6 @@ def fetch_archive(data_dir: Path) -> Path:
                              f"--data-dir <your image tree>") from None
 
 
-STALE_TEMP_S = 3600  # a temporary extraction untouched this long belongs to a dead process
-
-
 def extract_cifar10(archive: Path) -> Path:
     """Extract into a temporary folder and rename the batches folder into place only when it is
     complete, so a truncated or foreign archive never leaves a half folder behind. Beside the
@@ -317,6 +320,9 @@ def load_cifar10(data_dir: Path, download: bool = False) -> RawData:
                 classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
             except Exception:
                 raise DataError(f"corrupt CIFAR-10 metadata file {meta}; re-extract the archive") from None
+            if len(classes) != NUM_CLASSES:  # an 11th name would add an empty class to every report
+                raise DataError(f"CIFAR-10 metadata file {meta} names {len(classes)} classes, not {NUM_CLASSES}; "
+                                f"re-extract the archive")
         return RawData(train_x=torch.from_numpy(train_x), train_y=torch.from_numpy(train_y),
                        test_x=torch.from_numpy(parts[5][0]), test_y=torch.from_numpy(parts[5][1]),
                        classes=classes, source=f"cifar10:{folder}")
@@ -420,6 +426,16 @@ def load_imagefolder(data_dir: Path) -> RawData:
         return load_cached(cache_path_for(archive, "imagefolder"), fingerprint([archive]), build)
 
     files = [p for p in data_dir.glob("*/*/*") if p.is_file() and split_member(str(p))]
+    for split in ("train", "test"):
+        for folder in sorted((data_dir / split).glob("*")) if (data_dir / split).is_dir() else []:
+            if folder.is_dir() and not any(split_member(str(p)) for p in folder.iterdir() if p.is_file()):
+                raise DataError(f"class folder {folder} holds no images: every later label would shift by one; "
+                                f"remove the folder or add its images")
+        deeper = [p for p in (data_dir / split).glob("*/*/**/*") if p.is_file() and
+                  str(p).lower().endswith(IMAGE_SUFFIXES)] if (data_dir / split).is_dir() else []
+        if deeper:
+            print(f"[dist_cifar] ignoring {len(deeper)} image(s) deeper than {split}/<class>/<image>, e.g. "
+                  f"{deeper[0]}", flush=True)
 
     def build_tree() -> RawData:
         return collect([(*split_member(str(p)), p.read_bytes) for p in files])

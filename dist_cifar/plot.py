@@ -137,8 +137,18 @@ def main(argv=None) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ValueError as exc:  # a line in the middle of metrics.jsonl that is not JSON
+        print(f"error: a run's metrics.jsonl is corrupt ({exc}); rerun or repair that run", file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else Path(args.runs[0]) / "compare.png"
-    overlay(runs, out, args.title)
+    if not out.parent.is_dir():
+        print(f"error: --out {out}: the folder {out.parent} does not exist", file=sys.stderr)
+        return 2
+    try:
+        overlay(runs, out, args.title)
+    except OSError as exc:
+        print(f"error: --out {out} cannot be written ({exc.strerror}): choose another path", file=sys.stderr)
+        return 2
     print(out)
     return 0
 

@@ -463,3 +463,40 @@ def test_ablate_validates_locks_reruns_torn_variants_and_stops_its_trainer(tmp_p
     assert running.returncode != 0
     time.sleep(1)
     assert subprocess.run(["kill", "-0", str(trainer)], capture_output=True).returncode != 0  # not left running
+
+
+def test_odd_folders_and_flags_are_said_not_guessed(tmp_path):
+    """Cases 079b (an empty class folder shifted every label), 095 (an image one folder too deep,
+    silently ignored), 090e (11 names in batches.meta), 119 (--print-config printed 'auto'),
+    121b/122 (ablate and plot tracebacks)."""
+    tree = make_tree(tmp_path / "tree", per_class=1)
+    (tree / "train" / "bird").mkdir()
+    with pytest.raises(DataError, match="holds no images"):
+        D.load_imagefolder(tree)
+    (tree / "train" / "bird").rmdir()
+    deep = tree / "train" / "cat" / "more"
+    deep.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(deep / "x.png")
+    printed = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                              "from dist_cifar.data import load_imagefolder; load_imagefolder(Path(sys.argv[1]))",
+                              str(tree)], cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=60)
+    assert "ignoring 1 image(s) deeper than train/<class>/<image>" in printed.stdout, printed.stderr
+    root = write_official_cifar(tmp_path / "data")
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"c%d" % i for i in range(11)]}, f, protocol=2)
+    with pytest.raises(DataError, match="names 11 classes"):
+        D.load_cifar10(tmp_path / "data")
+    shown = run_train(["--print-config"])
+    config = json.loads(shown.stdout)
+    assert config["precision"] == "fp32" and config["compile"] is False and config["guard_every"] == 1
+    for cmd, named in (([sys.executable, "-m", "dist_cifar.ablate", "batchnorm", "--extra", "--lr '1"], "--extra"),
+                       ([sys.executable, "-m", "dist_cifar.ablate", "batchnorm", "--out", str(tmp_path / "f.txt")],
+                        "is a file"),
+                       ([sys.executable, "-m", "dist_cifar.plot", str(tmp_path / "none")], "error:")):
+        (tmp_path / "f.txt").write_text("x")
+        proc = subprocess.run(cmd, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and named in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    empty = subprocess.run([sys.executable, "-m", "dist_cifar.ablate", "all", "--report-only", "--out",
+                            str(tmp_path / "missing")], cwd=ROOT, env=base_env(), capture_output=True, text=True,
+                           timeout=60)
+    assert empty.returncode == 0 and "Traceback" not in empty.stderr, empty.stderr
