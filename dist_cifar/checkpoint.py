@@ -440,6 +440,19 @@ class CheckpointManager:
             raise CheckpointError(f"a checkpoint write in {self.out_dir} failed ({failed[:200]}); the newest "
                                   f"committed one is kept: free space or fix the folder, then rerun to resume")
 
+    def save_preempted(self, state: RunState) -> str:
+        """The save on preemption, inside torchrun's 30 s grace: when a write is still in flight it
+        is finished and kept (a second 4 GB write would not fit in the grace, and the kill would
+        lose both); otherwise `state` is saved. Returns what was kept; raises if nothing was."""
+        busy = D.broadcast_object(self.info, self.info.is_main and self._running("checkpoint"))
+        if not busy:
+            self.save(state, wait=True)
+        self.commit()
+        latest = D.broadcast_object(self.info, (find_latest(self.out_dir) or Path("none")).name
+                                    if self.info.is_main else None)
+        return (f"the checkpoint in flight ({latest}) was finished and kept; steps after it will be redone"
+                if busy else f"checkpoint {latest} written")
+
     def commit(self) -> None:
         """Wait until the checkpoint just saved is committed (preemption: before saying so); raises
         on every rank when it was not."""

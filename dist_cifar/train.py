@@ -100,7 +100,7 @@ def train(cfg: TrainConfig, notes: tuple[str, ...], info: D.DistInfo, flag: Pree
         reporter.note(start_line(run, run_config))
         code = epoch_loop(run, state, checkpoints, reporter, flag=flag, faults=faults)
         if code == EXIT_OK:
-            finish(run, state, reporter, checkpoints=checkpoints, run_config=run_config)
+            code = finish(run, state, reporter, checkpoints=checkpoints, run_config=run_config, flag=flag)
     reporter.close()
     D.barrier(info)  # no rank tears the process group down while rank 0 still writes
     return code
@@ -131,10 +131,9 @@ def epoch_loop(run: TrainingRun, state: RunState, checkpoints: CheckpointManager
         step_log.write(start.epoch, start.step, result.step_losses)
         if result.stopped:
             state.step, state.sums = result.end_step, result.sums
-            checkpoints.save(state, wait=True)
-            checkpoints.commit()  # "written" only once it is
+            kept = checkpoints.save_preempted(state)  # "written" only once it is
             print(f"[dist_cifar] rank {info.rank}: preempted ({flag.signal_name or 'signal on another rank'}), "
-                  f"stopped at epoch {start.epoch} step {result.end_step}; checkpoint written; exit {EXIT_PREEMPTED}",
+                  f"stopped at epoch {start.epoch} step {result.end_step}; {kept}; exit {EXIT_PREEMPTED}",
                   file=sys.stderr, flush=True)
             return EXIT_PREEMPTED
         t_eval = time.perf_counter()
@@ -372,8 +371,10 @@ def steady_epoch_time(history: list[dict]) -> Optional[float]:
 
 
 def finish(run: TrainingRun, state: RunState, reporter, *, checkpoints: CheckpointManager,
-           run_config: dict[str, Any]) -> None:
-    """The report's compute_accuracy on the best weights, the confusion matrix, plots, summary."""
+           run_config: dict[str, Any], flag: PreemptionFlag) -> int:
+    """The report's compute_accuracy on the best weights, the confusion matrix, plots, summary.
+    A preemption signal between the evaluations ends the run with 75 at once (training is done and
+    checkpointed; the rerun evaluates), instead of running into torchrun's or SLURM's kill."""
     cfg, info, splits, model = run.cfg, run.info, run.splits, run.model
     out_dir = checkpoints.out_dir
     if cfg.save_best and state.best_epoch >= 0:
@@ -387,13 +388,25 @@ def finish(run: TrainingRun, state: RunState, reporter, *, checkpoints: Checkpoi
         if info.is_main:
             reporter.finish({"model": cfg.model, "out_dir": str(out_dir), "num_params": run_config["num_params"],
                              "final_eval": False, **timing, "data_source": splits.source}, {}, [])
-        return
+        return EXIT_OK
+
+    def preempted() -> bool:  # every rank decides the same, at the same point
+        if D.agree(info, torch.full((), 2.0**31, device=info.device), flag())[1]:
+            print(f"[dist_cifar] rank {info.rank}: preempted during the final evaluation; training is complete and "
+                  f"checkpointed: rerun the same command to evaluate; exit {EXIT_PREEMPTED}", file=sys.stderr, flush=True)
+            return True
+        return False
+
+    if preempted():
+        return EXIT_PREEMPTED
     train_eval = evaluate(model.eval_model, run.shards(splits.train), run.precision, info)
+    if preempted():
+        return EXIT_PREEMPTED
     val_eval = evaluate(model.eval_model, run.shards(splits.val), run.precision, info) if splits.val is not None else None
     test_eval = evaluate(model.eval_model, run.shards(splits.test), run.precision, info,
                          num_classes=len(splits.classes), confusion=True)
     if not info.is_main:
-        return
+        return EXIT_OK
     cm = test_eval.confusion
     per_class = [(name, 100.0 * float(cm[i, i]) / max(float(cm[i].sum()), 1.0)) for i, name in enumerate(splits.classes)]
     images = {"loss_curves": plot.loss_curves(state.history, out_dir / files.LOSS_CURVES, f"{cfg.model} loss"),
@@ -410,6 +423,7 @@ def finish(run: TrainingRun, state: RunState, reporter, *, checkpoints: Checkpoi
         "data_source": splits.source, "split_sizes": run_config["split_sizes"],
     }
     reporter.finish(summary, images, per_class)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

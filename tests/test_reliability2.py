@@ -241,7 +241,8 @@ def test_a_failed_background_write_stops_the_job_with_one_line(tmp_path):
     assert "a checkpoint write in" in periodic.stderr.strip().splitlines()[-1]
     metrics = tmp_path / "a" / "metrics.jsonl"
     assert not metrics.exists() or read_jsonl(metrics) == []  # it stopped at the next save, in epoch 0
-    preempted = run_train([*args, "--out-dir", str(tmp_path / "b")],
+    only_preemption = [*args[:-1], "1000"]  # no periodic save in flight: the preemption save is the one that fails
+    preempted = run_train([*only_preemption, "--out-dir", str(tmp_path / "b")],
                           DIST_CIFAR_FAULT="preempt:rank=0:step=5;fail_save:step=6")
     assert preempted.returncode == 2, preempted.stderr[-2000:]
     assert "checkpoint written" not in preempted.stderr and "Traceback" not in preempted.stderr
@@ -500,3 +501,40 @@ def test_odd_folders_and_flags_are_said_not_guessed(tmp_path):
                             str(tmp_path / "missing")], cwd=ROOT, env=base_env(), capture_output=True, text=True,
                            timeout=60)
     assert empty.returncode == 0 and "Traceback" not in empty.stderr, empty.stderr
+
+
+def test_preemption_during_a_write_keeps_the_write_in_flight(tmp_path):
+    """Case 039: SIGTERM while a checkpoint write was in flight: the preemption save waited for it,
+    then started a second one, and torchrun's kill 30 s after the signal lost both."""
+    from conftest import smoke_args
+    from dist_cifar import checkpoint as ckpt
+    out = tmp_path / "run"
+    args = smoke_args(out, ["--epochs", "2", "--synthetic-size", "512", "--checkpoint-every-steps", "2"])
+    stop = run_train(args, DIST_CIFAR_FAULT="slow_save:step=4:seconds=6;preempt:rank=0:step=5")
+    assert stop.returncode == 75, stop.stderr[-2000:]
+    assert "the checkpoint in flight (ckpt-e0000-s0000004.pt) was finished and kept" in stop.stderr
+    assert ckpt.committed(out)[-1].name == "ckpt-e0000-s0000004.pt"
+    again = run_train(args)
+    assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-2000:]
+
+
+def test_sigterm_during_the_final_evaluation_exits_75_promptly(tmp_path):
+    """Case 151: SIGTERM during the final evaluation was ignored (the flag was read only in the
+    step loop) and SIGKILL came 30 s later with no summary."""
+    import signal
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dist_cifar.train", "--dataset", "synthetic", "--synthetic-size", "24000",
+           "--model", "small_cnn", "--batch-size", "32", "--steps-per-epoch", "2", "--epochs", "1",
+           "--eval-batch-size", "32", "--out-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch   0"):
+            break
+    time.sleep(0.5)  # inside the evaluation of the 24,000 training images
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert time.monotonic() - signalled < 25
+    assert "preempted during the final evaluation" in err and not (out / "summary.json").exists()
+    # (a rerun of a finished run only evaluates: test_parallel's resharding test does that)
