@@ -234,6 +234,9 @@ def find_cifar10(data_dir: Path, download: bool) -> Path:
     folder = data_dir / "cifar-10-batches-py"
     for candidate in (folder, data_dir):
         if complete(candidate):
+            for part in data_dir.glob(f".{fetch.ARCHIVE}.part-*"):  # downloads that died before this one finished
+                if time.time() - part.stat().st_mtime > STALE_TEMP_S:
+                    part.unlink(missing_ok=True)
             return candidate
     archive = data_dir / "cifar-10-python.tar.gz"
     if archive.exists():
@@ -259,7 +262,14 @@ def fetch_archive(data_dir: Path) -> Path:
     except fetch.ChecksumMismatch as exc:
         raise DataError(f"CIFAR-10 download rejected: {exc}; fix {fetch.URL_ENV}/{fetch.MD5_ENV} or put "
                         f"{fetch.ARCHIVE} in {data_dir} by hand") from None
-    except (fetch.DownloadFailed, OSError) as exc:
+    except OSError as exc:
+        if exc.filename is not None:  # the folder itself: read-only, a file in the way
+            raise DataError(f"cannot write the CIFAR-10 download into {data_dir.resolve()} ({exc.strerror}): "
+                            f"choose a writable --data-dir") from None
+        raise DownloadFailed(f"CIFAR-10 download from {fetch.source()[0]} failed ({exc}): put {fetch.ARCHIVE} "
+                             f"in {data_dir.resolve()}, or pass --no-download --dataset imagefolder "
+                             f"--data-dir <your image tree>") from None
+    except fetch.DownloadFailed as exc:
         raise DownloadFailed(f"CIFAR-10 download from {fetch.source()[0]} failed ({exc}): put {fetch.ARCHIVE} "
                              f"in {data_dir.resolve()}, or pass --no-download --dataset imagefolder "
                              f"--data-dir <your image tree>") from None
@@ -280,7 +290,10 @@ def extract_cifar10(archive: Path) -> Path:
     try:
         try:
             with tarfile.open(archive) as tar:
-                tar.extractall(tmp, filter="data")
+                # only the batches folder: a foreign 60,000-image archive is refused after one read,
+                # not after writing all its files
+                wanted = [m for m in tar if m.name.split("/", 1)[0] == "cifar-10-batches-py"]
+                tar.extractall(tmp, members=wanted, filter="data")
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             raise DataError(f"corrupt archive {archive} ({type(exc).__name__}: {str(exc)[:80]}); download it "
                             f"again") from None

@@ -131,16 +131,24 @@ class StepHealth:
                                 f"step {step} (raise --max-skipped-steps or use bf16)")
 
     @staticmethod
-    def error(epoch: int, first_bad: int, checked_at: Optional[int], guard_every: int) -> NonFiniteLoss:
+    def error(epoch: int, first_bad: int, checked_at: Optional[int], guard_every: int, *,
+              before_save_at: Optional[int] = None) -> NonFiniteLoss:
+        """`checked_at`: the guarded step whose check saw it (before its optimizer step); None: the
+        check before a mid-epoch checkpoint (after step `before_save_at` - 1) or at the epoch's end."""
+        kept = "the newest committed checkpoint, if there is one, is kept"
         if checked_at is not None and first_bad == checked_at:
             return NonFiniteLoss(f"non-finite loss at epoch {epoch} step {first_bad} on some rank; stopped before "
-                                 f"its optimizer step (lower --lr, or try fp32); the last checkpoint is kept")
-        where = f"the check at step {checked_at}" if checked_at is not None else "the end-of-epoch check"
+                                 f"its optimizer step (lower --lr, or try fp32); {kept}")
+        if checked_at is not None:
+            last, where = checked_at - 1, f"the check at step {checked_at}"
+        elif before_save_at is not None:
+            last, where = before_save_at - 1, f"the check before the checkpoint at step {before_save_at}"
+        else:
+            last, where = "the epoch end", "the end-of-epoch check"
         return NonFiniteLoss(
             f"non-finite loss first at epoch {epoch} step {first_bad} on some rank; the optimizer applied steps "
-            f"{first_bad}..{(checked_at - 1) if checked_at is not None else 'the epoch end'} before {where} "
-            f"(--guard-every {guard_every}), so the weights may be non-finite; no checkpoint was written after "
-            f"them and the last one is kept (lower --lr, or try fp32)")
+            f"{first_bad}..{last} before {where} (--guard-every {guard_every}), so the weights may be non-finite; "
+            f"no checkpoint was written after them and {kept} (lower --lr, or try fp32)")
 
 
 @dataclass
@@ -185,11 +193,11 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
     batches = loader.batches(start_step)
     step = start_step
 
-    def agree(checked_at: Optional[int]) -> bool:
+    def agree(checked_at: Optional[int], before_save_at: Optional[int] = None) -> bool:
         """One all-reduce: raise if any rank saw a non-finite loss; return whether any wants to stop."""
         first_bad, stop = D.agree(info, health.first_bad, hooks.should_stop())
         if first_bad is not None:
-            raise StepHealth.error(epoch, first_bad, checked_at, hooks.guard_every)
+            raise StepHealth.error(epoch, first_bad, checked_at, hooks.guard_every, before_save_at=before_save_at)
         return stop
 
     while step < total:
@@ -243,7 +251,7 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
             break
         if hooks.on_checkpoint_step and hooks.checkpoint_every_steps and step < total \
                 and step % hooks.checkpoint_every_steps == 0:
-            agree(checked_at=None)  # never checkpoint weights that a bad step may have reached
+            agree(checked_at=None, before_save_at=step)  # never checkpoint weights a bad step may have reached
             result.end_step = step
             flush(result, loss_sum, correct, losses)
             hooks.on_checkpoint_step(result)

@@ -199,8 +199,13 @@ def test_12_cache_sees_a_same_size_change_and_cleans_stale_temps(tmp_path):
     assert not (load_cifar10(tmp_path / "data").train_x == first.train_x).all()
     stale = folder / ".dist_cifar_cache_cifar10.pt.tmp99999999"
     stale.write_bytes(b"x" * 1000)
+    import os
+    import time
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))  # a dead writer's, untouched for two hours
+    live = folder / ".dist_cifar_cache_cifar10.pt.tmp99999998"
+    live.write_bytes(b"x")  # another process writing its cache right now (case 093): kept
     load_cifar10(tmp_path / "data")
-    assert not stale.exists()
+    assert not stale.exists() and live.exists()
 
 
 def test_13_small_image_folder_gets_a_validation_split_that_fits(tmp_path):

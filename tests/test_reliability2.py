@@ -538,3 +538,20 @@ def test_sigterm_during_the_final_evaluation_exits_75_promptly(tmp_path):
     assert time.monotonic() - signalled < 25
     assert "preempted during the final evaluation" in err and not (out / "summary.json").exists()
     # (a rerun of a finished run only evaluates: test_parallel's resharding test does that)
+
+
+def test_nan_and_download_messages_say_what_happened(tmp_path):
+    """Cases 117 (a NaN caught by the check before a mid-epoch checkpoint was blamed on 'the
+    end-of-epoch check', and 'the last one is kept' when there was none) and 116 (a download into
+    a path that is a file told the user to put the archive there)."""
+    from conftest import smoke_args
+    nan = run_train(smoke_args(tmp_path / "n", ["--guard-every", "4", "--checkpoint-every-steps", "3"]),
+                    DIST_CIFAR_FAULT="nan:rank=0:step=1")
+    assert nan.returncode == 3
+    assert "applied steps 1..2 before the check before the checkpoint at step 3" in nan.stderr, nan.stderr[-1500:]
+    assert "if there is one" in nan.stderr
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    proc = run_train(["--dataset", "cifar10", "--data-dir", str(blocker), "--out-dir", str(tmp_path / "o")])
+    assert proc.returncode == 2 and "cannot write the CIFAR-10 download into" in proc.stderr, proc.stderr[-1500:]
+    assert "put cifar-10-python.tar.gz in" not in proc.stderr
