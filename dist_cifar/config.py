@@ -321,6 +321,18 @@ def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
     return cfg
 
 
+def flag_problem(argv: list[str]) -> Optional[str]:
+    """The one-line error the trainer would give for these flags, or None: launchers check before
+    starting torchrun, whose failure report would bury the line under 40 others."""
+    try:
+        args = vars(build_parser().parse_args(argv))
+        args.pop("print_config", None)
+        make_config(**args)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
 def make_config(**overrides: Any) -> TrainConfig:
     """Defaults, then the named preset, then `overrides`; validated."""
     unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}

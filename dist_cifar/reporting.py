@@ -9,6 +9,7 @@ step_losses.jsonl (rundir.py) and the PNG plots (plot.py; this module only uploa
 """
 from __future__ import annotations
 
+import errno
 import re
 import secrets
 import sys
@@ -128,6 +129,9 @@ class Reporter(SilentReporter):
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+        if not (self.out_dir / files.CONFIG).exists():  # deleted under the run: never re-create it half
+            raise FileNotFoundError(errno.ENOENT, "the out dir (or its config.json) was deleted during the run",
+                                    str(self.out_dir))
         record = drop_none(record)
         files.append_jsonl(self.metrics_path, [record])
         if self.run is not None:

@@ -25,6 +25,8 @@ export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( $(npro
 join_timeout=${JOIN_TIMEOUT:-300}
 [[ "$join_timeout" =~ ^[1-9][0-9]*$ ]] || { echo "[launch] JOIN_TIMEOUT must be a positive number of seconds, got '$join_timeout'" >&2; exit 2; }
 echo "[launch] node $node_rank of $nnodes: waiting up to ${join_timeout}s for all $nnodes nodes at $endpoint (rendezvous id ${RDZV_ID:-dist_cifar}; JOIN_TIMEOUT=... to change)" >&2
+# bad flags: the trainer's one line and exit 2 now, not after torchrun started every worker
+"$PYTHON" -c 'import sys; from dist_cifar.config import flag_problem; p = flag_problem(sys.argv[1:]); p and print("error: " + p, file=sys.stderr); sys.exit(2 if p else 0)' "$@" || exit 2
 source launch/torchrun.sh
 run_torchrun --nnodes="$nnodes" --node_rank="$node_rank" \
   --nproc_per_node="$nproc" --rdzv-backend=c10d --rdzv-endpoint="$endpoint" \

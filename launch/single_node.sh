@@ -20,5 +20,7 @@ fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # inductor would start min(32, CPUs) compile workers in every process: give each rank its share
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}
+# bad flags: the trainer's one line and exit 2 now, not after torchrun started every worker
+"$PYTHON" -c 'import sys; from dist_cifar.config import flag_problem; p = flag_problem(sys.argv[1:]); p and print("error: " + p, file=sys.stderr); sys.exit(2 if p else 0)' "$@" || exit 2
 source launch/torchrun.sh
 run_torchrun --standalone --nproc_per_node="$nproc" -m dist_cifar.train "$@"

@@ -555,3 +555,24 @@ def test_nan_and_download_messages_say_what_happened(tmp_path):
     proc = run_train(["--dataset", "cifar10", "--data-dir", str(blocker), "--out-dir", str(tmp_path / "o")])
     assert proc.returncode == 2 and "cannot write the CIFAR-10 download into" in proc.stderr, proc.stderr[-1500:]
     assert "put cifar-10-python.tar.gz in" not in proc.stderr
+
+
+def test_a_bad_flag_under_the_launcher_is_one_line_and_a_deleted_out_dir_stops_the_run(tmp_path):
+    """Cases 127 (a bad trainer flag under launch/single_node.sh: torchrun's 42-line report, exit 1)
+    and 135 (the out dir deleted during a run was silently re-created without config.json or lock)."""
+    import shutil
+    bad = subprocess.run(["bash", "launch/single_node.sh", "2", "--", "--bogus"], cwd=ROOT,
+                         env=base_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown flag --bogus; see --help"
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dist_cifar.train", "--dataset", "synthetic", "--synthetic-size", "8000",
+           "--model", "small_cnn", "--batch-size", "32", "--epochs", "20", "--checkpoint-every", "0",
+           "--checkpoint-interval-min", "0", "--no-save-best", "--out-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch   0"):
+            break
+    shutil.rmtree(out, ignore_errors=True)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-2000:]
+    assert "was deleted during the run" in err and "Traceback" not in err
