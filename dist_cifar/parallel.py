@@ -41,6 +41,7 @@ the reduce-scatter really sends twice its ring share; the accounting is the ring
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -493,14 +494,17 @@ def parallelize(module: nn.Module, cfg: TrainConfig, info: D.DistInfo) -> Wrappe
     if info.distributed and design != "fsdp" and (info.world_size > 1 or cfg.ddp_single):
         if ignored:
             DDP._set_params_and_buffers_to_ignore_for_model(module, ignored)
-        train_model = DDP(
-            module, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-            bucket_cap_mb=cfg.ddp_bucket_mb, gradient_as_bucket_view=cfg.ddp_grad_as_bucket_view,
-            static_graph=cfg.ddp_static_graph,
-            # BatchNorm statistics stay per rank while training (no broadcast before every forward);
-            # the trainer broadcasts rank 0's buffers once before each evaluation instead.
-            broadcast_buffers=False,
-        )
+        with warnings.catch_warnings():
+            # torch >= 2.12 deprecates the name, but its replacement still syncs buffers at init
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            train_model = DDP(
+                module, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                bucket_cap_mb=cfg.ddp_bucket_mb, gradient_as_bucket_view=cfg.ddp_grad_as_bucket_view,
+                static_graph=cfg.ddp_static_graph,
+                # BatchNorm statistics stay per rank while training (no broadcast before every forward);
+                # the trainer broadcasts rank 0's buffers once before each evaluation instead.
+                broadcast_buffers=False,
+            )
         plan.ddp = train_model
         if cfg.ddp_comm_hook != "none":
             comm = CommTimer(cfg.ddp_comm_hook)
