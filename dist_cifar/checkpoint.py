@@ -107,11 +107,15 @@ def write_torch(path: Path, blob: dict[str, Any], *, before_publish=None) -> tup
     """torch.save into a temporary file, fsync, rename into place, fsync the folder; returns the
     (size, sha256) of the bytes written. `before_publish` runs after the fsync (fault injection)."""
     tmp = files.temp_path(path)
-    with open(tmp, "wb") as f:
-        writer = HashingWriter(f)
-        torch.save(blob, writer)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            writer = HashingWriter(f)
+            torch.save(blob, writer)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:  # a full disk: the partial file would keep it full
+        tmp.unlink(missing_ok=True)
+        raise
     if before_publish is not None:
         before_publish()
     files.publish(tmp, path)

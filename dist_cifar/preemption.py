@@ -9,6 +9,7 @@ SIGKILL when workers outlive its grace period).
 """
 from __future__ import annotations
 
+import os
 import signal
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early on purpose, a checkpoint holds the state
@@ -16,10 +17,17 @@ SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class PreemptionFlag:
+    """Raised by SIGUSR1/SIGTERM, and, under torchrun, when the launcher itself has died (SIGKILL
+    reaches only torchrun; its workers sit in their own sessions and would train on alone): the
+    parent process changes, and the next agreement stops every rank with a checkpoint."""
+
     def __init__(self):
         self.signal_name = ""
+        self.parent = os.getppid() if os.environ.get("TORCHELASTIC_RUN_ID") else None
 
     def __call__(self) -> bool:
+        if not self.signal_name and self.parent is not None and os.getppid() != self.parent:
+            self.raise_flag("torchrun died")
         return bool(self.signal_name)
 
     def raise_flag(self, name: str = "injected") -> None:

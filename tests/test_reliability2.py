@@ -19,7 +19,6 @@ from conftest import ROOT, base_env, read_jsonl, run_train, write_official_cifar
 from test_data import make_tree
 from dist_cifar import data as D
 from dist_cifar.data import DataError, Split
-from dist_cifar.loaders import EvalShards, LoaderSpec
 
 
 def test_checkpoint_benchmark_leaves_the_given_folder_alone(tmp_path):
@@ -115,12 +114,14 @@ def test_an_oversized_archive_member_is_refused_before_it_is_read(tmp_path):
 
 def test_eval_batches_are_never_padded_past_the_split():
     """Case 120: --eval-batch-size 100000 on 640 images ran 100,000-row batches (15 GB)."""
+    from dist_cifar import distributed as dist_info
+    from dist_cifar.assembly import assemble
+    from dist_cifar.config import make_config
     split = Split(torch.zeros(640, 32, 32, 3, dtype=torch.uint8), torch.zeros(640, dtype=torch.long))
-    shards = EvalShards(split, torch.device("cpu"), LoaderSpec(100_000))
-    batches = list(shards.batches())
+    run = assemble(make_config(batch_size=32, eval_batch_size=100_000), dist_info.DistInfo(),
+                   D.make_splits(D.make_synthetic(128), "full"))
+    batches = list(run.shards(split).batches())
     assert len(batches) == 1 and batches[0][0].shape[0] == 640
-    two = [EvalShards(split, torch.device("cpu"), LoaderSpec(100_000, rank=r, world=3), lockstep=True) for r in range(3)]
-    assert {s.batch_size for s in two} == {214} and all(len(s) == 1 for s in two)
 
 
 def test_more_classes_than_outputs_is_one_line(tmp_path):
@@ -576,3 +577,34 @@ def test_a_bad_flag_under_the_launcher_is_one_line_and_a_deleted_out_dir_stops_t
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err[-2000:]
     assert "was deleted during the run" in err and "Traceback" not in err
+
+
+def test_workers_stop_with_a_checkpoint_when_torchrun_is_killed(tmp_path):
+    """Cases 064/065: SIGKILL to torchrun left its workers (in their own sessions) training on to
+    the end. Each worker now notices its launcher is gone at the next agreement and stops there
+    with a checkpoint, as on preemption."""
+    import signal
+    from conftest import torchrun_cmd
+    from dist_cifar import checkpoint as ckpt
+    out = tmp_path / "run"
+    args = ["--dataset", "synthetic", "--synthetic-size", "4000", "--model", "small_cnn", "--batch-size", "16",
+            "--epochs", "30", "--out-dir", str(out), "--dist-timeout", "60"]
+    log = open(tmp_path / "log", "w")
+    launcher = subprocess.Popen(torchrun_cmd(2, args), cwd=ROOT, env=base_env(), stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not ckpt.committed(out):
+        time.sleep(0.5)
+    assert ckpt.committed(out), (tmp_path / "log").read_text()[-2000:]
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait(timeout=30)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        alive = subprocess.run(["pgrep", "-f", f"dist_cifar.train.*{out}"], capture_output=True, text=True).stdout.split()
+        if not alive:
+            break
+        time.sleep(1)
+    log.close()
+    assert not alive, (tmp_path / "log").read_text()[-2000:]
+    assert "preempted (torchrun died)" in (tmp_path / "log").read_text()
+    last = ckpt.committed(out)[-1].name
+    assert last != ckpt.checkpoint_name(30, 0) and not last.endswith("-s0000000.pt")  # early, mid-epoch
