@@ -153,14 +153,19 @@ def save(out_dir: Path, state: dict[str, Any], epoch: int, step: int, keep_last:
     return path
 
 
-def committed(out_dir: Path) -> list[Path]:
-    """Committed checkpoints, oldest first."""
+def by_position(out_dir: Path) -> list[tuple[tuple[int, int], Path]]:
+    """Every checkpoint file, committed or not, as ((epoch, step), path), oldest first."""
     found = []
     for p in Path(out_dir).glob("ckpt-e*-s*.pt"):
         m = NAME.match(p.name)
-        if m and marker_path(p).exists():
-            found.append((int(m.group(1)), int(m.group(2)), p))
-    return [p for _, _, p in sorted(found)]
+        if m:
+            found.append(((int(m.group(1)), int(m.group(2))), p))
+    return sorted(found)
+
+
+def committed(out_dir: Path) -> list[Path]:
+    """Committed checkpoints, oldest first."""
+    return [p for _, p in by_position(out_dir) if marker_path(p).exists()]
 
 
 _VERIFIED: dict[str, tuple] = {}  # path -> (size, mtime_ns, inode) of files whose bytes matched their marker
@@ -204,11 +209,10 @@ def find_latest(out_dir: Path) -> Optional[Path]:
             found = path
             break
         print(f"[dist_cifar] ignoring checkpoint {path.name}: it does not match its commit marker")
-    newest = NAME.match(found.name) if found else None
-    for path in sorted(Path(out_dir).glob("ckpt-e*-s*.pt")):
-        m = NAME.match(path.name)
-        if m and not marker_path(path).exists() and (
-                newest is None or (int(m.group(1)), int(m.group(2))) > (int(newest.group(1)), int(newest.group(2)))):
+    positions = by_position(out_dir)
+    newest = next((at for at, p in positions if p == found), None)
+    for at, path in positions:
+        if not marker_path(path).exists() and (newest is None or at > newest):
             print(f"[dist_cifar] ignoring checkpoint {path.name}: it has no commit marker (its write was cut short)")
     return found
 
@@ -231,11 +235,10 @@ def prune(out_dir: Path, keep_last: int, *, just_written: Optional[Path] = None)
         if not stray.name.endswith(f"-{os.getpid()}"):  # a best.pt write of a dead process
             stray.unlink(missing_ok=True)
     if just_written is not None:
-        newest = NAME.match(just_written.name)
-        for path in Path(out_dir).glob("ckpt-e*-s*.pt"):  # renamed, never committed, and now superseded
-            m = NAME.match(path.name)
-            if m and not marker_path(path).exists() and (int(m.group(1)), int(m.group(2))) < \
-                    (int(newest.group(1)), int(newest.group(2))):
+        positions = by_position(out_dir)
+        newest = next(at for at, p in positions if p == just_written)
+        for at, path in positions:  # renamed, never committed, and now superseded
+            if at < newest and not marker_path(path).exists():
                 path.unlink(missing_ok=True)
 
 
