@@ -9,7 +9,10 @@ Every variant trains with the report preset into <out>/<study>/<variant>/ (a nor
 Recipe overrides (`--weight-decay`, `--epochs`, `--optimizer`, `--lr`) apply to every variant,
 are recorded in each variant's config.json and the study's report.md header, and put the study
 in its own folder (<out>/<study>-wd0, <out>/<study>-e10-wd0, ...) so results of different
-recipes never share a table.
+recipes never share a table. The data (`--dataset`, `--data-dir`, `--max-train`,
+`--synthetic-size`) and `--extra` are part of a study folder's identity too (kept in its
+ablation.json): the same study on other data trains again, into a sibling folder named after the
+data, and says so in one line. Paths are relative to where the command is typed, installed or not.
 A variant whose summary.json exists is skipped; a failed one is reported and run again next
 time (resuming from its last checkpoint when it has one). <out>/<study>/report.md puts the
 results in the report's table format next to the report's own numbers; `all` also writes
@@ -18,7 +21,9 @@ results in the report's table format next to the report's own numbers; `all` als
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -31,7 +36,11 @@ from typing import Optional
 from . import checkpoint as ckpt
 from . import files
 
-ROOT = Path(__file__).resolve().parents[1]
+# Where `dist_cifar` is importable from (a checkout or site-packages): the variants are started
+# with it on PYTHONPATH, in the user's own folder, so an uninstalled checkout works from anywhere.
+PACKAGE_PARENT = Path(__file__).resolve().parents[1]
+SLURM_DIR = Path(__file__).resolve().parent / "slurm"  # shipped in the wheel (package data)
+IDENTITY_FILE = "ablation.json"
 
 
 @dataclass
@@ -49,6 +58,7 @@ class Study:
     question: str
     variants: list[Variant]
     report_note: str = ""
+    varies: tuple[str, ...] = ()  # recipe fields the study sets per variant: an override of them is refused
 
 
 def _v(name, flags="", **report):
@@ -71,12 +81,12 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
            _v("wd_0.001", "--weight-decay 0.001", train=82.19, val=75.96, test=70.86),
            _v("wd_0.0001", "--weight-decay 0.0001", train=79.26, val=72.98, test=68.50),
            _v("wd_1", "--weight-decay 1", note="ridiculous")],
-          report_note="weight decay 1: 'results are ridiculous' (no table)"),
+          report_note="weight decay 1: 'results are ridiculous' (no table)", varies=("weight_decay",)),
     Study(name="epochs", model="small_cnn", table="epochs", question="How many epochs before validation loss turns up?",
           variants=[_v(f"epochs_{e}", f"--epochs {e}", train_loss=tl, val_loss=vl, time_s=ts)
            for e, tl, vl, ts in [(10, 0.93, 1.03, 61.31), (15, 0.79, 1.01, 92.63), (20, 0.67, 1.06, 114.30),
                                  (25, 0.57, 1.11, 153.08), (30, 0.51, 1.17, 182.98)]],
-          report_note="validation loss bottoms out near epoch 15; times on the authors' machine"),
+          report_note="validation loss bottoms out near epoch 15; times on the authors' machine", varies=("epochs",)),
     Study(name="batch_size", model="small_cnn", table="general", question="Mini-batch size (the report discussed it without numbers)",
           variants=[_v(f"batch_{b}", f"--batch-size {b}") for b in (16, 32, 64, 128, 256)],
           report_note="no numbers in the report"),
@@ -96,11 +106,62 @@ def overrides(args) -> dict[str, object]:
     return {name: getattr(args, name) for name in OVERRIDES if getattr(args, name, None) is not None}
 
 
-def study_folder(out: Path, study: Study, args) -> Path:
+def data_identity(args) -> dict[str, object]:
+    """Everything besides the recipe that changes a variant's result."""
+    synthetic = args.dataset == "synthetic"
+    return {"dataset": args.dataset, "data_dir": None if synthetic else str(Path(args.data_dir).resolve()),
+            "max_train": args.max_train, "synthetic_size": args.synthetic_size if synthetic else None,
+            "extra": shlex.join(shlex.split(args.extra))}
+
+
+def stored_identity(folder: Path) -> Optional[dict]:
+    """The data identity a study folder was run with: its ablation.json, or, for a folder written
+    before there was one, what its variants' config.json still say (dataset and --max-train)."""
+    try:
+        return json.loads((folder / IDENTITY_FILE).read_text())["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for config in sorted(folder.glob(f"*/{files.CONFIG}")):
+        try:
+            cfg = json.loads(config.read_text())
+            return {"dataset": cfg["dataset"], "max_train": cfg.get("max_train", 0)}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def identity_difference(saved: dict, wanted: dict) -> Optional[str]:
+    """'dataset synthetic, not imagefolder', or None when every field the folder recorded agrees."""
+    for key, value in saved.items():
+        if key in wanted and wanted[key] != value:
+            return f"{key} {value!r}, not {wanted[key]!r}"
+    return None
+
+
+def recipe_folder(out: Path, study: Study, args) -> Path:
     """One folder per (study, overrides): `weight_decay-e10`, `dropout-wd0`."""
     tags = [f"{OVERRIDES[name][0]}{value:g}" if isinstance(value, float) else f"{OVERRIDES[name][0]}{value}"
             for name, value in overrides(args).items()]
     return out / "-".join([study.name, *tags])
+
+
+def study_folder(out: Path, study: Study, args) -> Path:
+    """The recipe folder, unless it holds results on other data: then a sibling named after this
+    data (`dropout-e1-synthetic-3fa2c1`), so nothing is reused or overwritten across data."""
+    folder = recipe_folder(out, study, args)
+    saved, wanted = stored_identity(folder), data_identity(args)
+    if saved is None or identity_difference(saved, wanted) is None:
+        return folder
+    digest = hashlib.sha1(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:6]
+    size = f"-n{args.max_train}" if args.max_train else ""
+    return folder.with_name(f"{folder.name}-{args.dataset}{size}-{digest}")
+
+
+def claim_folder(folder: Path, study: Study, args) -> None:
+    """Record the folder's identity before its first variant runs (a later run compares with it)."""
+    record = folder / IDENTITY_FILE
+    if not record.exists():
+        files.atomic_write_json(record, {"study": study.name, "overrides": overrides(args), "data": data_identity(args)})
 
 
 def variant_dir(out: Path, study: Study, variant: Variant, args) -> Path:
@@ -109,7 +170,8 @@ def variant_dir(out: Path, study: Study, variant: Variant, args) -> Path:
 
 def train_args(study: Study, variant: Variant, args, out_dir: Path) -> list[str]:
     """The trainer command line of one variant (later flags win, so the variant's come last)."""
-    cmd = ["--preset", "report", "--model", study.model, "--dataset", args.dataset, "--data-dir", args.data_dir,
+    cmd = ["--preset", "report", "--model", study.model, "--dataset", args.dataset,
+           "--data-dir", str(Path(args.data_dir).resolve()),
            "--out-dir", str(out_dir), "--job-type", "ablation", "--wandb-group", study.name,
            "--wandb-name", f"{study.name}/{variant.name}", "--quiet"]
     if args.dataset == "synthetic":
@@ -157,7 +219,7 @@ def run_local(study: Study, args) -> dict[str, str]:
         print(f"[ablate] {study.name}/{variant.name}: {shlex.join(cmd[3:])}", flush=True)
         t0 = time.time()
         with open(out_dir.parent / f"{variant.name}.log", "w") as log:
-            trainer = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            trainer = subprocess.Popen(cmd, env=trainer_env(), stdout=log, stderr=subprocess.STDOUT)
             try:
                 code = trainer.wait()
             finally:  # SIGTERM/Ctrl-C to ablate: the trainer checkpoints and stops too, never runs on alone
@@ -167,6 +229,12 @@ def run_local(study: Study, args) -> dict[str, str]:
         status[variant.name] = "ok" if code == 0 else f"failed (exit {code}, see {variant.name}.log)"
         print(f"[ablate] {study.name}/{variant.name}: {status[variant.name]} in {time.time() - t0:.0f}s", flush=True)
     return status
+
+
+def trainer_env(**extra: str) -> dict[str, str]:
+    """This environment, with this `dist_cifar` first on PYTHONPATH (a checkout run from elsewhere)."""
+    path = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH", "")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def submit_slurm(study: Study, args) -> Optional[str]:
@@ -180,11 +248,13 @@ def submit_slurm(study: Study, args) -> Optional[str]:
              for v in todo]
     variants_file = folder / "variants.txt"
     variants_file.write_text("\n".join(lines) + "\n")
-    cmd = ["sbatch", "--parsable", f"--array=0-{len(todo) - 1}", f"--chdir={ROOT}",
+    cmd = ["sbatch", "--parsable", f"--array=0-{len(todo) - 1}", f"--chdir={Path.cwd()}",
            f"--output={folder.resolve()}/slurm-%A_%a.out", *shlex.split(args.sbatch_args),
-           str(ROOT / "slurm" / "ablations.sbatch"), str(variants_file.resolve())]
+           str(SLURM_DIR / "ablations.sbatch"), str(variants_file.resolve())]
     print(f"[ablate] {shlex.join(cmd)}", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    # sbatch exports this environment to the tasks: this interpreter, and the package's preempt.sh
+    env = trainer_env(PYTHON=sys.executable, DIST_CIFAR_SLURM_DIR=str(SLURM_DIR))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"sbatch failed: {proc.stderr.strip()}")
     job = proc.stdout.strip().split(";")[0]
@@ -315,6 +385,19 @@ def write_index(out: Path) -> Path:
     return path
 
 
+# Flags whose value is itself a flag list: `--extra "--no-download"` would otherwise be read by
+# argparse as an option of its own ("expected one argument").
+VERBATIM_VALUES = ("--extra", "--sbatch-args")
+
+
+def glue_verbatim(argv: list[str]) -> list[str]:
+    glued, words = [], iter(argv)
+    for word in words:
+        value = next(words, None) if word in VERBATIM_VALUES else None
+        glued.append(word if value is None else f"{word}={value}")
+    return glued
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dist_cifar.ablate", description=__doc__.splitlines()[0])
     p.add_argument("study", choices=[*STUDIES, "all"])
@@ -334,20 +417,22 @@ def main(argv=None) -> int:
     p.add_argument("--slurm-timeout", type=float, default=24 * 3600)
     p.add_argument("--sbatch-args", default="", help="extra sbatch flags, e.g. '--gres=gpu:1 --time=2:00:00'")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report from finished runs")
-    args = p.parse_args(argv)
+    args = p.parse_args(glue_verbatim(list(sys.argv[1:] if argv is None else argv)))
     studies = list(STUDIES.values()) if args.study == "all" else [STUDIES[args.study]]
     unknown = set(filter(None, args.variants.split(","))) - {v.name for s in studies for v in s.variants}
     if unknown:
         print(f"error: unknown variant(s) {sorted(unknown)}; known: "
               f"{', '.join(v.name for s in studies for v in s.variants)}", file=sys.stderr)
         return 2
-    if "weight_decay" in overrides(args):  # the weight_decay study varies it itself
-        if args.study == "weight_decay":
-            print("error: the weight_decay study sets --weight-decay per variant: drop --weight-decay", file=sys.stderr)
+    for study in list(studies):  # weight_decay and epochs vary those fields themselves
+        clash = [OVERRIDES[name][1] for name in study.varies if name in overrides(args)]
+        if clash and args.study == study.name:
+            print(f"error: the {study.name} study sets {clash[0]} per variant (the report's rows): drop {clash[0]}",
+                  file=sys.stderr)
             return 2
-        if args.study == "all":
-            print("[ablate] skipping the weight_decay study: it sets --weight-decay per variant", flush=True)
-        studies = [s for s in studies if s.name != "weight_decay"]
+        if clash:
+            print(f"[ablate] skipping the {study.name} study: it sets {clash[0]} per variant", flush=True)
+            studies.remove(study)
     try:
         from .config import ConfigError, make_config
         make_config(**{name: value for name, value in overrides(args).items()})  # before any variant starts
@@ -355,7 +440,8 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError) as exc:  # ValueError: an unbalanced quote in --extra
         print(f"error: {exc if isinstance(exc, ConfigError) else f'--extra {args.extra!r}: {exc}'}", file=sys.stderr)
         return 2
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # relative to where the command was typed, whoever runs the variants
+    args.out = str(out)
     if out.exists() and not out.is_dir():
         print(f"error: --out {out} is a file: choose a folder", file=sys.stderr)
         return 2
@@ -372,6 +458,12 @@ def main(argv=None) -> int:
             except RuntimeError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
+            folder = study_folder(out, study, args)
+            if folder != recipe_folder(out, study, args):
+                print(f"[ablate] {recipe_folder(out, study, args).name} holds results on other data "
+                      f"({identity_difference(stored_identity(recipe_folder(out, study, args)), data_identity(args))}): "
+                      f"these train in {folder.name}", flush=True)
+            claim_folder(folder, study, args)
             if args.slurm:
                 job = submit_slurm(study, args)
                 if job and not args.wait:
@@ -384,9 +476,14 @@ def main(argv=None) -> int:
                               for v in study.variants if not args.variants or v.name in args.variants.split(",")}
             else:
                 status = run_local(study, args)
-        failures += sum(1 for v in status.values() if v != "ok")
-        print(f"[ablate] wrote {write_report(study, out, status, args)}", flush=True)
-    if args.study == "all" and out.is_dir():
+        failed = sum(1 for v in status.values() if v != "ok")
+        failures += failed
+        report = study_folder(out, study, args) / "report.md"
+        if failed and report.exists():  # a failed rerun never replaces a table that had numbers
+            print(f"[ablate] {study.name}: {failed} variant(s) failed; kept the previous {report}", flush=True)
+        else:
+            print(f"[ablate] wrote {write_report(study, out, status, args)}", flush=True)
+    if args.study == "all" and out.is_dir() and not failures:
         print(f"[ablate] wrote {write_index(out)}")
     return 1 if failures else 0
 

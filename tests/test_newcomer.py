@@ -167,6 +167,32 @@ def test_pip_install_then_console_script_under_torchrun_from_another_folder(tmp_
                            capture_output=True, text=True, env=env, timeout=120)
     assert fetch.returncode == 1 and len(fetch.stderr.strip().splitlines()) == 1 and "--no-download" in fetch.stderr
 
+    # dist-cifar-ablate from an empty folder: the variants run there, on paths relative to it
+    write_official_cifar(elsewhere / "mydata", per_batch=20, n_test=20)
+    tiny = ["batchnorm", "--variants", "with_bn", "--epochs", "1", "--out", "abl",
+            "--extra", "--split full --val-size 20 --no-download --batch-size 16"]
+    ablate = venv / "bin" / "dist-cifar-ablate"
+    first = subprocess.run([str(ablate), *tiny, "--dataset", "cifar10", "--data-dir", "mydata"], cwd=elsewhere,
+                           capture_output=True, text=True, env=env, timeout=240)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    variant = elsewhere / "abl" / "batchnorm-e1" / "with_bn"
+    summary = json.loads((variant / "summary.json").read_text())
+    assert json.loads((variant / "config.json").read_text())["data_dir"] == str(elsewhere / "mydata")
+    row = next(l for l in (variant.parent / "report.md").read_text().splitlines() if l.startswith("| with_bn"))
+    assert f"{summary['test_accuracy']:.2f}" in row  # numbers, not just "ok"
+    assert not (Path(site_dir) / "runs").exists() and not (Path(site_dir) / "mydata").exists()
+    # the same study on other data trains again, beside the first, and says so in one line
+    stamp = (variant / "summary.json").stat().st_mtime_ns
+    second = subprocess.run([str(ablate), *tiny, "--dataset", "synthetic", "--synthetic-size", "128"], cwd=elsewhere,
+                            capture_output=True, text=True, env=env, timeout=240)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    moved = [l for l in second.stdout.splitlines() if "holds results on other data" in l]
+    assert len(moved) == 1 and "dataset 'cifar10', not 'synthetic'" in moved[0], second.stdout
+    sibling = [d for d in (elsewhere / "abl").iterdir() if d.name.startswith("batchnorm-e1-synthetic-")]
+    assert len(sibling) == 1 and (sibling[0] / "with_bn" / "summary.json").exists()
+    assert json.loads((sibling[0] / "with_bn" / "config.json").read_text())["dataset"] == "synthetic"
+    assert (variant / "summary.json").stat().st_mtime_ns == stamp
+
 
 def test_help_is_grouped_by_concern_and_shows_the_version():
     import dataclasses

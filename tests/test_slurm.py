@@ -134,12 +134,15 @@ def test_ablation_array_job_runs_every_variant(slurm, tmp_path):
 
 def test_ablate_slurm_builds_and_runs_an_array(slurm, tmp_path):
     out = tmp_path / "abl"
+    ablate_env = {k: v for k, v in job_env().items() if k not in ("DIST_CIFAR_ROOT", "PYTHON")}
+    # from a folder outside the checkout, with the README's space-separated --sbatch-args form: the
+    # array script comes from the package, the tasks run in this folder with this interpreter
     proc = subprocess.run([sys.executable, "-m", "dist_cifar.ablate", "dropout", "--dataset", "synthetic",
-                           "--synthetic-size", "128", "--epochs", "1", "--out", str(out), "--slurm", "--wait",
-                           "--slurm-timeout", "300"], cwd=ROOT, env=job_env(), capture_output=True, text=True,
-                          timeout=400)
+                           "--synthetic-size", "128", "--epochs", "1", "--out", "abl", "--slurm", "--wait",
+                           "--slurm-timeout", "300", "--sbatch-args", "--time=10"], cwd=tmp_path, env=ablate_env,
+                          capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "--array=0-1" in proc.stdout
+    assert "--array=0-1" in proc.stdout and "--time=10" in proc.stdout and f"--chdir={tmp_path}" in proc.stdout
     folder = out / "dropout-e1"  # --epochs 1 is a recipe override: its own folder
     lines = (folder / "variants.txt").read_text().splitlines()
     assert len(lines) == 2 and "--no-dropout" in lines[1] and "--no-dropout" not in lines[0]
