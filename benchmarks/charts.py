@@ -1,6 +1,7 @@
 """PNG charts beside the benchmark JSON: the peers comparison, the feature ladder, the scaling
-model. The benchmarks call these after writing their JSON; `python benchmarks/charts.py`
-redraws every chart from the committed results."""
+model. The benchmarks call these after writing their JSON; `python benchmarks/charts.py [FOLDER]`
+redraws every chart from the JSON in FOLDER (default runs/benchmarks/; benchmarks/results/ for the
+committed ones)."""
 from __future__ import annotations
 
 import json
@@ -92,13 +93,21 @@ def scaling_chart(json_path: Path) -> Path:
     return save(fig, Path(json_path).with_suffix(".png"))
 
 
-def main() -> int:
-    for path in sorted(RESULTS.glob("peers_*.json")):
-        peers_chart(path)
-    for path in sorted(RESULTS.glob("epoch_time_*.json")):
-        ladder_chart(path)
-    for path in sorted(RESULTS.glob("scaling_*.json")):
-        scaling_chart(path)
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(description="Redraw the benchmark PNGs from their JSON.")
+    p.add_argument("folder", nargs="?", default=str(RESULTS.parents[1] / "runs" / "benchmarks"),
+                   help="where the JSON is (default runs/benchmarks/; benchmarks/results/ redraws the committed ones)")
+    folder = Path(p.parse_args(argv).folder)
+    drawn = 0
+    for pattern, chart in (("peers_*.json", peers_chart), ("epoch_time_*.json", ladder_chart),
+                           ("scaling_*.json", scaling_chart)):
+        for path in sorted(folder.glob(pattern)):
+            if chart is scaling_chart and "model" not in json.loads(path.read_text()):
+                continue  # scaling.py --designs: a table, no chart
+            chart(path)
+            drawn += 1
+    print(f"redrew {drawn} chart(s) in {folder}")
     return 0
 
 

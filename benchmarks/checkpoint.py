@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, provenance, table, write_json
+from common import ROOT, add_output_flags, output_path, provenance, table, write_json
 from dist_cifar import checkpoint as ckpt
 from dist_cifar import distributed as D
 from dist_cifar import files
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dir", default="", help="folder to write in: a ckpt-bench-* folder is made inside it and removed after (default: runs/, git-ignored); nothing else there is touched")
-    p.add_argument("--out", default="")
+    add_output_flags(p, "checkpoint_<model>_<device>.json")
     args = p.parse_args(argv)
     if args.repeats <= 0:
         p.error("--repeats must be > 0")
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     synchronize(info.device)
     cfg = make_config(model=args.model)
     # a fresh folder of its own, inside --dir (default runs/, ignored by git): only that is deleted
-    scratch = Path(args.dir) if args.dir else RESULTS.parents[1] / "runs"
+    scratch = Path(args.dir) if args.dir else ROOT / "runs"
     scratch.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=scratch))
     manager = CheckpointManager(folder, info, config=cfg.to_dict(), parts={"model": model, "optimizer": optimizer},
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     print(table(rows, ["path", "blocked_s", "blocked_s_buffers_reused", "background_s", "gb_per_s"]))
     print(f"checkpoint {size / 1e9:.2f} GB ({count_parameters(model):,} parameters + Adam moments); "
           f"blocked time, background / synchronous: {ratio:.3f} (target <= 0.25)")
-    out = Path(args.out) if args.out else RESULTS / f"checkpoint_{args.model}_{info.device.type}.json"
+    out = output_path(args, f"checkpoint_{args.model}_{info.device.type}.json")
     write_json(out, {"benchmark": "checkpoint", "provenance": provenance(), "args": vars(args), "bytes": size,
                      "rows": rows, "blocked_ratio": ratio, "synchronous_s": sync_s, "background_blocked_s": blocked_s,
                      "background_write_s": written_s})

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-SHARED_TARBALL = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+RESULTS = ROOT / "benchmarks" / "results"  # the committed results: written only with --publish
+RUNS = ROOT / "runs" / "benchmarks"  # where a plain rerun writes
 sys.path.insert(0, str(ROOT))
 from dist_cifar.files import read_jsonl  # noqa: E402
 
@@ -75,13 +75,85 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def data_args(dataset: str, data_dir: str) -> list[str]:
-    """--dataset auto picks the shared real CIFAR-10 when it is there, else synthetic."""
+def add_output_flags(parser, default_name: str) -> None:
+    parser.add_argument("--out", default="", help=f"result path (default runs/benchmarks/{default_name})")
+    parser.add_argument("--publish", action="store_true",
+                        help="write to benchmarks/results/, replacing the committed result (default: runs/benchmarks/)")
+
+
+def output_path(args, name: str) -> Path:
+    """--out, else benchmarks/results/NAME with --publish, else runs/benchmarks/NAME: a plain rerun
+    never replaces a committed result."""
+    return Path(args.out) if args.out else (RESULTS if args.publish else RUNS) / name
+
+
+def local_cifar() -> list[str]:
+    """The real CIFAR-10 in this checkout, as trainer flags: $DIST_CIFAR_DATA (an image tarball or
+    folder), data/cifar-10-batches-py, or an image tarball in data/; [] when there is none."""
+    named = os.environ.get("DIST_CIFAR_DATA", "")
+    if named and Path(named).exists():
+        return ["--dataset", "imagefolder", "--data-dir", named]
+    if (ROOT / "data" / "cifar-10-batches-py").is_dir() or (ROOT / "data" / "cifar-10-python.tar.gz").is_file():
+        return ["--dataset", "cifar10", "--data-dir", str(ROOT / "data")]
+    tarballs = sorted(p for p in (ROOT / "data").glob("*.tar.gz") if p.name != "cifar-10-python.tar.gz")
+    return ["--dataset", "imagefolder", "--data-dir", str(tarballs[0])] if tarballs else []
+
+
+def data_args(dataset: str, data_dir: str, synthetic_size: int = 8192) -> list[str]:
+    """--dataset auto: the local real CIFAR-10 (`local_cifar`), else synthetic data; the table
+    and the JSON say which (`data_label`)."""
     if dataset == "auto":
-        if SHARED_TARBALL.exists():
-            return ["--dataset", "imagefolder", "--data-dir", str(SHARED_TARBALL)]
-        return ["--dataset", "synthetic", "--synthetic-size", "8192"]
+        return local_cifar() or ["--dataset", "synthetic", "--synthetic-size", str(synthetic_size)]
     return ["--dataset", dataset, "--data-dir", data_dir]
+
+
+def load_data(dataset: str = "auto", data_dir: str = "", synthetic_size: int = 20_000):
+    """The same choice, loaded in this process (for the benchmarks that time pieces, not the trainer)."""
+    from dist_cifar.data import load_source
+    flags = data_args(dataset, data_dir, synthetic_size)
+    if flags[1] == "synthetic":
+        return load_source("synthetic", "", synthetic_size=int(flags[3]))
+    return load_source(flags[1], flags[3])
+
+
+def data_label(flags_or_source) -> str:
+    """One line for a table's header: which data the numbers are on."""
+    if isinstance(flags_or_source, str):
+        text = flags_or_source
+    else:
+        text = " ".join(flags_or_source[1:4:2]) if flags_or_source else "?"
+    return f"data: {text}" + ("  (SYNTHETIC: no real CIFAR-10 found; set DIST_CIFAR_DATA or put it in data/)"
+                              if "synthetic" in text else "")
+
+
+def busy_warning() -> str | None:
+    """Before a timing run: a machine already busy makes every figure a measure of the others' load."""
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5 * cpus:
+        return (f"WARNING: the machine was busy when this run started (1-minute load {load:.1f} on {cpus} CPUs): "
+                f"its figures are not comparable; rerun on an idle machine")
+    return None
+
+
+def spread_warning(name: str, samples: Sequence[float], limit: float = 0.15) -> str | None:
+    """Repeats of one measurement that disagree by more than `limit` of their median."""
+    import statistics
+    if len(samples) < 2:
+        return None
+    median = statistics.median(samples)
+    spread = (max(samples) - min(samples)) / median if median else 0.0
+    if spread > limit:
+        return (f"WARNING: {name}: repeats differ by {100 * spread:.0f}% of their median (over {100 * limit:.0f}%): "
+                f"the machine's load moved under this run; the figure is not trustworthy")
+    return None
+
+
+def report_warnings(warnings: Sequence[str | None]) -> list[str]:
+    """Print the warnings (after the table) and return them for the JSON."""
+    kept = [w for w in warnings if w]
+    for w in kept:
+        print(w, flush=True)
+    return kept
 
 
 def run_trainer(args: list[str], out_dir: Path, nproc: int = 1, env: dict | None = None,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, provenance, table, write_json
+from common import add_output_flags, output_path, provenance, table, write_json
 from dist_cifar import distributed as D
 from dist_cifar.assembly import assemble
 from dist_cifar.config import make_config
@@ -54,7 +54,7 @@ def outputs_match(device) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="")
+    add_output_flags(p, "device_checks_<device>.json")
     args = p.parse_args(argv)
     device = D.local_device("auto", 0)
     rows = []
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         print(f"{name:<36} {'ok' if res['ok'] else 'FAIL'}", flush=True)
     rows += outputs_match(device)
     print(table(rows, ["check", "ok", "seconds", "rel_error"]))
-    out = Path(args.out) if args.out else RESULTS / f"device_checks_{device.type}.json"
+    out = output_path(args, f"device_checks_{device.type}.json")
     write_json(out, {"benchmark": "device_checks", "provenance": provenance(), "rows": rows,
                      "all_ok": all(r["ok"] for r in rows)})
     return 0 if all(r["ok"] for r in rows) else 1

@@ -17,7 +17,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, data_args, provenance, run_trainer, single_rank_env, table, write_json
+from common import (add_output_flags, busy_warning, data_args, data_label, output_path, provenance, report_warnings,
+                    run_trainer, single_rank_env, table, write_json)
 
 # Every rung names each feature on or off: on GPUs the trainer's defaults turn them all on.
 RUNGS = [
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="small_cnn")
     p.add_argument("--batch-size", type=int, default=256, help="per process")
-    p.add_argument("--dataset", default="auto", help="auto: the shared real CIFAR-10 if present, else synthetic")
+    p.add_argument("--dataset", default="auto", help="auto: the real CIFAR-10 in data/ or $DIST_CIFAR_DATA, else synthetic (the table says which)")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--steps-per-epoch", type=int, default=50)
     p.add_argument("--epochs", type=int, default=2, help="per rung; the last one is reported")
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch default)")
     p.add_argument("--rungs", default="", help="comma-separated rung numbers to run (0-based; default all)")
     p.add_argument("--extra", default="", help="trainer flags appended to every rung, e.g. --extra=--no-compile")
-    p.add_argument("--out", default="", help="JSON path (default benchmarks/results/epoch_time_<model>_<device>.json)")
+    add_output_flags(p, "epoch_time_<model>_bs<batch>_<device>.json")
     args = p.parse_args(argv)
 
     rungs = RUNGS + ([HOOK_RUNG] if args.nproc > 1 else [SINGLE_DDP_RUNG])
@@ -62,9 +63,10 @@ def main(argv=None) -> int:
               "--steps-per-epoch", str(args.steps_per_epoch), "--num-workers", str(args.num_workers),
               "--split", "full", "--val-size", "0", "--no-save-best", "--no-final-eval",
               *data_args(args.dataset, args.data_dir)] + (["--threads", str(args.threads)] if args.threads else [])
+    busy = busy_warning()
     meta = provenance()
     device = "gpu" if meta["gpus"] else "cpu"
-    out = Path(args.out) if args.out else RESULTS / f"epoch_time_{args.model}_bs{args.batch_size}_{device}.json"
+    out = output_path(args, f"epoch_time_{args.model}_bs{args.batch_size}_{device}.json")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for number, (name, flags) in enumerate(rungs):
@@ -91,7 +93,12 @@ def main(argv=None) -> int:
                              "rungs": rows, "complete": len(rows) == len(chosen)})
     cols = ["rung", "images_per_s", "speedup", "step_ms", "epoch_s_full", "data_wait_s", "peak_memory_mb", "first_epoch_s"]
     print()
+    print(data_label(data_args(args.dataset, args.data_dir)))
     print(table(rows, cols))
+    warnings = report_warnings([busy])
+    if warnings:
+        payload = json.loads(out.read_text())
+        write_json(out, {**payload, "warnings": warnings})
     from charts import ladder_chart
     ladder_chart(out)
     return 0

@@ -12,8 +12,9 @@ from dataclasses import replace
 
 import torch
 
-from common import RESULTS, SHARED_TARBALL, provenance, table, write_json
-from dist_cifar.data import load_source, make_splits, normalization
+from common import (add_output_flags, busy_warning, data_label, load_data, output_path, provenance, report_warnings,
+                    spread_warning, table, write_json)
+from dist_cifar.data import make_splits, normalization
 from dist_cifar.loaders import LoaderSpec, TensorLoader, TorchLoader
 from dist_cifar.timing import synchronize
 
@@ -34,10 +35,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=5, help="measured rounds per loader (after one warm-up)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--out", default="")
+    add_output_flags(p, "loader_<device>.json")
     args = p.parse_args(argv)
+    busy = busy_warning()
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    raw = load_source("imagefolder", str(SHARED_TARBALL)) if SHARED_TARBALL.exists() else load_source("synthetic", "", synthetic_size=50_000)
+    raw = load_data(synthetic_size=50_000)
     train = make_splits(raw, "full", val_size=0).train
     mean, std = normalization("cifar")
     spec = LoaderSpec(args.batch_size, mean=mean, std=std, augment=True)
@@ -62,11 +64,12 @@ def main(argv=None) -> int:
     for row in rows:
         row["vs_torch_2_workers"] = row["images_per_s"] / rows[2]["images_per_s"]
     print()
+    print(data_label(raw.source))
     print(table(rows, ["loader", "images_per_s", "vs_torch_2_workers"]))
-    meta = provenance()
-    out = args.out or str(RESULTS / f"loader_{'gpu' if device.type == 'cuda' else 'cpu'}.json")
-    write_json(__import__("pathlib").Path(out), {"benchmark": "loader", "provenance": meta, "args": vars(args),
-                                                  "data_source": raw.source, "train_images": len(train), "rows": rows})
+    warnings = report_warnings([busy, *(spread_warning(name, rates[name]) for name, _ in loaders)])
+    out = output_path(args, f"loader_{'gpu' if device.type == 'cuda' else 'cpu'}.json")
+    write_json(out, {"benchmark": "loader", "provenance": provenance(), "args": vars(args), "data_source": raw.source,
+                     "train_images": len(train), "rows": rows, "warnings": warnings})
     return 0
 
 

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch.nn.functional as F
 
-from common import RESULTS, SHARED_TARBALL, provenance, table, write_json
+from common import (add_output_flags, busy_warning, data_label, load_data, output_path, provenance, report_warnings,
+                    spread_warning, table, write_json)
 from dist_cifar import distributed as D
 from dist_cifar.assembly import assemble
 from dist_cifar.config import make_config
-from dist_cifar.data import load_source, make_splits
+from dist_cifar.data import make_splits
 from dist_cifar.engine import EpochStart, StepHooks, train_epoch
 from dist_cifar.timing import synchronize
 
@@ -32,11 +33,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--out", default="")
+    add_output_flags(p, "overhead_<model>_<device>.json")
     args = p.parse_args(argv)
+    busy = busy_warning()
     info = D.DistInfo(device=D.local_device(args.device, 0))
     dev = info.device
-    raw = load_source("imagefolder", str(SHARED_TARBALL)) if SHARED_TARBALL.exists() else load_source("synthetic", "", synthetic_size=20_000)
+    raw = load_data(synthetic_size=20_000)
     cfg = make_config(model=args.model, batch_size=args.batch_size, precision="fp32", steps_per_epoch=args.steps,
                       augment=True, seed=0)
     run = assemble(cfg, info, make_splits(raw, "full", val_size=0))
@@ -69,11 +71,16 @@ def main(argv=None) -> int:
     rows = [{"loop": "hand-written", "median_s": statistics.median(hand), "images_per_s": images / statistics.median(hand)},
             {"loop": "dist_cifar trainer", "median_s": statistics.median(train), "images_per_s": images / statistics.median(train)}]
     overhead = statistics.median(train) / statistics.median(hand) - 1
+    print(data_label(raw.source))
     print(table(rows, ["loop", "median_s", "images_per_s"]))
     print(f"trainer overhead: {100 * overhead:+.2f}% (target: within 5%)")
-    out = Path(args.out) if args.out else RESULTS / f"overhead_{args.model}_{dev.type}.json"
-    write_json(out, {"benchmark": "overhead", "provenance": provenance(), "args": vars(args), "rows": rows,
-                     "hand_s": hand, "trainer_s": train, "overhead_fraction": overhead})
+    impossible = (f"WARNING: an overhead of {100 * overhead:+.1f}% is impossible (the trainer does the hand loop's "
+                  f"work and more): the machine's load moved between the rounds") if overhead < -0.05 else None
+    warnings = report_warnings([busy, spread_warning("hand loop", hand), spread_warning("trainer", train), impossible])
+    out = output_path(args, f"overhead_{args.model}_{dev.type}.json")
+    write_json(out, {"benchmark": "overhead", "provenance": provenance(), "args": vars(args), "data_source": raw.source,
+                     "rows": rows, "hand_s": hand, "trainer_s": train, "overhead_fraction": overhead,
+                     "warnings": warnings})
     return 0
 
 

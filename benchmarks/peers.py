@@ -10,7 +10,8 @@ interleaved round by round, steady-state throughput (the second half of 2 x --st
     python benchmarks/peers.py --models vgg16_cifar --global-batch-size 512 --steps 30   # GPUs (NCCL)
 
 Lightning is a benchmark-only extra (pip install .[bench]); without it its row says why it is
-missing. Writes JSON, a table and a bar chart (PNG) under benchmarks/results/.
+missing. Writes JSON, a table and a bar chart (PNG) under runs/benchmarks/ (benchmarks/results/
+with --publish, and only when every contestant ran). Exits 1 when a contestant failed.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, ROOT, SHARED_TARBALL, provenance, run_bounded, run_trainer, table, write_json
+from common import (ROOT, add_output_flags, busy_warning, data_args, data_label, output_path, provenance,
+                    report_warnings, run_bounded, run_trainer, spread_warning, table, write_json)
 
 HERE = Path(__file__).resolve().parent
 CONTESTANTS = ("dist_cifar", "lightning", "plain")
@@ -99,12 +101,16 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--num-workers", type=int, default=-1, help="peers' DataLoader workers per process (default: 2 on CPU, 8 on GPUs)")
-    p.add_argument("--dataset", default="imagefolder")
-    p.add_argument("--data-dir", default=str(SHARED_TARBALL))
+    p.add_argument("--dataset", default="auto",
+                   help="auto: the real CIFAR-10 in data/ or $DIST_CIFAR_DATA, else synthetic (the table says which)")
+    p.add_argument("--data-dir", default="data")
     p.add_argument("--timeout", type=float, default=900, help="seconds per contestant run")
-    p.add_argument("--out", default="", help="JSON path (default benchmarks/results/peers_<device>.json)")
+    add_output_flags(p, "peers_<device>.json")
     p.add_argument("--no-txt", action="store_true", help="write only the JSON and the PNG (the GPU suite's file budget)")
     args = p.parse_args(argv)
+    flags = data_args(args.dataset, args.data_dir, synthetic_size=4096)
+    args.dataset, args.data_dir = flags[1], flags[3] if flags[1] != "synthetic" else "data"
+    busy = busy_warning()
 
     import torch
     gpus = torch.cuda.device_count()
@@ -120,13 +126,17 @@ def main(argv=None) -> int:
     results: dict[str, dict] = {}
     meta = provenance()
     device = "gpu" if gpus else "cpu"
-    out = Path(args.out) if args.out else RESULTS / f"peers_{device}.json"
+    published = output_path(args, f"peers_{device}.json")
+    # with --publish, progress goes to runs/benchmarks/ and the committed file is replaced only at a clean end
+    out = output_path(argparse.Namespace(out="", publish=False), published.name) if args.publish else published
+    warnings: list[str] = []
+    failures: list[str] = []
 
     def save() -> None:
-        write_json(out, {"benchmark": "peers", "provenance": meta, "args": vars(args),
+        write_json(out, {"benchmark": "peers", "provenance": meta, "args": vars(args), "data": flags,
                          "world": {"processes": args.nproc, "threads_per_process": threads or None,
                                    "backend": "nccl" if gpus else "gloo", "ddp": args.nproc > 1},
-                         "models": results})
+                         "models": results, "warnings": warnings})
 
     with tempfile.TemporaryDirectory(dir=ROOT / "runs" if (ROOT / "runs").is_dir() else None) as tmp:
         for model in args.models.split(","):
@@ -145,6 +155,7 @@ def main(argv=None) -> int:
                                               args, model, env)
                     except (RuntimeError, subprocess.TimeoutExpired, OSError, KeyError) as exc:
                         errors[contestant] = str(exc)
+                        failures.append(f"{model} {contestant}")
                         print(f"{model:<14} round {round_ + 1}  {contestant}: {exc}", flush=True)
                         continue
                     runs[contestant].append(result)
@@ -155,11 +166,23 @@ def main(argv=None) -> int:
             rows = peer_rows(runs, errors, skip_lightning)
             results[model] = {"rows": rows}
             print()
+            print(data_label(flags))
             print(peer_table(rows))
+            warnings += [w for c in CONTESTANTS
+                         if (w := spread_warning(f"{model} {c}", [r["images_per_s"] for r in runs[c]], limit=0.1))]
             if skip_lightning:
                 print(f"Lightning skipped: {skip_lightning}")
             print()
+    warnings[:0] = [busy] if busy else []
+    report_warnings(warnings)
     save()
+    if failures:
+        print(f"peers: {', '.join(failures)} failed" + (f"; kept the published {published}" if args.publish else ""),
+              file=sys.stderr)
+        return 1
+    if out != published:
+        write_json(published, json.loads(out.read_text()))
+        out = published
     lines = []
     for model, result in results.items():
         lines += [f"## {model}", peer_table(result["rows"]), ""]

@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, ROOT, provenance, read_jsonl, table, write_json
+from common import RESULTS, ROOT, RUNS, provenance, read_jsonl, table, write_json
 
 DESIGNS = {  # label -> trainer flags
     "ddp": ["--parallel", "ddp"],
@@ -111,12 +111,13 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
     parser.add_argument("--checkpoints", action="store_true",
                         help="save a checkpoint after each epoch: what consolidating the state on rank 0 costs")
-    parser.add_argument("--out", default=str(RESULTS), help="folder for the JSON and PNG")
+    parser.add_argument("--out", default="", help="folder for the JSON and PNG (default runs/benchmarks/)")
+    parser.add_argument("--publish", action="store_true", help="write to benchmarks/results/ (the committed results)")
     args = parser.parse_args(argv)
     if args.batch_size <= 0 or args.steps <= 0 or args.threads <= 0:
         parser.error("--batch-size, --steps and --threads must be > 0")
     rows = []
-    out = Path(args.out)
+    out = Path(args.out) if args.out else RESULTS if args.publish else RUNS
     stem = f"scaleout_{args.model}_bs{args.batch_size}_cpu" + ("_checkpoints" if args.checkpoints else "")
     with tempfile.TemporaryDirectory(prefix="scaleout-", dir=ROOT / "runs" if (ROOT / "runs").is_dir() else None) as tmp:
         for rate in args.rates:

@@ -29,7 +29,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, data_args, provenance, run_trainer, table, write_json
+from common import (add_output_flags, busy_warning, data_args, data_label, output_path, provenance, report_warnings,
+                    run_trainer, table, write_json)
 from dist_cifar.cost import TRAIN_IMAGES, measure, predict_wire, ring_allreduce_s
 
 DESIGN_FLAGS = {"ddp": ("ddp", "none"), "ddp_bf16_hook": ("ddp", "bf16"), "hybrid": ("hybrid", "bf16"),
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--extra", default="", help="extra trainer flags, e.g. '--precision bf16 --channels-last'")
     p.add_argument("--assume-t1-ms", type=float, default=0.0,
                    help="model only: take this single-device step time instead of measuring (says so in the JSON)")
-    p.add_argument("--out", default="")
+    add_output_flags(p, "scaling_<model>_<device>.json")
     p.add_argument("--designs", action="store_true", help="model only: the designs' step times for 1-32 GPUs")
     p.add_argument("--global-batch", type=int, default=512, help="--designs: global batch")
     p.add_argument("--peak-tflops", type=float, default=790.0, help="--designs: bf16 peak per GPU (H200 measured)")
@@ -120,6 +121,7 @@ def main(argv=None) -> int:
             "--steps-per-epoch", str(args.steps_per_epoch), "--split", "full", "--val-size", "0",
             "--no-save-best", *data_args(args.dataset, args.data_dir), *args.extra.split()]
     rows = []
+    busy = busy_warning()
     with tempfile.TemporaryDirectory() as tmp:
         for n in counts:
             threads = [] if gpus else ["--threads", str(max(args.threads_total // n, 1))]
@@ -133,7 +135,11 @@ def main(argv=None) -> int:
         ideal = rows[0]["images_per_s"] * (row["processes"] if gpus else 1)
         row["efficiency"] = row["images_per_s"] / ideal
     print()
+    print(data_label(data_args(args.dataset, args.data_dir)))
     print(table(rows, ["processes", "threads_each", "images_per_s", "efficiency", "step_ms", "rank_time_spread_s"]))
+    warnings = report_warnings([busy, *(f"WARNING: {r['processes']} processes at {r['efficiency']:.2f} efficiency is "
+                                        f"impossible: the machine's load changed between the runs" for r in rows
+                                        if r["efficiency"] > 1.1)])
     cost = measure(args.model)
     t1 = args.assume_t1_ms / 1000 if args.assume_t1_ms else rows[0]["step_ms"] / 1000
     predicted = model_rows(t1, args.batch_size, cost.grad_bytes_fp32, args.link_gbs)
@@ -143,8 +149,9 @@ def main(argv=None) -> int:
                             "epoch_s_bf16_no_overlap", "comm_share_fp32", "comm_share_bf16"]))
     meta = provenance()
     kind = "model" if args.assume_t1_ms else ("gpu" if gpus else "cpu")
-    out = Path(args.out) if args.out else RESULTS / f"scaling_{args.model}_{kind}.json"
+    out = output_path(args, f"scaling_{args.model}_{kind}.json")
     write_json(out, {"benchmark": "scaling", "provenance": meta, "args": vars(args), "measured": rows,
+                     "data": data_args(args.dataset, args.data_dir), "warnings": warnings,
                      "model": {"t1_s": t1, "t1_source": "assumed" if args.assume_t1_ms else "measured",
                                "grad_bytes_fp32": cost.grad_bytes_fp32, "link_gbs": args.link_gbs,
                                "rows": predicted}})
@@ -170,7 +177,7 @@ def design_main(args) -> int:
         print("\nmodel against the emulated link (compute from the least-communicating run):")
         print(table(checked, ["rate", "design", "measured_s", "predicted_s", "measured_over_predicted"]))
         payload["check_scaleout"] = {"source": args.check_scaleout, "rows": checked}
-    write_json(Path(args.out) if args.out else RESULTS / f"scaling_designs_{args.model}_model.json", payload)
+    write_json(output_path(args, f"scaling_designs_{args.model}_model.json"), payload)
     return 0
 
 

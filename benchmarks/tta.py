@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, provenance, table, write_json
+from common import add_output_flags, output_path, provenance, table, write_json
 from dist_cifar import distributed as D
 from dist_cifar.assembly import assemble
 from dist_cifar.parallel import FlipAveraged
@@ -29,7 +29,7 @@ from dist_cifar.engine import evaluate
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path)
-    p.add_argument("--out", default="")
+    add_output_flags(p, "tta_cpu.json")
     args = p.parse_args(argv)
     info = D.DistInfo(device=torch.device("cpu"))
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     summary = {"runs": len(rows), "median_gain_points": statistics.median(gains) if gains else None,
                "min_gain_points": min(gains, default=None), "max_gain_points": max(gains, default=None)}
     print(summary)
-    out = Path(args.out) if args.out else RESULTS / "tta_cpu.json"
+    out = output_path(args, "tta_cpu.json")
     write_json(out, {"benchmark": "tta", "provenance": provenance(), "summary": summary, "rows": rows})
     return 0
 

@@ -5,10 +5,9 @@
 # cuDNN autotuning (the report's cuDNN-deterministic setting is dropped for speed; the config
 # records it), no torch.compile (40 short epochs of batch 32 would spend more on compiling than
 # they save), checkpoints every 10 epochs so an interrupted call resumes where it stopped.
-# On this project's 2-core CPU machine, side by side in one process (batch 32, fp32): a
-# vgg16_cifar step took 14.7x a vgg_truncated step (21.3 s vs 1.45 s, both slowed by a second
-# job on the cores); vgg_truncated alone runs an epoch in about 90 s, so vgg16_cifar would take
-# ~22 min an epoch, ~15 h for 40: a GPU job. Not yet run on a GPU; the FLOPs (17.8 GFLOP per
+# vgg16_cifar costs 18.9x the training FLOPs of vgg_truncated per image (`python -m dist_cifar.cost`);
+# vgg_truncated runs an epoch in about 90 s on this project's 2-core CPU machine, so vgg16_cifar
+# is a GPU job. Not yet run on a GPU; the FLOPs (17.8 GFLOP per
 # training image x 20,000 images x 40 epochs = 14 PFLOP, under a minute at H200 bf16 peak)
 # bound it from below only: batch 32 runs far below peak.
 #   bash benchmarks/vgg16_study_gpu.sh                # results under $OUT or benchmarks/results/
@@ -20,15 +19,10 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 data=${DATA:-.gpu_data/cifar10-jpeg.tar.gz}
 runs=${RUNS:-runs/ablations}
 dest=${OUT:-benchmarks/results/ablations}
-$PY -m dist_cifar.ablate vgg16 --dataset imagefolder --data-dir "$data" --out "$runs" \
-  --extra "--device cuda --precision bf16 --channels-last --no-compile --no-deterministic --checkpoint-every 10 --keep-last 1" \
-  || echo "[vgg16] a variant failed; rerun to resume it"
-mkdir -p "$dest/vgg16"
-cp "$runs/vgg16/report.md" "$runs/vgg16/"*.png "$dest/vgg16/" 2>/dev/null || true
-for run in "$runs/vgg16/"*/; do
-  [ -f "$run/summary.json" ] || continue
-  name=$(basename "$run")
-  mkdir -p "$dest/vgg16/$name"
-  cp "$run"summary.json "$run"metrics.jsonl "$run"config.json "$dest/vgg16/$name/"
-done
+if ! $PY -m dist_cifar.ablate vgg16 --dataset imagefolder --data-dir "$data" --out "$runs" \
+    --extra "--device cuda --precision bf16 --channels-last --no-compile --no-deterministic --checkpoint-every 10 --keep-last 1"; then
+  echo "[vgg16] a variant failed; nothing copied to $dest (rerun to resume it)" >&2
+  exit 1
+fi
+bash benchmarks/copy_ablations.sh "$runs" "$dest" vgg16
 echo "[vgg16] results in $dest/vgg16"

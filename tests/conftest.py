@@ -86,6 +86,30 @@ def write_official_cifar(folder: Path, per_batch: int = 20, n_test: int = 20, se
     return root
 
 
+def make_tree(root: Path, per_class: int = 3, classes=("cat", "airplane", "dog")) -> Path:
+    """An image-folder dataset: train/<class>/*.png and test/<class>/*.png, random pixels."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / c / f"{i:04d}.png")
+    return root
+
+
+def write_image_tarball(path: Path, per_class: int = 3, classes=("cat", "airplane", "dog")) -> Path:
+    """The same tree packed as a .tar.gz (the shape of the JPEG CIFAR-10 tarball)."""
+    import tarfile
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = make_tree(Path(tmp) / "cifar", per_class, classes)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(path, "w:gz") as tar:
+            tar.add(tree, arcname="cifar")
+    return path
+
+
 @pytest.fixture
 def official_cifar(tmp_path) -> Path:
     write_official_cifar(tmp_path / "data")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_train, write_official_cifar
+from conftest import SHARED_TARBALL, make_tree, run_train, write_official_cifar
 from dist_cifar.config import ConfigError, make_config
 from dist_cifar.data import (DataError, RawData, load_cifar10, load_imagefolder, load_source,
                              make_splits, make_synthetic)
@@ -109,17 +109,6 @@ def test_cache_is_written_reused_and_rebuilt(official_cifar):
     assert list(folder.glob(".dist_cifar_cache_*")) == caches  # no temp files left behind
 
 
-def make_tree(root: Path, per_class: int = 3, classes=("cat", "airplane", "dog")) -> Path:
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for c in classes:
-            (root / split / c).mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                img = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-                img.save(root / split / c / f"{i:04d}.png")
-    return root
-
-
 def test_imagefolder_tree_and_targz(tmp_path):
     tree = make_tree(tmp_path / "tree")
     raw = load_imagefolder(tree)
@@ -174,12 +163,10 @@ def test_report_split_needs_enough_images():
     assert make_config(preset="report", dataset="synthetic", synthetic_size=20_000).split == "report"
 
 
-@pytest.mark.skipif(not Path(__file__).resolve().parents[2].joinpath("shared/data/cifar10-jpeg.tar.gz").exists(),
-                    reason="the shared JPEG CIFAR-10 is not beside this checkout")
+@pytest.mark.skipif(not SHARED_TARBALL.exists(), reason="the shared JPEG CIFAR-10 is not beside this checkout")
 def test_real_jpeg_cifar10_loads(tmp_path):
     import shutil
-    src = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"
-    shutil.copy(src, tmp_path / "cifar10-jpeg.tar.gz")
+    shutil.copy(SHARED_TARBALL, tmp_path / "cifar10-jpeg.tar.gz")
     raw = load_source("imagefolder", str(tmp_path / "cifar10-jpeg.tar.gz"))
     assert raw.train_x.shape == (50_000, 32, 32, 3) and raw.test_x.shape == (10_000, 32, 32, 3)
     assert torch.bincount(raw.train_y).tolist() == [5000] * 10

@@ -12,7 +12,7 @@ from dist_cifar import checkpoint as ckpt
 from dist_cifar.config import make_config
 from dist_cifar.data import load_cifar10
 from dist_cifar.rundir import default_out_dir
-from test_data import make_tree
+from conftest import make_tree
 
 
 def one_line(proc, code=2) -> str:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, base_env, read_jsonl, run_train, write_official_cifar
-from test_data import make_tree
+from conftest import make_tree
 from dist_cifar import data as D
 from dist_cifar.data import DataError, Split
 
