@@ -490,10 +490,31 @@ def make_synthetic(n_train: int, seed: int = 1234) -> RawData:
 # ---------------------------------------------------------------------------- entry points
 
 
+def local_image_set(root: Path) -> Optional[Path]:
+    """An image tree (train/, test/) or the one image tarball in `root`, not the official archive."""
+    if not root.is_dir():
+        return None
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return root
+    tars = [p for p in sorted(root.glob("*.tar.gz")) + sorted(root.glob("*.tgz")) if p.name != "cifar-10-python.tar.gz"]
+    return tars[0] if len(tars) == 1 else None
+
+
 def load_source(dataset: str, data_dir: str, download: bool = False, synthetic_size: int = 2000) -> RawData:
     root = Path(data_dir)
-    if dataset == "cifar10":
-        return load_cifar10(root, download)
+    if dataset == "cifar10":  # the official files, else a CIFAR image set already here, else the download
+        try:
+            return load_cifar10(root, False)
+        except DataMissing:
+            images = local_image_set(root)
+            if images is None:
+                if not download:
+                    raise
+                return load_cifar10(root, True)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[dist_cifar] no official CIFAR-10 files in {root}; reading the image set {images} instead "
+                  f"(--dataset imagefolder --data-dir {images} says so explicitly)", flush=True)
+        return load_imagefolder(images)
     if dataset == "imagefolder":
         return load_imagefolder(root)
     if dataset == "synthetic":

@@ -66,6 +66,11 @@ class StepHooks:
     faults: FaultInjector = field(default_factory=FaultInjector)
     record_step_losses: bool = False
     time_first_step: bool = False  # one extra sync after step 1 (compile time estimate)
+    # called once per epoch with the seconds per step over steps 2..FORECAST_STEPS (two extra syncs)
+    on_forecast: Optional[Callable[[float], None]] = None
+
+
+FORECAST_STEPS = 3  # step 1 warms up (allocations, compilation); steps 2-3 are the first steady ones
 
 
 @dataclass
@@ -200,6 +205,7 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
             raise StepHealth.error(epoch, first_bad, checked_at, hooks.guard_every, before_save_at=before_save_at)
         return stop
 
+    after_first_step = 0.0
     while step < total:
         t_wait = time.perf_counter()
         x, y = next(batches)
@@ -242,6 +248,12 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
         global_step += 1
         if hooks.time_first_step and result.steps == 1:
             result.first_step_s = watch.stop()
+        if hooks.on_forecast and result.steps in (1, FORECAST_STEPS):
+            lap = watch.stop()
+            if result.steps == 1:
+                after_first_step = lap
+            else:
+                hooks.on_forecast((lap - after_first_step) / (FORECAST_STEPS - 1))
 
         if hooks.on_progress and (step % hooks.progress_every == 0 or step == total):
             images = (step - start_step) * loader.batch_size * info.world_size

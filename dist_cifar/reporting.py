@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import re
 import secrets
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -154,11 +155,15 @@ class Reporter(SilentReporter):
         if self.bar is not None:
             self.bar.stop()
         if self.run is not None:
-            mode, run_dir = self.wandb_mode, getattr(self.run, "dir", "")
+            mode, run_dir, run_id = self.wandb_mode, getattr(self.run, "dir", ""), getattr(self.run, "id", "")
             self.run.finish()
             self.run = None
             if mode == "offline" and run_dir:
-                self.note(f"W&B offline run saved; upload it with: wandb sync {Path(run_dir).parent}")
+                # a resumed or requeued job continues the run in a new folder each start: name them all
+                here = Path(run_dir).parent
+                folders = sorted(here.parent.glob(f"offline-run-*-{run_id}")) if run_id else []
+                self.note(f"W&B offline run saved; upload it with: wandb sync "
+                          f"{' '.join(shlex.quote(str(f)) for f in folders or [here])}")
 
 
 def make_console():

@@ -28,7 +28,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from . import __version__, cost, files, plot, rundir
+from . import __version__, budget, cost, files, plot, rundir
 from .assembly import TrainingRun, assemble
 from .checkpoint import CheckpointManager, RunState
 from .config import ConfigError, TrainConfig, flag_name, parse_config
@@ -77,6 +77,8 @@ def train(cfg: TrainConfig, notes: tuple[str, ...], info: D.DistInfo, flag: Pree
     same_config_everywhere(cfg, info)
     configure_backends(cfg, info)
     out_dir, resume_path = prepare_out_dir(cfg, info)
+    needs = agreed(info, lambda: budget.check(cfg, out_dir=out_dir, local_world_size=info.local_world_size,
+                                              world_size=info.world_size, on_cuda=info.device.type == "cuda"))
     splits = load_data(cfg, info)
     run = agreed(info, lambda: assemble(cfg, info, splits))
     reporter = make_reporter(cfg, notes, info, out_dir)
@@ -98,7 +100,8 @@ def train(cfg: TrainConfig, notes: tuple[str, ...], info: D.DistInfo, flag: Pree
         if resume_path is not None:
             reporter.restore_history(state.history)
         reporter.note(start_line(run, run_config))
-        code = epoch_loop(run, state, checkpoints, reporter, flag=flag, faults=faults)
+        reporter.note(needs.describe())
+        code = epoch_loop(run, state, checkpoints, reporter, flag=flag, faults=faults, needs=needs)
         if code == EXIT_OK:
             code = finish(run, state, reporter, checkpoints=checkpoints, run_config=run_config, flag=flag)
     reporter.close()
@@ -107,7 +110,7 @@ def train(cfg: TrainConfig, notes: tuple[str, ...], info: D.DistInfo, flag: Pree
 
 
 def epoch_loop(run: TrainingRun, state: RunState, checkpoints: CheckpointManager, reporter, *,
-               flag: PreemptionFlag, faults: FaultInjector) -> int:
+               flag: PreemptionFlag, faults: FaultInjector, needs: budget.Budget) -> int:
     cfg, info = run.cfg, run.info
     step_log = rundir.StepLossLog(checkpoints.out_dir, cfg.record_step_losses and info.is_main)
     step_log.truncate_to(state.epoch, state.step)
@@ -119,6 +122,14 @@ def epoch_loop(run: TrainingRun, state: RunState, checkpoints: CheckpointManager
         checkpoints.save(state, wait=False)
 
     hooks = step_hooks(cfg, flag, reporter, save_mid_epoch, faults)
+
+    def say_forecast(step_s: float) -> None:  # once, in this process's first epoch
+        hooks.on_forecast = None
+        reporter.note(budget.forecast(step_s, steps_per_epoch=run.steps_per_epoch, epochs_left=cfg.epochs - state.epoch,
+                                      images_per_step=run.global_batch_size,
+                                      train_flops_per_image=needs.train_flops_per_image))
+
+    hooks.on_forecast = say_forecast if info.is_main else None
     first_epoch = state.epoch  # with --compile, this process's first epoch compiles
     while state.epoch < cfg.epochs:
         start = state.epoch_start()

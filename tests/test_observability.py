@@ -58,6 +58,9 @@ def test_resumed_job_continues_the_same_run(tmp_path):
     later = max(files, key=lambda f: f.parent.name)
     assert [r["_step"] for r in wandb_reader.history(later)] == [2]  # no duplicate, no backwards step
     assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1, 2]
+    # the last line names both starts' folders, so one command uploads epochs 0-1 too
+    sync = [l for l in second.stdout.splitlines() if "upload it with: wandb sync" in l]
+    assert len(sync) == 1 and all(str(f.parent) in sync[0] for f in files), sync
 
 
 def test_plain_output_without_a_tty(tmp_path):

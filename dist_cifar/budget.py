@@ -1,0 +1,116 @@
+"""What a run will cost on this host, said before it trains: the checkpoint's size, the memory and
+disk its saves need (a run whose checkpoints cannot fit is refused with one line), and, once the
+first steps are timed, what an epoch and the whole run will take.
+
+Why: vgg16_cifar under two CPU processes runs at ~2 images/s with 8.4 GB per rank and a 4 GB
+checkpoint that took a 24 GB machine to ~20 GB: hours in, with no warning, is too late to learn it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from . import cost
+from .config import ConfigError, TrainConfig
+
+GB = 1e9
+
+
+def size(n: float) -> str:
+    return f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
+# Adam/AdamW keep two moments per parameter, SGD with momentum one
+OPTIMIZER_SLOTS = {"adam": 2, "adamw": 2, "sgd": 1}
+
+
+@dataclass
+class Budget:
+    params: int
+    checkpoint_bytes: int      # model + optimizer state, fp32, as a single process holds it
+    weights_bytes: int         # best.pt
+    disk_needed: int           # the newest --keep-last checkpoints + the one being written + best.pt twice
+    disk_have: int             # free space, plus what the folder's own checkpoints already take
+    memory_needed: int         # this node's host memory at a checkpoint
+    memory_have: int           # available host memory (the cgroup's limit when it is lower)
+    train_flops_per_image: float
+
+    def problem(self) -> Optional[str]:
+        if self.disk_needed > self.disk_have:
+            return (f"the checkpoints need ~{size(self.disk_needed)} on disk ({size(self.checkpoint_bytes)} each) and the "
+                    f"out dir has {size(self.disk_have)} free: free space, lower --keep-last, or "
+                    f"--checkpoint-every 0 --checkpoint-interval-min 0 --no-save-best")
+        if self.memory_needed > self.memory_have:
+            return (f"at a checkpoint this node needs ~{size(self.memory_needed)} of host memory and "
+                    f"{size(self.memory_have)} is available: fewer processes per node, a smaller model, or a GPU")
+        return None
+
+    def describe(self) -> str:
+        tight = self.memory_needed > 0.8 * self.memory_have or self.disk_needed > 0.8 * self.disk_have
+        return ("warning: tight, " if tight else "") + (f"budget: {size(self.checkpoint_bytes)} per checkpoint (weights + optimizer state); disk "
+                f"~{size(self.disk_needed)} of {size(self.disk_have)} free, host memory at a checkpoint "
+                f"~{size(self.memory_needed)} of {size(self.memory_have)} available")
+
+
+def available_memory() -> int:
+    """MemAvailable, or what the cgroup (a SLURM job's limit) still allows when that is lower."""
+    have = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        have = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))) * 1024
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            have = min(have, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return have
+
+
+def own_checkpoint_bytes(out_dir: Path) -> int:
+    """Checkpoints already in the folder count as room: pruning frees them."""
+    return sum(p.stat().st_size for p in out_dir.glob("ckpt-*.pt") if p.is_file())
+
+
+def plan(cfg: TrainConfig, *, out_dir: Path, local_world_size: int, world_size: int = 1, on_cuda: bool) -> Budget:
+    measured = cost.measure(cfg.model, **{k: getattr(cfg, k) for k in ("batchnorm", "dropout", "pooling")})
+    weights = measured.params * 4
+    state = weights * (1 + OPTIMIZER_SLOTS.get(cfg.optimizer, 2))
+    saves = bool(cfg.checkpoint_every or cfg.checkpoint_interval_min or cfg.checkpoint_every_steps)
+    disk = (cfg.keep_last + 1) * state * saves + 2 * weights * cfg.save_best
+    # on the CPU every process holds weights, gradients, optimizer state and DDP's gradient buckets;
+    # at a save rank 0 adds a host copy of the whole state (on GPUs only that copy is host memory)
+    per_process = 0 if on_cuda else weights * (3 + OPTIMIZER_SLOTS.get(cfg.optimizer, 2))
+    if cfg.parallel in ("hybrid", "fsdp"):  # the big layers are split over the ranks
+        per_process //= world_size
+    memory = local_world_size * per_process + state * saves
+    return Budget(params=measured.params, checkpoint_bytes=state, weights_bytes=weights, disk_needed=disk,
+                  disk_have=shutil.disk_usage(out_dir).free + own_checkpoint_bytes(out_dir), memory_needed=memory,
+                  memory_have=available_memory(), train_flops_per_image=measured.train_flops_per_image)
+
+
+def check(cfg: TrainConfig, *, out_dir: Path, local_world_size: int, world_size: int, on_cuda: bool) -> Budget:
+    """The budget, or a one-line ConfigError when the run's checkpoints cannot fit."""
+    budget = plan(cfg, out_dir=out_dir, local_world_size=local_world_size, world_size=world_size, on_cuda=on_cuda)
+    problem = budget.problem()
+    if problem:
+        raise ConfigError(problem)
+    return budget
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def forecast(step_s: float, *, steps_per_epoch: int, epochs_left: int, images_per_step: int,
+             train_flops_per_image: float) -> str:
+    """The line said once the first steps are timed."""
+    epoch_s = step_s * steps_per_epoch
+    achieved = train_flops_per_image * images_per_step / max(step_s, 1e-9) / 1e12
+    return (f"an epoch here: ~{duration(epoch_s)} ({1000 * step_s:.0f} ms/step measured x {steps_per_epoch} steps, "
+            f"{images_per_step / max(step_s, 1e-9):,.0f} images/s, {achieved:.2f} TFLOP/s at "
+            f"{train_flops_per_image / 1e9:.2f} GFLOP per training image); {epochs_left} epoch(s) left: "
+            f"~{duration(epoch_s * epochs_left)}")
