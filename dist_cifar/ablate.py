@@ -256,7 +256,7 @@ def submit_slurm(study: Study, args) -> Optional[str]:
     env = trainer_env(PYTHON=sys.executable, DIST_CIFAR_SLURM_DIR=str(SLURM_DIR))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"sbatch failed: {proc.stderr.strip()}")
+        raise RuntimeError(f"sbatch failed: {' '.join(proc.stderr.split())}")
     job = proc.stdout.strip().split(";")[0]
     print(f"[ablate] submitted array job {job} ({len(todo)} variants)", flush=True)
     return job
@@ -465,7 +465,11 @@ def main(argv=None) -> int:
                       f"these train in {folder.name}", flush=True)
             claim_folder(folder, study, args)
             if args.slurm:
-                job = submit_slurm(study, args)
+                try:
+                    job = submit_slurm(study, args)
+                except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:  # no sbatch, a refused request
+                    print(f"error: {exc}", file=sys.stderr)
+                    return 2
                 if job and not args.wait:
                     print(f"[ablate] when job {job} is done: python -m dist_cifar.ablate {study.name} --report-only "
                           f"--out {args.out}")

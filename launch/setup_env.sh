@@ -78,8 +78,18 @@ for module in "${OPTIONAL[@]}"; do
     esac
   fi
 done
-# The project itself as a path entry: no build backend, no package index needed.
+# The project itself as a path entry, and its console commands (dist-cifar-train, ...) as small
+# launchers in .venv/bin, as `pip install -e .` would make them: no build backend, no index needed.
 echo "$PWD" > "$site/_dist_cifar_repo.pth"
+.venv/bin/python - <<'PYEOF'
+import os, sys, tomllib
+from pathlib import Path
+for name, target in tomllib.loads(Path("pyproject.toml").read_text())["project"]["scripts"].items():
+    module, func = target.split(":")
+    script = Path(".venv/bin") / name
+    script.write_text(f"#!{Path(sys.executable).absolute()}\nimport sys\nfrom {module} import {func}\nsys.exit({func}())\n")
+    os.chmod(script, 0o755)
+PYEOF
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
   if ! .venv/bin/python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "[setup] error: nvidia-smi lists GPUs but torch $(.venv/bin/python -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)') sees none: install a torch build for this driver into $PY (or PYTHON=...), then rerun" >&2

@@ -112,7 +112,7 @@ def test_plot_overlays_runs(tmp_path):
 
 def test_readme_and_key_docs_match_what_epoch_record_emits():
     """The keys epoch_record really produces (None-valued ones included: they appear with
-    --ddp-comm-hook / --compile) == reporting.EPOCH_KEYS == the README's per-epoch table."""
+    --ddp-comm-hook / --compile) == reporting.EPOCH_KEYS == docs/reference.md's per-epoch table."""
     from dist_cifar import distributed as D
     from dist_cifar.assembly import assemble
     from dist_cifar.config import make_config
@@ -124,7 +124,7 @@ def test_readme_and_key_docs_match_what_epoch_record_emits():
     result = EpochResult(epoch=0, sums=EpochSums(10.0, 5, 32), steps=1, end_step=1, wall_s=0.5, data_wait_s=0.1)
     emitted = set(epoch_record(run, result, None, eval_s=0.0, compile_s=None))
     assert emitted == set(EPOCH_KEYS)
-    readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("Logged once per epoch"):].split("\n\n")[1]
+    reference = (ROOT / "docs" / "reference.md").read_text()
+    table = reference[reference.index("Logged once per epoch"):].split("\n\n")[1]
     documented = set(re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.M))
     assert documented == emitted
