@@ -10,6 +10,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# With .venv activated, python3 is .venv's own: the host's interpreter is the one it was made from.
+if [ -x .venv/bin/python ]; then
+  prefix='import os, sys; print(os.path.realpath(sys.prefix))'
+  if [ "$("$PY" -c "$prefix" 2>/dev/null)" = "$(.venv/bin/python -c "$prefix")" ]; then
+    PY=$(.venv/bin/python -c 'import sys; print(sys._base_executable)')
+  fi
+fi
 TORCH_PIN=(torch==2.14.1 torchvision==0.29.1)
 REQUIRED=(numpy rich matplotlib)
 OPTIONAL=(wandb pytest)
@@ -80,11 +87,15 @@ for module in "${OPTIONAL[@]}"; do
 done
 # The project itself as a path entry, and its console commands (dist-cifar-train, ...) as small
 # launchers in .venv/bin, as `pip install -e .` would make them: no build backend, no index needed.
+# A torch reused from the host has its torchrun outside .venv: .venv gets one of its own.
 echo "$PWD" > "$site/_dist_cifar_repo.pth"
 .venv/bin/python - <<'PYEOF'
 import os, sys, tomllib
 from pathlib import Path
-for name, target in tomllib.loads(Path("pyproject.toml").read_text())["project"]["scripts"].items():
+scripts = tomllib.loads(Path("pyproject.toml").read_text())["project"]["scripts"]
+if not Path(".venv/bin/torchrun").exists():
+    scripts["torchrun"] = "torch.distributed.run:main"
+for name, target in scripts.items():
     module, func = target.split(":")
     script = Path(".venv/bin") / name
     script.write_text(f"#!{Path(sys.executable).absolute()}\nimport sys\nfrom {module} import {func}\nsys.exit({func}())\n")

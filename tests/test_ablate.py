@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, base_env
 
 TINY = ["--dataset", "synthetic", "--synthetic-size", "128", "--epochs", "1"]
@@ -22,6 +24,7 @@ def table_rows(report: str) -> list[str]:
             and not re.match(r"\| (weight decay|epochs) \|", l)]
 
 
+@pytest.mark.slow  # ~55 s: bash benchmarks/slow_tests.sh
 def test_every_study_tiny_then_rerun_skips(tmp_path):
     out = tmp_path / "abl"
     variants = ",".join(PAIRS.values())
@@ -42,13 +45,6 @@ def test_every_study_tiny_then_rerun_skips(tmp_path):
     wd = (out / "weight_decay-e1" / "report.md").read_text()
     assert "77.53" in wd and "71.62" in wd  # the report's numbers beside ours
     assert "1.07" in (out / "batchnorm-e1" / "report.md").read_text()
-    epochs = ablate(["epochs", "--dataset", "synthetic", "--synthetic-size", "64", "--variants", "epochs_10",
-                     "--out", str(out)])
-    assert epochs.returncode == 0, epochs.stdout[-2000:]
-    row = next(r for r in table_rows((out / "epochs" / "report.md").read_text()) if r.startswith("| 10 |"))
-    assert "61.31" in row and "1.03" in row  # ten epochs run, beside the report's ten-epoch row
-    refused = ablate(["epochs", "--epochs", "1", "--out", str(out)])
-    assert refused.returncode == 2 and "drop --epochs" in refused.stderr
     index = (out / "REPORT.md").read_text()
     assert all(f"({s}-e1/report.md)" in index for s in PAIRS) and "(vgg16-e1/report.md)" in index
     assert json.loads((out / "dropout-e1" / "ablation.json").read_text())["data"]["dataset"] == "synthetic"
@@ -60,6 +56,19 @@ def test_every_study_tiny_then_rerun_skips(tmp_path):
     again = ablate(["dropout", *TINY, "--variants", PAIRS["dropout"], "--out", str(out)])
     assert again.returncode == 0 and "without_dropout: --preset" not in again.stdout  # skipped
     assert (out / "dropout-e1" / "without_dropout" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_the_epochs_study_runs_its_own_epochs_and_refuses_an_override(tmp_path):
+    out = tmp_path / "abl"
+    epochs = ablate(["epochs", "--dataset", "synthetic", "--synthetic-size", "64", "--variants", "epochs_10",
+                     "--out", str(out)])
+    assert epochs.returncode == 0, epochs.stdout[-2000:]
+    row = next(r for r in table_rows((out / "epochs" / "report.md").read_text()) if r.startswith("| 10 |"))
+    assert "61.31" in row and "1.03" in row  # ten epochs run, beside the report's ten-epoch row
+    refused = ablate(["epochs", "--epochs", "1", "--out", str(out)])
+    assert refused.returncode == 2 and "drop --epochs" in refused.stderr
+    every = ablate(["all", "--epochs", "1", "--report-only", "--out", str(out)])
+    assert every.returncode == 0 and "skipping the epochs study: it sets --epochs per variant" in every.stdout
 
 
 def test_recipe_overrides_reach_every_variant_and_stay_apart(tmp_path):

@@ -106,6 +106,7 @@ def test_elastic_restart_resumes_and_finishes(tmp_path):
     assert json.loads((out / "summary.json").read_text())["epochs_run"] == 3
 
 
+@pytest.mark.slow  # ~50 s: bash benchmarks/slow_tests.sh
 def test_stalled_rank_fails_within_collective_timeout(tmp_path):
     start = time.monotonic()
     proc = run_torchrun(2, smoke_args(tmp_path / "o", ["--epochs", "3", "--dist-timeout", "10"]), timeout=150,

@@ -122,6 +122,7 @@ def test_resume_same_world_is_bit_exact(tmp_path):
     assert ma["model"]["fc1.weight"].shape == (64, 1024)  # the checkpoint holds the plain model
 
 
+@pytest.mark.slow  # ~45 s: bash benchmarks/slow_tests.sh
 def test_resume_at_another_world_size_reshards(tmp_path):
     """2 -> 3, 2 -> 1 and 1 -> 2 ranks: each resume reshards the head (hybrid) or FSDP2's shards from
     the plain checkpoint and continues; the 2-rank run re-evaluated at 3 ranks gives its test loss;

@@ -117,7 +117,7 @@ def test_every_rule_is_a_readme_command():
 
 def sandbox_env(**extra) -> dict:
     env = {k: v for k, v in base_env(**extra).items() if k not in ("PYTHONPATH", "DIST_CIFAR_DATA", "VIRTUAL_ENV")}
-    return env
+    return {**env, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +131,16 @@ def repo(tmp_path_factory) -> Path:
             (repo / rel).parent.mkdir(parents=True, exist_ok=True)
             (repo / rel).write_bytes((ROOT / rel).read_bytes())
             (repo / rel).chmod((ROOT / rel).stat().st_mode)
-    (repo / ".venv").symlink_to(Path(sys.executable).resolve().parents[1] if not (ROOT / ".venv").exists()
-                                else (ROOT / ".venv").resolve())
+    # a .venv of its own (setup_env.sh writes into it), seeing this one's packages through a .pth
+    venv = repo / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    deps = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (Path(site) / "_test_deps.pth").write_text("\n".join(deps) + "\n")
+    setup = subprocess.run(["bash", "launch/setup_env.sh"], cwd=repo, env=sandbox_env(), capture_output=True,
+                           text=True, timeout=600)
+    assert setup.returncode == 0, setup.stderr[-2000:]
     # the report split needs 25,000 training and 5,000 test images
     write_official_cifar(repo / "data", per_batch=5000, n_test=5000)
     write_image_tarball(repo / "data" / "cifar10-jpeg.tar.gz", per_class=8,

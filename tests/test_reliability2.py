@@ -435,7 +435,7 @@ def test_ablate_validates_locks_reruns_torn_variants_and_stops_its_trainer(tmp_p
     assert not (tmp_path / "abl").exists()
 
     args = argparse.Namespace(variants="", out=str(tmp_path / "abl"), epochs=None, weight_decay=None, optimizer=None,
-                              lr=None)
+                              lr=None, dataset="synthetic", data_dir="data", max_train=0, synthetic_size=256, extra="")
     study = ablate.STUDIES["batchnorm"]
     done = ablate.variant_dir(tmp_path / "abl", study, study.variants[0], args)
     done.mkdir(parents=True)
