@@ -60,12 +60,12 @@ def available_memory() -> int:
         have = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))) * 1024
     except (OSError, StopIteration, ValueError):
         pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    try:  # cgroup v2: this process's own group (a SLURM job's, a container's)
+        group = Path("/sys/fs/cgroup") / Path(open("/proc/self/cgroup").read().split("0::", 1)[1].split()[0]).relative_to("/")
+        limit = (group / "memory.max").read_text().strip()
         if limit != "max":
-            have = min(have, int(limit) - used)
-    except (OSError, ValueError):
+            have = min(have, int(limit) - int((group / "memory.current").read_text()))
+    except (OSError, ValueError, IndexError):
         pass
     return have
 

@@ -58,6 +58,7 @@ def main() -> None:
             result["round_trip"] = {"weights": model_state.state_dict(), "optimizer": optim_state.state_dict()}
         if info.is_main:
             torch.save(result, out)
+        D.barrier(info)  # no rank closes its sockets while a peer's last collective is in flight (gloo aborts it)
 
 
 if __name__ == "__main__":

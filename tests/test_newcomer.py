@@ -51,6 +51,7 @@ def test_trainer_downloads_verifies_extracts_and_trains(tmp_path, cifar_mirror):
                      timeout=180, DIST_CIFAR_CIFAR10_URL=url, DIST_CIFAR_CIFAR10_MD5=md5)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"downloading {url}" in proc.stdout
+    assert "\r" not in proc.stdout + proc.stderr  # no progress-bar fragments in a log file
     assert (data / "cifar-10-python.tar.gz").exists() and (data / "cifar-10-batches-py" / "test_batch").exists()
     assert not [p.name for p in data.iterdir() if p.name.startswith(".")]  # no part file, no temp folder
     config = json.loads((out / "config.json").read_text())

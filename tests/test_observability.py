@@ -39,6 +39,7 @@ def test_two_process_offline_run_logs_every_epoch_once(tmp_path):
     assert (out / "wandb_run_id.txt").read_text() == run_id
     assert "wandb sync" in proc.stdout
     assert proc.stdout.count("W&B: logging offline to") == 1  # where, said once, at the start
+    assert "FutureWarning" not in proc.stderr and "Warning" not in proc.stdout  # no per-rank library noise
     # metrics.jsonl carries exactly the keys W&B got
     metrics = read_jsonl(out / "metrics.jsonl")
     for line, row in zip(metrics, rows):
