@@ -90,13 +90,14 @@ def output_path(args, name: str) -> Path:
 def local_cifar() -> list[str]:
     """The real CIFAR-10 in this checkout, as trainer flags: $DIST_CIFAR_DATA (an image tarball or
     folder), data/cifar-10-batches-py, or an image tarball in data/; [] when there is none."""
-    named = os.environ.get("DIST_CIFAR_DATA", "")
+    from dist_cifar.data import local_image_set
+    named, data = os.environ.get("DIST_CIFAR_DATA", ""), ROOT / "data"
     if named and Path(named).exists():
         return ["--dataset", "imagefolder", "--data-dir", named]
-    if (ROOT / "data" / "cifar-10-batches-py").is_dir() or (ROOT / "data" / "cifar-10-python.tar.gz").is_file():
-        return ["--dataset", "cifar10", "--data-dir", str(ROOT / "data")]
-    tarballs = sorted(p for p in (ROOT / "data").glob("*.tar.gz") if p.name != "cifar-10-python.tar.gz")
-    return ["--dataset", "imagefolder", "--data-dir", str(tarballs[0])] if tarballs else []
+    if (data / "cifar-10-batches-py").is_dir() or (data / "cifar-10-python.tar.gz").is_file():
+        return ["--dataset", "cifar10", "--data-dir", str(data)]
+    images = local_image_set(data)
+    return ["--dataset", "imagefolder", "--data-dir", str(images)] if images else []
 
 
 def data_args(dataset: str, data_dir: str, synthetic_size: int = 8192) -> list[str]:

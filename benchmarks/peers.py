@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import (ROOT, add_output_flags, busy_warning, data_args, data_label, output_path, provenance,
+from common import (ROOT, RUNS, add_output_flags, busy_warning, data_args, data_label, output_path, provenance,
                     report_warnings, run_bounded, run_trainer, spread_warning, table, write_json)
 
 HERE = Path(__file__).resolve().parent
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     device = "gpu" if gpus else "cpu"
     published = output_path(args, f"peers_{device}.json")
     # with --publish, progress goes to runs/benchmarks/ and the committed file is replaced only at a clean end
-    out = output_path(argparse.Namespace(out="", publish=False), published.name) if args.publish else published
+    out = RUNS / published.name if args.publish else published
     warnings: list[str] = []
     failures: list[str] = []
 

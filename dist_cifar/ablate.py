@@ -145,16 +145,19 @@ def recipe_folder(out: Path, study: Study, args) -> Path:
     return out / "-".join([study.name, *tags])
 
 
-def study_folder(out: Path, study: Study, args) -> Path:
+def study_folder(out: Path, study: Study, args) -> tuple[Path, Optional[str]]:
     """The recipe folder, unless it holds results on other data: then a sibling named after this
-    data (`dropout-e1-synthetic-3fa2c1`), so nothing is reused or overwritten across data."""
+    data (`dropout-e1-synthetic-3fa2c1`), so nothing is reused or overwritten across data, and
+    the line that says why."""
     folder = recipe_folder(out, study, args)
     saved, wanted = stored_identity(folder), data_identity(args)
-    if saved is None or identity_difference(saved, wanted) is None:
-        return folder
+    difference = identity_difference(saved, wanted) if saved is not None else None
+    if difference is None:
+        return folder, None
     digest = hashlib.sha1(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:6]
     size = f"-n{args.max_train}" if args.max_train else ""
-    return folder.with_name(f"{folder.name}-{args.dataset}{size}-{digest}")
+    sibling = folder.with_name(f"{folder.name}-{args.dataset}{size}-{digest}")
+    return sibling, f"{folder.name} holds results on other data ({difference}): these train in {sibling.name}"
 
 
 def claim_folder(folder: Path, study: Study, args) -> None:
@@ -162,10 +165,6 @@ def claim_folder(folder: Path, study: Study, args) -> None:
     record = folder / IDENTITY_FILE
     if not record.exists():
         files.atomic_write_json(record, {"study": study.name, "overrides": overrides(args), "data": data_identity(args)})
-
-
-def variant_dir(out: Path, study: Study, variant: Variant, args) -> Path:
-    return study_folder(out, study, args) / variant.name
 
 
 def train_args(study: Study, variant: Variant, args, out_dir: Path) -> list[str]:
@@ -186,10 +185,13 @@ def train_args(study: Study, variant: Variant, args, out_dir: Path) -> list[str]
     return cmd
 
 
-def pending(study: Study, args) -> list[Variant]:
+def chosen(study: Study, args) -> list[Variant]:
+    return [v for v in study.variants if not args.variants or v.name in args.variants.split(",")]
+
+
+def pending(study: Study, folder: Path, args) -> list[Variant]:
     """The chosen variants without a readable summary (a torn or corrupt one is run again)."""
-    chosen = [v for v in study.variants if not args.variants or v.name in args.variants.split(",")]
-    return [v for v in chosen if load_run(variant_dir(Path(args.out), study, v, args)) is None]
+    return [v for v in chosen(study, args) if load_run(folder / v.name) is None]
 
 
 def lock_study(folder: Path):
@@ -209,11 +211,11 @@ def lock_study(folder: Path):
 _study_locks: list = []
 
 
-def run_local(study: Study, args) -> dict[str, str]:
+def run_local(study: Study, folder: Path, args) -> dict[str, str]:
     """Run the unfinished variants one after another; name -> 'ok' | 'failed (...)'."""
     status = {}
-    for variant in pending(study, args):
-        out_dir = variant_dir(Path(args.out), study, variant, args)
+    for variant in pending(study, folder, args):
+        out_dir = folder / variant.name
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "dist_cifar.train", *train_args(study, variant, args, out_dir)]
         print(f"[ablate] {study.name}/{variant.name}: {shlex.join(cmd[3:])}", flush=True)
@@ -237,15 +239,13 @@ def trainer_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
-def submit_slurm(study: Study, args) -> Optional[str]:
+def submit_slurm(study: Study, folder: Path, args) -> Optional[str]:
     """One array task per unfinished variant; returns the job id."""
-    todo = pending(study, args)
+    todo = pending(study, folder, args)
     if not todo:
         return None
-    folder = study_folder(Path(args.out), study, args)
     folder.mkdir(parents=True, exist_ok=True)
-    lines = [shlex.join(train_args(study, v, args, variant_dir(Path(args.out), study, v, args).resolve()))
-             for v in todo]
+    lines = [shlex.join(train_args(study, v, args, (folder / v.name).resolve())) for v in todo]
     variants_file = folder / "variants.txt"
     variants_file.write_text("\n".join(lines) + "\n")
     cmd = ["sbatch", "--parsable", f"--array=0-{len(todo) - 1}", f"--chdir={Path.cwd()}",
@@ -332,9 +332,8 @@ def study_table(study: Study, runs: dict[str, Optional[dict]], status: dict[str,
     return rows
 
 
-def write_report(study: Study, out: Path, status: dict[str, str], args) -> Path:
+def write_report(study: Study, folder: Path, status: dict[str, str], args) -> Path:
     from . import plot
-    folder = study_folder(out, study, args)
     folder.mkdir(parents=True, exist_ok=True)
     runs = {v.name: load_run(folder / v.name) for v in study.variants}
     done = {k: r for k, r in runs.items() if r}
@@ -449,24 +448,22 @@ def main(argv=None) -> int:
     failures = 0
     for study in studies:
         status: dict[str, str] = {}
-        if args.report_only and not study_folder(out, study, args).is_dir():
-            print(f"[ablate] {study.name}: nothing run yet in {study_folder(out, study, args)}", flush=True)
+        folder, moved = study_folder(out, study, args)
+        if args.report_only and not folder.is_dir():
+            print(f"[ablate] {study.name}: nothing run yet in {folder}", flush=True)
             continue  # nothing was run for this study with these overrides
         if not args.report_only:
             try:
-                lock_study(study_folder(out, study, args))
+                lock_study(folder)
             except RuntimeError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
-            folder = study_folder(out, study, args)
-            if folder != recipe_folder(out, study, args):
-                print(f"[ablate] {recipe_folder(out, study, args).name} holds results on other data "
-                      f"({identity_difference(stored_identity(recipe_folder(out, study, args)), data_identity(args))}): "
-                      f"these train in {folder.name}", flush=True)
+            if moved:
+                print(f"[ablate] {moved}", flush=True)
             claim_folder(folder, study, args)
             if args.slurm:
                 try:
-                    job = submit_slurm(study, args)
+                    job = submit_slurm(study, folder, args)
                 except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:  # no sbatch, a refused request
                     print(f"error: {exc}", file=sys.stderr)
                     return 2
@@ -476,17 +473,17 @@ def main(argv=None) -> int:
                     continue
                 if job:
                     wait_slurm(job, args.slurm_timeout)
-                    status = {v.name: "ok" if (variant_dir(out, study, v, args) / files.SUMMARY).exists() else "failed (SLURM task)"
-                              for v in study.variants if not args.variants or v.name in args.variants.split(",")}
+                    status = {v.name: "ok" if (folder / v.name / files.SUMMARY).exists() else "failed (SLURM task)"
+                              for v in chosen(study, args)}
             else:
-                status = run_local(study, args)
+                status = run_local(study, folder, args)
         failed = sum(1 for v in status.values() if v != "ok")
         failures += failed
-        report = study_folder(out, study, args) / "report.md"
+        report = folder / "report.md"
         if failed and report.exists():  # a failed rerun never replaces a table that had numbers
             print(f"[ablate] {study.name}: {failed} variant(s) failed; kept the previous {report}", flush=True)
         else:
-            print(f"[ablate] wrote {write_report(study, out, status, args)}", flush=True)
+            print(f"[ablate] wrote {write_report(study, folder, status, args)}", flush=True)
     if args.study == "all" and out.is_dir() and not failures:
         print(f"[ablate] wrote {write_index(out)}")
     return 1 if failures else 0

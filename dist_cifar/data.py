@@ -406,14 +406,11 @@ def split_member(path: str) -> Optional[tuple[str, str, str]]:
 
 
 def load_imagefolder(data_dir: Path) -> RawData:
-    archive = data_dir if data_dir.is_file() else None
-    if archive is None and not (data_dir / "train").is_dir():
-        tars = sorted(data_dir.glob("*.tar.gz")) + sorted(data_dir.glob("*.tgz")) if data_dir.is_dir() else []
-        if len(tars) == 1:
-            archive = tars[0]
-        else:
-            raise DataMissing(f"no image folder at {data_dir.resolve()}: expected train/<class>/*.jpg and "
-                            f"test/<class>/*.jpg, or one .tar.gz of that tree (pass it as --data-dir)")
+    found = data_dir if data_dir.is_file() else local_image_set(data_dir)
+    if found is None:
+        raise DataMissing(f"no image folder at {data_dir.resolve()}: expected train/<class>/*.jpg and "
+                          f"test/<class>/*.jpg, or one .tar.gz of that tree (pass it as --data-dir)")
+    archive = found if found.is_file() else None
     if archive is not None and zipfile.is_zipfile(archive):
         raise DataError(f"{archive} is a zip file; the image loader reads a .tar.gz of train/<class>/* and "
                         f"test/<class>/*: unzip it and pass the folder, or repack it with tar czf")
@@ -491,43 +488,47 @@ def make_synthetic(n_train: int, seed: int = 1234) -> RawData:
 
 
 def local_image_set(root: Path) -> Optional[Path]:
-    """An image tree (train/, test/) or the one image tarball in `root`, not the official archive."""
+    """An image tree (train/) or the one image tarball in `root` (not the official archive)."""
     if not root.is_dir():
         return None
-    if (root / "train").is_dir() and (root / "test").is_dir():
+    if (root / "train").is_dir():
         return root
     tars = [p for p in sorted(root.glob("*.tar.gz")) + sorted(root.glob("*.tgz")) if p.name != "cifar-10-python.tar.gz"]
     return tars[0] if len(tars) == 1 else None
 
 
+def load_local_or_download(root: Path, download: bool) -> RawData:
+    """The official files (or archive) in `root`, else a CIFAR image tree or tarball already there
+    (said once), else, when allowed, the official download. Data that is there but broken is an
+    error, never a fallback; with nothing there, the official loader's one line says what to do."""
+    try:
+        return load_cifar10(root, False)
+    except DataMissing as missing:
+        official = missing
+    images = local_image_set(root)
+    if images is None:
+        if not download:
+            raise official from None
+        return load_cifar10(root, True)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[dist_cifar] no official CIFAR-10 files in {root}; reading the image set {images} instead "
+              f"(--dataset imagefolder --data-dir {images} says so explicitly)", flush=True)
+    return load_imagefolder(images)
+
+
 def load_source(dataset: str, data_dir: str, download: bool = False, synthetic_size: int = 2000) -> RawData:
     root = Path(data_dir)
-    if dataset == "cifar10":  # the official files, else a CIFAR image set already here, else the download
-        try:
-            return load_cifar10(root, False)
-        except DataMissing:
-            images = local_image_set(root)
-            if images is None:
-                if not download:
-                    raise
-                return load_cifar10(root, True)
-        if os.environ.get("RANK", "0") == "0":
-            print(f"[dist_cifar] no official CIFAR-10 files in {root}; reading the image set {images} instead "
-                  f"(--dataset imagefolder --data-dir {images} says so explicitly)", flush=True)
-        return load_imagefolder(images)
+    if dataset == "cifar10":
+        return load_local_or_download(root, download)
     if dataset == "imagefolder":
         return load_imagefolder(root)
     if dataset == "synthetic":
         return make_synthetic(synthetic_size)
-    if dataset == "auto":  # local CIFAR-10, a local image tree, a download, then (loudly) synthetic
-        attempts = [lambda: load_cifar10(root, False), lambda: load_imagefolder(root)]
-        if download:
-            attempts.append(lambda: load_cifar10(root, True))
-        for loader in attempts:
-            try:
-                return loader()
-            except DataMissing as exc:  # data that is there but broken is an error, not a fallback
-                last = exc
+    if dataset == "auto":  # an image tarball given as the path, else what cifar10 reads, then (loudly) synthetic
+        try:
+            return load_imagefolder(root) if root.is_file() else load_local_or_download(root, download)
+        except DataMissing as exc:
+            last = exc
         banner = "!" * 78
         print(f"{banner}\n[dist_cifar] NO CIFAR-10 ({last}).\n[dist_cifar] TRAINING ON "
               f"SYNTHETIC DATA: the accuracies below say nothing about CIFAR-10.\n{banner}", flush=True)

@@ -246,14 +246,12 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
         result.steps += 1
         step += 1
         global_step += 1
-        if hooks.time_first_step and result.steps == 1:
-            result.first_step_s = watch.stop()
-        if hooks.on_forecast and result.steps in (1, FORECAST_STEPS):
-            lap = watch.stop()
-            if result.steps == 1:
-                after_first_step = lap
-            else:
-                hooks.on_forecast((lap - after_first_step) / (FORECAST_STEPS - 1))
+        if result.steps == 1 and (hooks.time_first_step or hooks.on_forecast):  # one sync serves both
+            after_first_step = watch.stop()
+            if hooks.time_first_step:
+                result.first_step_s = after_first_step
+        elif result.steps == FORECAST_STEPS and hooks.on_forecast:
+            hooks.on_forecast((watch.stop() - after_first_step) / (FORECAST_STEPS - 1))
 
         if hooks.on_progress and (step % hooks.progress_every == 0 or step == total):
             images = (step - start_step) * loader.batch_size * info.world_size

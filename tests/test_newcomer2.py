@@ -38,7 +38,7 @@ def test_a_plain_benchmark_rerun_writes_to_runs_and_states_its_data(tmp_path):
     assert tree_digest(RESULTS) == before  # nothing committed was replaced
 
 
-def test_spread_and_impossible_figures_are_flagged():
+def test_repeats_that_disagree_are_flagged():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from common import spread_warning
     assert spread_warning("x", [1.0, 1.05, 0.98]) is None

@@ -437,13 +437,14 @@ def test_ablate_validates_locks_reruns_torn_variants_and_stops_its_trainer(tmp_p
     args = argparse.Namespace(variants="", out=str(tmp_path / "abl"), epochs=None, weight_decay=None, optimizer=None,
                               lr=None, dataset="synthetic", data_dir="data", max_train=0, synthetic_size=256, extra="")
     study = ablate.STUDIES["batchnorm"]
-    done = ablate.variant_dir(tmp_path / "abl", study, study.variants[0], args)
+    folder, _ = ablate.study_folder(tmp_path / "abl", study, args)
+    done = folder / study.variants[0].name
     done.mkdir(parents=True)
     (done / "metrics.jsonl").write_text("")
     (done / "summary.json").write_text('{"test_accuracy": 5')  # torn
-    assert study.variants[0] in ablate.pending(study, args)
+    assert study.variants[0] in ablate.pending(study, folder, args)
 
-    ablate.lock_study(ablate.study_folder(tmp_path / "abl", study, args))  # this process holds the study
+    ablate.lock_study(folder)  # this process holds the study
     try:
         second = subprocess.run(cmd, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=60)
     finally:
