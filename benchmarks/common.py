@@ -50,6 +50,7 @@ def provenance(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "command": " ".join([Path(sys.argv[0]).name if argv is None else "", *(sys.argv[1:] if argv is None else argv)]).strip(),
         "git_commit": commit or os.environ.get("DIST_CIFAR_GIT_COMMIT", "") or "unknown",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **({"suite_id": os.environ["DIST_CIFAR_SUITE_ID"]} if os.environ.get("DIST_CIFAR_SUITE_ID") else {}),
     }
 
 

@@ -2,7 +2,11 @@
 suite's summary (provenance, every stage's status, the headline numbers, what was skipped).
 
     python benchmarks/suite_report.py run RUN_DIR OUT.json [--peak-tflops 989]
-    python benchmarks/suite_report.py summary OUT_DIR STAGES.tsv --data WHAT [--smoke]
+    python benchmarks/suite_report.py rehearsal SCRATCH OUT.json
+    python benchmarks/suite_report.py summary OUT_DIR STAGES.tsv --data WHAT --suite-id ID [--rehearsal R.json] [--smoke]
+
+The summary reads only result files whose provenance carries this suite's id: a stage that
+failed this time never reports an earlier suite's numbers.
 """
 from __future__ import annotations
 
@@ -62,15 +66,53 @@ def distil_run(run_dir: Path, out: Path, peak_tflops: float) -> dict:
     return result
 
 
-def summary(out_dir: Path, stages_tsv: Path, data: str, smoke: bool) -> dict:
+REHEARSED = (("fsdp", "bf16"), ("hybrid", "fp16"))  # the suite's first minute: gpu_suite.sh's rehearse()
+
+
+def rehearsal(scratch: Path, out: Path) -> list[dict]:
+    """One row per configuration of the suite's first minute: exit code, the epoch's train loss,
+    the last error line."""
+    rows = []
+    if not any((scratch / f"rehearsal-{d}-{p}.log").exists() for d, p in REHEARSED):
+        return rows  # the stage did not run (skipped): nothing to report, no file
+    for design, precision in REHEARSED:
+        stem = scratch / f"rehearsal-{design}-{precision}"
+        code_file, log = stem.with_suffix(".exit"), stem.with_suffix(".log")
+        code = int(code_file.read_text()) if code_file.exists() else None
+        metrics = read_jsonl(stem / "metrics.jsonl") if (stem / "metrics.jsonl").exists() else []
+        config = json.loads((stem / "config.json").read_text()) if (stem / "config.json").exists() else {}
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        errors = [l for l in lines if l.startswith("error:") or "Error" in l]
+        status = "ok" if code == 0 else ("cut" if code is None else "failed")
+        rows.append({"design": design, "precision": precision, "model": config.get("model"), "steps": 2,
+                     "exit": code, "status": status, "train_loss": metrics[0]["train_loss"] if metrics else None,
+                     "error": None if code == 0 else (errors[-1][:300] if errors else
+                                                      f"no error line ({status}; {len(metrics)} epoch(s) logged)")})
+    write_json(out, {"rows": rows, "provenance": provenance()})
+    return rows
+
+
+def ours(path: Path, suite_id: str):
+    """A result file's content if this suite wrote it (its provenance carries the suite's id)."""
+    if not path.exists():
+        return None
+    content = json.loads(path.read_text())
+    return content if content.get("provenance", {}).get("suite_id") == suite_id else None
+
+
+def summary(out_dir: Path, stages_tsv: Path, data: str, smoke: bool, *, suite_id: str,
+            rehearsal_json: Path | None = None) -> dict:
     stages = []
     for line in stages_tsv.read_text().splitlines():
         name, status, seconds, note = (line.split("\t") + ["", "", "", ""])[:4]
         stages.append({"stage": name, "status": status, "seconds": float(seconds or 0), "note": note})
-    load = lambda name: json.loads((out_dir / name).read_text()) if (out_dir / name).exists() else None  # noqa: E731
-    fast, headline, peers, ladder = load("fast_run.json"), load("headline.json"), load("peers.json"), load("ladder.json")
+    fast, headline, peers, ladder = (ours(out_dir / name, suite_id) for name in
+                                     ("fast_run.json", "headline.json", "peers.json", "ladder.json"))
     result = {"benchmark": "gpu_suite", "smoke": smoke, "data": data, "provenance": provenance(), "stages": stages}
-    if fast:
+    rehearsed = ours(rehearsal_json, suite_id) if rehearsal_json else None
+    if rehearsed:
+        result["rehearsal"] = rehearsed["rows"]
+    if fast and fast.get("epochs_run"):  # a run that failed before its first epoch has no numbers
         result["fast"] = {k: fast.get(k) for k in ("test_accuracy", "complete", "epochs_run", "steady_epoch_time_s",
                                                    "steady_epoch_time_reason", "images_per_s", "mfu",
                                                    "mfu_vs_measured_790", "compile_s", "checkpoint_blocked_s",
@@ -88,6 +130,8 @@ def summary(out_dir: Path, stages_tsv: Path, data: str, smoke: bool) -> dict:
         if bare and wrapped:
             result["ddp_at_world_size_1_speed"] = wrapped / bare  # < 1: the default (no DDP at one rank) is faster
     skipped = [f"{s['stage']} ({s['status']}{': ' + s['note'] if s['note'] else ''})" for s in stages if s["status"] != "ok"]
+    skipped += [f"rehearsal {r['design']} + {r['precision']} ({r['status']}: {r['error']})"
+                for r in result.get("rehearsal", []) if r["status"] != "ok"]
     if fast and not fast.get("complete"):
         skipped.append("fast's final evaluation (the run was cut before summary.json: no test accuracy)")
     if data == "synthetic":
@@ -110,11 +154,19 @@ def main(argv=None) -> int:
     summ.add_argument("stages", type=Path)
     summ.add_argument("--data", required=True)
     summ.add_argument("--smoke", action="store_true")
+    summ.add_argument("--suite-id", required=True)
+    summ.add_argument("--rehearsal", type=Path)
+    reh = sub.add_parser("rehearsal")
+    reh.add_argument("scratch", type=Path)
+    reh.add_argument("out", type=Path)
     args = p.parse_args(argv)
     if args.command == "run":
         distil_run(args.run_dir, args.out, args.peak_tflops)
+    elif args.command == "rehearsal":
+        rehearsal(args.scratch, args.out)
     else:
-        summary(args.out_dir, args.stages, args.data, args.smoke)
+        summary(args.out_dir, args.stages, args.data, args.smoke, suite_id=args.suite_id,
+                rehearsal_json=args.rehearsal)
     return 0
 
 

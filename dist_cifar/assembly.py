@@ -33,9 +33,12 @@ def wrap_model(cfg: TrainConfig, info: D.DistInfo) -> WrappedModel:
     return parallelize(module, cfg, info)
 
 
-def build_optimizer(cfg: TrainConfig, module: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    # fused kernels step all parameters in a few launches on CUDA; foreach is the CPU default
-    fast = {"fused": True} if device.type == "cuda" else {}
+OPTIMIZER_KERNELS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
+
+
+def build_optimizer(cfg: TrainConfig, module: nn.Module) -> torch.optim.Optimizer:
+    """`cfg.optimizer_kernel` is resolved (runtime.settle): fused, foreach or loop."""
+    fast = OPTIMIZER_KERNELS[cfg.optimizer_kernel]
     params = module.parameters()
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
@@ -110,8 +113,10 @@ def assemble(cfg: TrainConfig, info: D.DistInfo, splits: Splits) -> TrainingRun:
     # `is not None`, never truthiness: a rank whose shard is empty must still join the all-reduce
     val_shards = (EvalShards(splits.val, info.device, eval_spec, lockstep=model.plan.lockstep)
                   if splits.val is not None else None)
-    optimizer = build_optimizer(cfg, model.module, info.device)
+    optimizer = build_optimizer(cfg, model.module)
     scheduler = build_scheduler(cfg, optimizer, len(loader))
-    policy = Precision.build(cfg.precision, info.device)
+    # the hybrid's head slices are not all-reduced: an fp16 overflow in one must skip the step everywhere
+    policy = Precision.build(cfg.precision, info.device,
+                             agree_overflows=model.plan.name == "hybrid" and info.world_size > 1)
     return TrainingRun(cfg=cfg, info=info, splits=splits, train_spec=train_spec, eval_spec=eval_spec, loader=loader,
                        val_shards=val_shards, model=model, optimizer=optimizer, scheduler=scheduler, precision=policy)

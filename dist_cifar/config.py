@@ -11,10 +11,8 @@ import ast
 import dataclasses
 import difflib
 import inspect
-import json
 import math
 import re
-import sys
 import textwrap
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -106,7 +104,11 @@ class TrainConfig:
     compile_mode: str = "default"
     """torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs."""
     threads: int = 0
-    """CPU threads per process for torch (0: leave torch's default)."""
+    """CPU threads per process for torch (0: the CPUs this process may use (affinity, cgroup quota, SLURM_CPUS_PER_TASK) over the node's processes, less the machine's load at start, or OMP_NUM_THREADS when set; config.json records the number). Results depend on it: the same seed gives slightly different numbers with 1 and 2 threads."""
+    optimizer_kernel: str = "auto"
+    """Optimizer implementation: fused (one kernel steps every parameter), foreach (batched per-tensor ops), loop (one parameter at a time, torch's CPU default) or auto (fused on GPUs, loop on CPU; foreach for SGD under --parallel fsdp, which has no fused SGD for sharded parameters)."""
+    resolve_as: str = "auto"
+    """Resolve every auto setting as on this device type while the run stays on its own device: cuda rehearses a GPU's configuration (bf16, channels_last, compile, fused optimizers, an agreement every 25 steps) on a CPU with gloo, e.g. a cluster job on a laptop before submitting it; auto: the run's own device."""
 
     # ---- distributed -------------------------------------------------------------
     backend: str = "auto"
@@ -193,6 +195,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("constant", "onecycle", "cosine"),
     "device": ("auto", "cpu", "cuda"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
+    "optimizer_kernel": ("auto", "fused", "foreach", "loop"),
+    "resolve_as": ("auto", "cpu", "cuda"),
     "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "backend": ("auto", "nccl", "gloo"),
     "ddp_comm_hook": ("none", "allreduce", "fp16", "bf16"),
@@ -308,17 +312,17 @@ def build_parser(prog: str = "python -m dist_cifar.train") -> argparse.ArgumentP
     return parser
 
 
-def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
-    """CLI -> validated TrainConfig. Raises ConfigError (one line) on bad input."""
-    parser = build_parser()
-    args = vars(parser.parse_args(argv))
+def parse_command(argv: Optional[list[str]] = None) -> tuple[TrainConfig, bool]:
+    """CLI -> (validated TrainConfig, whether --print-config was given). Raises ConfigError (one
+    line) on bad input. Resolving the auto values is runtime.py's job (it imports this module)."""
+    args = vars(build_parser().parse_args(argv))
     print_config = args.pop("print_config", False)
-    cfg = make_config(**args)
-    if print_config:  # what this host would run: every auto value resolved (runtime.py)
-        from .runtime import resolve  # late: runtime imports this module
-        print(json.dumps(resolve(cfg)[0].to_dict(), indent=2))
-        sys.exit(0)
-    return cfg
+    return make_config(**args), print_config
+
+
+def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
+    """CLI -> validated TrainConfig (--print-config is the entry point's to act on)."""
+    return parse_command(argv)[0]
 
 
 def flag_problem(argv: list[str]) -> Optional[str]:
@@ -345,6 +349,8 @@ def make_config(**overrides: Any) -> TrainConfig:
     if "batch_size" in overrides and "global_batch_size" not in overrides:
         values.pop("global_batch_size", None)  # an explicit per-process batch beats a preset's global one
     values.update(overrides)
+    if values.get("parallel") == "fsdp" and "ddp_comm_hook" not in overrides:
+        values.pop("ddp_comm_hook", None)  # a preset's DDP hook; FSDP2 reduces in fp32 and has none
     if values.get("global_batch_size") and "batch_size" not in overrides:
         values["batch_size"] = 0  # derived from the global batch once the world size is known
     cfg = TrainConfig(**values)
@@ -410,3 +416,9 @@ def validate(cfg: TrainConfig) -> None:
                           "one: use --parallel ddp")
     if cfg.parallel == "fsdp" and cfg.sync_bn:
         raise ConfigError("--sync-bn is a DDP feature: use --parallel ddp or hybrid with it, or drop it")
+    if cfg.parallel == "fsdp" and cfg.ddp_comm_hook != "none":
+        raise ConfigError(f"--ddp-comm-hook {cfg.ddp_comm_hook} is a DDP hook and FSDP2 has none (it reduces "
+                          f"gradients in fp32): drop --ddp-comm-hook, or use --parallel ddp or hybrid")
+    if cfg.parallel == "fsdp" and cfg.optimizer == "sgd" and cfg.optimizer_kernel == "fused":
+        raise ConfigError("--optimizer-kernel fused: torch has no fused SGD for FSDP2's sharded parameters: use "
+                          "--optimizer-kernel foreach (or auto), or --optimizer adam/adamw")

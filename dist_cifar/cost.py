@@ -86,6 +86,58 @@ def ring_bytes(kind: str, full_bytes: int, world: int) -> int:
 DESIGNS = ("ddp", "hybrid", "fsdp")
 
 
+@dataclass(frozen=True)
+class FSDPUnit:
+    """One `fully_shard` call of the fsdp design: the modules it wraps ("" is the root, which
+    owns every parameter no other unit does), whether it reshards after forward (and so
+    all-gathers again in backward), and whether its parameters keep fp32 under bf16 (BatchNorm:
+    its running statistics stay fp32, and F.batch_norm refuses a bf16 weight beside them)."""
+
+    name: str
+    modules: tuple[str, ...]
+    regathered: bool
+    full_precision: bool = False
+
+
+def fsdp_units(net: nn.Module) -> list[FSDPUnit]:
+    """The fsdp design's units, innermost first (the order `fully_shard` must be applied in):
+    every BatchNorm together in one fp32 unit, each Linear its own unit, then the root."""
+    norms = tuple(name for name, m in net.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    units = [FSDPUnit("batchnorm", norms, regathered=False, full_precision=True)] if norms else []
+    units += [FSDPUnit(name, (name,), regathered=True) for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    return units + [FSDPUnit("root", ("",), regathered=False)]
+
+
+def fsdp_unit_elements(net: nn.Module, world: int) -> dict[str, int]:
+    """Elements each unit all-gathers and reduce-scatters: its parameters, dim 0 of each padded to
+    a multiple of the world size, as FSDP2 shards them."""
+    units = fsdp_units(net)
+    owners = {module: unit.name for unit in units for module in unit.modules if module}
+    out = {unit.name: 0 for unit in units}
+    for name, p in net.named_parameters():
+        module = name.rpartition(".")[0]
+        owner = max((m for m in owners if module == m or module.startswith(m + ".")), key=len, default=None)
+        rows = max(p.shape[0], 1) if p.dim() else 1
+        out[owners[owner] if owner is not None else "root"] += -(-rows // world) * world * (p.numel() // rows)
+    return out
+
+
+def fsdp_wire(net: nn.Module, world: int, precision: str) -> dict[str, tuple[str, int]]:
+    """site -> (collective, full bytes) of one fsdp training step: per unit, one all-gather of its
+    padded parameters in forward (again in backward when resharded), in bf16 under bf16 except the
+    fp32 BatchNorm unit, and one fp32 reduce-scatter of their gradients."""
+    elements = fsdp_unit_elements(net, world)
+    sites: dict[str, tuple[str, int]] = {}
+    for unit in fsdp_units(net):
+        n = elements[unit.name]
+        gather_bytes = n * (2 if precision == "bf16" and not unit.full_precision else 4)
+        sites[f"fsdp_{unit.name}_gather"] = ("all_gather", gather_bytes)
+        if unit.regathered:
+            sites[f"fsdp_{unit.name}_regather"] = ("all_gather", gather_bytes)
+        sites[f"fsdp_{unit.name}_grads"] = ("reduce_scatter", n * 4)
+    return sites
+
+
 def predict_wire(design: str, model: str, *, batch_per_rank: int, world: int, precision: str = "fp32",
                  comm_hook: str = "none", **switches) -> dict[str, int]:
     """Bytes one rank sends per training step under `design`, by collective (ring accounting),
@@ -96,9 +148,10 @@ def predict_wire(design: str, model: str, *, batch_per_rank: int, world: int, pr
     (in the autocast dtype) and their gradients reduce-scattered (fp32); the second Linear's
     outputs reduce-scattered (fp32) and their gradients all-gathered (fp32); every other
     parameter (the trunk, the second Linear's bias, later layers) all-reduced by DDP.
-    fsdp: per unit (each Linear, then the root with the rest) its parameters, dim 0 padded to a
-    multiple of the world size, all-gathered in the parameter dtype in forward (and again in
-    backward for the Linear units, resharded after forward) and reduce-scattered in fp32."""
+    fsdp: per unit (`fsdp_units`: the BatchNorms in fp32, each Linear, the root with the rest)
+    its parameters, dim 0 padded to a multiple of the world size, all-gathered in the parameter
+    dtype in forward (and again in backward for the Linear units, resharded after forward) and
+    reduce-scattered in fp32."""
     with torch.device("meta"):
         net = build_model(model, **switches)
     out = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
@@ -122,16 +175,8 @@ def predict_wire(design: str, model: str, *, batch_per_rank: int, world: int, pr
         out["reduce_scatter"] = (ring_bytes("reduce_scatter", rows * first.in_features * 4, world)
                                  + ring_bytes("reduce_scatter", rows * second.out_features * 4, world))
     elif design == "fsdp":
-        param_bytes = 2 if precision == "bf16" else 4
-        units = [name for name, _ in linears] + [""]
-        owned: dict[str, int] = {u: 0 for u in units}
-        for name, p in params.items():
-            owner = max((u for u in units if u == "" or name.startswith(u + ".")), key=len)
-            owned[owner] += -(-p.shape[0] // world) * world * (p.numel() // p.shape[0])
-        for unit, numel in owned.items():
-            gathers = 1 if unit == "" else 2
-            out["all_gather"] += gathers * ring_bytes("all_gather", numel * param_bytes, world)
-            out["reduce_scatter"] += ring_bytes("reduce_scatter", numel * 4, world)
+        for kind, full in fsdp_wire(net, world, precision).values():
+            out[kind] += ring_bytes(kind, full, world)
     else:
         raise ValueError(f"unknown design {design!r}")
     return out

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import fetch
+from . import download as cifar_download
 
 NUM_CLASSES = 10  # every model's output width (models.NUM_CLASSES)
 STALE_TEMP_S = 3600  # a temporary file or folder untouched this long belongs to a dead process
@@ -234,7 +234,7 @@ def find_cifar10(data_dir: Path, download: bool) -> Path:
     folder = data_dir / "cifar-10-batches-py"
     for candidate in (folder, data_dir):
         if complete(candidate):
-            for part in data_dir.glob(f".{fetch.ARCHIVE}.part-*"):  # downloads that died before this one finished
+            for part in data_dir.glob(f".{cifar_download.ARCHIVE}.part-*"):  # downloads that died before this one finished
                 if time.time() - part.stat().st_mtime > STALE_TEMP_S:
                     part.unlink(missing_ok=True)
             return candidate
@@ -258,19 +258,19 @@ def find_cifar10(data_dir: Path, download: bool) -> Path:
 def fetch_archive(data_dir: Path) -> Path:
     """The official archive, downloaded; a failure is one line naming both ways out."""
     try:
-        return fetch.download_archive(data_dir)
-    except fetch.ChecksumMismatch as exc:
-        raise DataError(f"CIFAR-10 download rejected: {exc}; fix {fetch.URL_ENV}/{fetch.MD5_ENV} or put "
-                        f"{fetch.ARCHIVE} in {data_dir} by hand") from None
+        return cifar_download.download_archive(data_dir)
+    except cifar_download.ChecksumMismatch as exc:
+        raise DataError(f"CIFAR-10 download rejected: {exc}; fix {cifar_download.URL_ENV}/{cifar_download.MD5_ENV} or put "
+                        f"{cifar_download.ARCHIVE} in {data_dir} by hand") from None
     except OSError as exc:
         if exc.filename is not None:  # the folder itself: read-only, a file in the way
             raise DataError(f"cannot write the CIFAR-10 download into {data_dir.resolve()} ({exc.strerror}): "
                             f"choose a writable --data-dir") from None
-        raise DownloadFailed(f"CIFAR-10 download from {fetch.source()[0]} failed ({exc}): put {fetch.ARCHIVE} "
+        raise DownloadFailed(f"CIFAR-10 download from {cifar_download.source()[0]} failed ({exc}): put {cifar_download.ARCHIVE} "
                              f"in {data_dir.resolve()}, or pass --no-download --dataset imagefolder "
                              f"--data-dir <your image tree>") from None
-    except fetch.DownloadFailed as exc:
-        raise DownloadFailed(f"CIFAR-10 download from {fetch.source()[0]} failed ({exc}): put {fetch.ARCHIVE} "
+    except cifar_download.DownloadFailed as exc:
+        raise DownloadFailed(f"CIFAR-10 download from {cifar_download.source()[0]} failed ({exc}): put {cifar_download.ARCHIVE} "
                              f"in {data_dir.resolve()}, or pass --no-download --dataset imagefolder "
                              f"--data-dir <your image tree>") from None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -39,6 +40,9 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.backend is not None
+
+
+_GROUPS = itertools.count()  # process groups this process has started
 
 
 def env_int(name: str, default: int) -> int:
@@ -76,9 +80,11 @@ def init(device_type: str = "cpu", backend: str = "gloo", timeout_s: float = 300
     # After an elastic restart torchrun's agent store still holds the dead attempt's peer
     # addresses under the same keys, and the new workers dial them (pytorch/pytorch#167288).
     # A per-attempt key prefix keeps each attempt's rendezvous apart.
+    # A process may also start several groups in turn (a notebook, a test running many jobs in one
+    # launch): each gets its own prefix too, the same on every rank since every rank counts alike.
     store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
     attempt = env_int("TORCHELASTIC_RESTART_COUNT", 0)
-    store = dist.PrefixStore(f"dist_cifar/attempt_{attempt}", store)
+    store = dist.PrefixStore(f"dist_cifar/attempt_{attempt}/group_{next(_GROUPS)}", store)
     dist.init_process_group(backend=chosen, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world, device=dev,
                     backend=chosen)

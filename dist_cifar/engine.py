@@ -28,6 +28,21 @@ class NonFiniteLoss(RuntimeError):
     """Some rank saw a non-finite loss (or too many fp16 overflow skips); every rank stops."""
 
 
+class AgreedGradScaler(torch.amp.GradScaler):
+    """A GradScaler whose skip decision is the same on every rank: after unscaling, each found_inf
+    is all-reduced with MAX, so an overflow in any rank's gradients skips the step everywhere.
+
+    Needed where ranks hold different gradients: the hybrid's sharded head, whose slices are not
+    all-reduced (under DDP every gradient is, and FSDP2's DTensors reduce found_inf themselves).
+    A rank deciding alone would skip a step the others take, and the replicas would drift apart.
+    The same idea as FSDP1's ShardedGradScaler, on the public GradScaler."""
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        super().unscale_(optimizer)
+        for found_inf in self._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+            torch.distributed.all_reduce(found_inf, op=torch.distributed.ReduceOp.MAX)
+
+
 @dataclass
 class Precision:
     """Autocast dtype plus, for fp16, a GradScaler."""
@@ -37,9 +52,12 @@ class Precision:
     scaler: Optional[torch.amp.GradScaler] = None
 
     @classmethod
-    def build(cls, name: str, device: torch.device) -> "Precision":
-        """`name` is resolved already (runtime.resolve_precision): fp32, bf16 or fp16."""
-        scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+    def build(cls, name: str, device: torch.device, *, agree_overflows: bool = False) -> "Precision":
+        """`name` is resolved already (runtime.resolve_precision): fp32, bf16 or fp16.
+        `agree_overflows`: ranks hold gradients the others do not (AgreedGradScaler)."""
+        scaler = None
+        if name == "fp16":
+            scaler = (AgreedGradScaler if agree_overflows else torch.amp.GradScaler)(device.type)
         return cls(name, device.type, scaler)
 
     @property
@@ -109,6 +127,8 @@ class StepHealth:
         if scaler is not None:
             self.run = torch.zeros((), dtype=torch.int64, device=device)
             self.worst = torch.zeros((), dtype=torch.int64, device=device)
+            self.skipped = torch.zeros((), dtype=torch.int64, device=device)       # this epoch
+            self.first_skipped = torch.full((), self.NONE, device=device)
 
     def observe_loss(self, loss: torch.Tensor, step: int) -> None:
         bad = ~torch.isfinite(loss.detach())
@@ -118,12 +138,22 @@ class StepHealth:
     def scale_before_update(self) -> Optional[torch.Tensor]:
         return self.scaler._scale.clone() if self.scaler is not None else None  # device copy, no sync
 
-    def observe_update(self, scale_before: Optional[torch.Tensor]) -> None:
+    def observe_update(self, scale_before: Optional[torch.Tensor], step: int) -> None:
         if scale_before is None:
             return
         skipped = self.scaler._scale < scale_before  # update() lowers the scale only on a skipped step
         self.run = torch.where(skipped, self.run + 1, torch.zeros_like(self.run))
         self.worst = torch.maximum(self.worst, self.run)
+        self.skipped += skipped.to(torch.int64)
+        self.first_skipped = torch.where(skipped & (self.first_skipped == self.NONE),
+                                         torch.full_like(self.first_skipped, step), self.first_skipped)
+
+    def skipped_steps(self) -> tuple[Optional[int], Optional[int]]:
+        """(GradScaler-skipped steps this epoch, the first of them); (None, None) without a scaler."""
+        if self.scaler is None:
+            return None, None
+        first = float(self.first_skipped.item())
+        return int(self.skipped.item()), (int(first) if first < self.NONE else None)
 
     def check_overflows(self, epoch: int, step: int) -> None:
         """Host read of the longest run of skipped steps since the last check (guard steps only)."""
@@ -177,6 +207,8 @@ class EpochResult:
     stopped: bool = False       # ranks agreed to stop (preemption) at `end_step`
     first_step_s: Optional[float] = None
     step_losses: list = field(default_factory=list)
+    skipped_steps: Optional[int] = None       # fp16: steps this rank's GradScaler skipped in this call
+    first_skipped_step: Optional[int] = None
 
 
 def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
@@ -228,14 +260,18 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
         optimizer.zero_grad(set_to_none=parts.grads_to_none)
         if scaler is not None:
             scaler.scale(loss).backward()
+            hooks.faults.after_backward(info.rank, global_step)
+            scaler.unscale_(optimizer)  # explicit, so an AgreedGradScaler agrees for fused optimizers too
             scaler.step(optimizer)
             scale_before = health.scale_before_update()
             scaler.update()
-            health.observe_update(scale_before)
+            health.observe_update(scale_before, step)
         else:
             loss.backward()
+            hooks.faults.after_backward(info.rank, global_step)
             optimizer.step()
         scheduler.step()
+        hooks.faults.after_step(info.rank, global_step)
 
         n = y.shape[0]
         loss_sum += loss.detach().double() * n
@@ -270,6 +306,7 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
     health.check_overflows(epoch, step)
     result.end_step = step
     flush(result, loss_sum, correct, losses)
+    result.skipped_steps, result.first_skipped_step = health.skipped_steps()
     result.wall_s = watch.stop()
     return result
 

@@ -9,6 +9,11 @@ DIST_CIFAR_FAULT holds one or more ';'-separated specs, each `KIND:key=value:...
                                  fsync and its rename (tests a kill while a write is in flight)
   fail_save:step=6               the checkpoint taken at global step 6 fails to write (as a full
                                  disk would: OSError ENOSPC)
+  overflow:rank=1:step=2         rank 1's gradient of one of its sharded parameters (any parameter
+                                 under ddp) becomes inf before unscaling, as an fp16 overflow in
+                                 that slice would
+  drift:rank=1:step=2            after step 2, rank 1's copy of one replicated parameter is
+                                 perturbed (tests the replica-drift guard)
 Add `attempt=0` to fire only on torchrun's first attempt (TORCHELASTIC_RESTART_COUNT==0).
 Steps count optimizer steps from the start of the run (0-based), across epochs.
 """
@@ -21,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-KINDS = ("crash", "sleep", "nan", "preempt", "slow_save", "fail_save")
+KINDS = ("crash", "sleep", "nan", "preempt", "slow_save", "fail_save", "overflow", "drift")
 
 
 @dataclass
@@ -52,6 +57,12 @@ class FaultInjector:
         attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
         self.faults = [f for f in parse(spec) if f.attempt is None or f.attempt == attempt]
         self.on_preempt = on_preempt
+        self.sharded: Optional[torch.nn.Parameter] = None      # overflow's target
+        self.replicated: Optional[torch.nn.Parameter] = None   # drift's target
+
+    def aim(self, *, sharded: Optional[torch.nn.Parameter], replicated: Optional[torch.nn.Parameter]) -> None:
+        """The parameters `overflow` and `drift` act on (the trainer picks them from its layout)."""
+        self.sharded, self.replicated = sharded, replicated
 
     def _due(self, kind: str, rank: int, step: int) -> Optional[Fault]:
         for f in self.faults:
@@ -69,6 +80,19 @@ class FaultInjector:
             time.sleep(fault.seconds)
         if self._due("preempt", rank, step) and self.on_preempt:
             self.on_preempt()
+
+    def after_backward(self, rank: int, step: int) -> None:
+        if self.faults and self.sharded is not None and self.sharded.grad is not None \
+                and self._due("overflow", rank, step):
+            grad = self.sharded.grad
+            local = grad.to_local() if hasattr(grad, "to_local") else grad  # a DTensor's own shard
+            with torch.no_grad():
+                local[(0,) * local.dim()] = float("inf")
+
+    def after_step(self, rank: int, step: int) -> None:
+        if self.faults and self.replicated is not None and self._due("drift", rank, step):
+            with torch.no_grad():
+                self.replicated[(0,) * self.replicated.dim()] += 1e-3
 
     def save_delay(self, step: int) -> float:
         """Seconds the checkpoint writer stalls before publishing the checkpoint of `step`."""

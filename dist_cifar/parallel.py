@@ -34,8 +34,9 @@ resumes under any design and world size, and `best.pt` loads into `models.build_
 Bytes on the wire: `plan.wire()` is what each rank sends per training step, by collective, in
 ring-algorithm terms (all-reduce 2(W-1)/W x size, all-gather and reduce-scatter (W-1)/W x the
 full size), read from the collectives themselves: DDP's reducer buckets, the hybrid head's
-tensors as they are sent, FSDP2's padded shards. `dist_cifar.cost.predict_wire` predicts the
-same numbers from the model alone. gloo implements reduce-scatter as an all-reduce, so on gloo
+tensors as they are sent. FSDP2's collectives cannot be metered from outside, so its bytes are
+computed from the padded shards it cuts (`cost.fsdp_wire`, which the prediction uses too).
+`dist_cifar.cost.predict_wire` predicts the same numbers from the model alone. gloo implements reduce-scatter as an all-reduce, so on gloo
 the reduce-scatter really sends twice its ring share; the accounting is the ring's.
 """
 from __future__ import annotations
@@ -53,7 +54,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import distributed as D
 from .config import ConfigError, TrainConfig
-from .cost import ring_bytes
+from .cost import fsdp_units, fsdp_wire, ring_bytes
 
 
 # ------------------------------------------------------------------------------ wrapper
@@ -169,6 +170,11 @@ class Plan:
                                   state: dict[str, Any]) -> None:
         optimizer.load_state_dict(state)
 
+    def replicated_parameters(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """The parameters every rank holds in full (and must hold identically)."""
+        shards = getattr(self, "shards", {})
+        return [(name, p) for name, p in module.named_parameters() if name not in shards]
+
     def describe(self) -> str:
         if not self.info.distributed:
             return "one process"
@@ -259,12 +265,16 @@ class ShardedPlan(Plan):
 
 # ---- hybrid: the collectives as autograd functions
 
+# torch >= 2.12 renamed the tensor forms (the old names warn on every call); older torch has only those
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def gather_rows(x: torch.Tensor, head: "HeadComm", site: str) -> torch.Tensor:
     """Every rank's rows, concatenated along dim 0 (all-gather)."""
     x = x.contiguous()
     out = x.new_empty((head.world * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x)
+    _all_gather_tensor(out, x)
     head.note(site, "all_gather", out)
     return out
 
@@ -273,7 +283,7 @@ def sum_rows_scattered(x: torch.Tensor, head: "HeadComm", site: str) -> torch.Te
     """Summed over ranks in fp32, each rank keeping its own slice of dim 0 (reduce-scatter)."""
     full = x.float().contiguous()
     mine = full.new_empty((full.shape[0] // head.world, *full.shape[1:]))
-    dist.reduce_scatter_tensor(mine, full)
+    _reduce_scatter_tensor(mine, full)
     head.note(site, "reduce_scatter", full)
     return mine
 
@@ -355,6 +365,40 @@ class RowParallelLinear(nn.Module):
         return out + self.bias if self.bias is not None else out
 
 
+ELEMENTWISE_MODULES = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Mish,
+                       nn.Dropout, nn.Identity)
+ELEMENTWISE_FUNCTIONS = (torch.relu, torch.relu_, F.relu, F.relu_, F.gelu, F.silu, torch.tanh, torch.sigmoid,
+                         F.leaky_relu, F.elu, F.dropout, F.hardswish, F.mish)
+ELEMENTWISE_METHODS = ("relu", "relu_", "tanh", "sigmoid")
+
+
+def head_pair_problem(module: nn.Module, first: str, second: str) -> str:
+    """Why `second` does not consume `first`'s output through elementwise ops alone ('' when it
+    does). A column-parallel `first` leaves each rank a slice of its output features; anything
+    but elementwise ops (a residual, a norm over features, a reshape) would mix slices."""
+    import torch.fx
+    try:
+        graph = torch.fx.symbolic_trace(module).graph
+    except Exception as exc:  # data-dependent control flow, untraceable ops
+        return f"the model does not trace with torch.fx ({type(exc).__name__}), so that cannot be checked"
+    calls = {node.target: node for node in graph.nodes if node.op == "call_module"}
+    if first not in calls or second not in calls:
+        return f"{first} or {second} is not called in forward (or called more than once)"
+    node, end = calls[first], calls[second]
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            return f"the output of {node.name} is used {len(users)} times"
+        node = users[0]
+        if node is end:
+            return ""
+        elementwise = ((node.op == "call_module" and isinstance(module.get_submodule(node.target), ELEMENTWISE_MODULES))
+                       or (node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS)
+                       or (node.op == "call_method" and node.target in ELEMENTWISE_METHODS))
+        if not elementwise:
+            return f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)}) stands between them"
+
+
 class HybridPlan(ShardedPlan):
     name = "hybrid"
 
@@ -365,6 +409,11 @@ class HybridPlan(ShardedPlan):
             raise ConfigError("--parallel hybrid shards a classifier of at least two Linear layers; this model has "
                               f"{len(linears)}: use --parallel ddp")
         (first_name, first), (second_name, second) = linears[:2]
+        problem = head_pair_problem(module, first_name, second_name)
+        if problem:
+            raise ConfigError(f"--parallel hybrid shards {first_name} by output and {second_name} by input, which "
+                              f"needs {second_name} to read {first_name}'s output through elementwise ops only; "
+                              f"{problem}: use --parallel ddp")
         if first.out_features < info.world_size:
             raise ConfigError(f"--parallel hybrid: {first.out_features} output neurons of {first_name} cannot be "
                               f"split over {info.world_size} ranks: use --parallel ddp")
@@ -388,7 +437,8 @@ class HybridPlan(ShardedPlan):
 
 
 class FSDPPlan(ShardedPlan):
-    """FSDP2: every Linear its own unit (resharded after forward), the rest in the root unit."""
+    """FSDP2 over `cost.fsdp_units`: every BatchNorm in one unit that keeps fp32 parameters under
+    bf16, every Linear its own unit (resharded after forward), the rest in the root unit."""
 
     name = "fsdp"
 
@@ -396,31 +446,27 @@ class FSDPPlan(ShardedPlan):
         super().__init__(info)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        self.precision = precision
         self.param_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        policy = MixedPrecisionPolicy(param_dtype=self.param_dtype if precision == "bf16" else None,
-                                      reduce_dtype=torch.float32)
+        low = MixedPrecisionPolicy(param_dtype=self.param_dtype if precision == "bf16" else None,
+                                   reduce_dtype=torch.float32)
+        full = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
         mesh = init_device_mesh(info.device.type, (info.world_size,))
-        self.units: list[tuple[str, bool]] = []  # (unit name, resharded after forward)
-        for name, m in list(module.named_modules()):
-            if isinstance(m, nn.Linear):
-                fully_shard(m, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-                self.units.append((name, True))
-        fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-        self.units.append(("", False))
+        self.units = fsdp_units(module)
+        for unit in self.units:
+            targets = [module.get_submodule(name) for name in unit.modules]
+            fully_shard(targets if len(targets) > 1 else targets[0], mesh=mesh,
+                        mp_policy=full if unit.full_precision else low, reshard_after_forward=unit.regathered)
         self.module = module
 
+    def replicated_parameters(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return []  # every parameter is a shard
+
     def wire(self) -> Wire:
-        # per unit: one all-gather of its padded parameters per forward (and again in backward
-        # when resharded), one fp32 reduce-scatter of their gradients
-        owned = unit_params(self.module, [name for name, _ in self.units])
-        world = self.info.world_size
-        for name, resharded in self.units:
-            padded = sum(padded_rows(p.shape[0], world) * (p.numel() // max(p.shape[0], 1)) for p in owned[name])
-            label = name or "root"
-            self.wire_meter.add(f"fsdp_{label}_gather", "all_gather", padded * self.param_dtype.itemsize)
-            if resharded:
-                self.wire_meter.add(f"fsdp_{label}_regather", "all_gather", padded * self.param_dtype.itemsize)
-            self.wire_meter.add(f"fsdp_{label}_grads", "reduce_scatter", padded * 4)
+        # Computed from the shapes FSDP2 shards (dim 0 padded to the world size) by the function
+        # dist_cifar.cost.predict_wire uses too: FSDP2's collectives have no hook to meter them.
+        for site, (kind, full) in fsdp_wire(self.module, self.info.world_size, self.precision).items():
+            self.wire_meter.add(site, kind, full)
         return self.wire_meter
 
     def full_model_state(self, module: nn.Module) -> dict[str, Any]:
@@ -429,7 +475,8 @@ class FSDPPlan(ShardedPlan):
 
     def load_full_model_state(self, module: nn.Module, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+        # a copy: set_model_state_dict rewrites the dict it is given into DTensors, in place
+        set_model_state_dict(module, dict(state), options=StateDictOptions(full_state_dict=True))
 
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -450,22 +497,58 @@ class FSDPPlan(ShardedPlan):
         set_optimizer_state_dict(module, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
     def describe(self) -> str:
-        return (f"fsdp (FSDP2: {len(self.units)} units, {'bf16' if self.param_dtype == torch.bfloat16 else 'fp32'} "
-                f"parameter all-gather, fp32 gradient reduce-scatter)")
+        gather = "bf16 parameter all-gather (BatchNorm fp32)" if self.param_dtype == torch.bfloat16 \
+            else "fp32 parameter all-gather"
+        return f"fsdp (FSDP2: {len(self.units)} units, {gather}, fp32 gradient reduce-scatter)"
 
 
-def padded_rows(rows: int, world: int) -> int:
-    """FSDP2 pads dim 0 of every parameter to a multiple of the world size."""
-    return -(-rows // world) * world
+# ------------------------------------------------------------------------------ replica-drift guard
 
 
-def unit_params(module: nn.Module, units: list[str]) -> dict[str, list[torch.Tensor]]:
-    """Each parameter belongs to the innermost unit whose name prefixes it ("" is the root)."""
-    owned: dict[str, list[torch.Tensor]] = {u: [] for u in units}
-    for name, p in module.named_parameters():
-        owner = max((u for u in units if u == "" or name.startswith(u + ".")), key=len)
-        owned[owner].append(p)
-    return owned
+class ReplicaDrift(RuntimeError):
+    """Parameters that every rank should hold identically differ between ranks."""
+
+
+CHECKSUM_CHUNK = 1 << 24  # elements widened to int64 at a time (128 MB)
+_INT_OF_SIZE = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+def checksum(tensor: torch.Tensor) -> torch.Tensor:
+    """Two int64 sums over the tensor's bit patterns (plain, and weighted by position): exact
+    integer arithmetic, so equal tensors give equal sums on any rank, whatever the reduction
+    order; any changed element changes them (a swap of two changes the weighted one)."""
+    bits = tensor.detach().reshape(-1)
+    bits = bits.view(_INT_OF_SIZE[bits.element_size()])
+    total = torch.zeros(2, dtype=torch.int64, device=tensor.device)
+    for start in range(0, bits.numel(), CHECKSUM_CHUNK):
+        chunk = bits[start:start + CHECKSUM_CHUNK].to(torch.int64)
+        weights = torch.arange(start, start + chunk.numel(), device=tensor.device) % 1_000_003 + 1
+        total[0] += chunk.sum()
+        total[1] += (chunk * weights).sum()
+    return total
+
+
+def check_replicas(plan: Plan, module: nn.Module, where: str) -> None:
+    """Every rank's replicated parameters against rank 0's (one all-gather of two int64 per
+    parameter); ReplicaDrift, identically on every rank, naming the first that differs. A
+    collective: every rank calls it at the same point (before each checkpoint and at the end)."""
+    info = plan.info
+    named = plan.replicated_parameters(module)
+    if not info.distributed or info.world_size == 1 or not named:
+        return
+    mine = torch.stack([checksum(p) for _, p in named])
+    every = [torch.empty_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(every, mine)
+    differs = (torch.stack(every) != every[0]).any(dim=2).cpu()  # (rank, parameter)
+    if not differs.any():
+        return
+    first = int(differs.any(dim=0).nonzero()[0])
+    ranks = [r for r in range(info.world_size) if differs[r, first]]
+    count = int(differs.any(dim=0).sum())
+    raise ReplicaDrift(f"replicas diverged {where}: {named[first][0]} differs on rank{'s' if len(ranks) > 1 else ''} "
+                       f"{', '.join(map(str, ranks))} from rank 0 ({count} of {len(named)} replicated parameters "
+                       f"differ); nothing was checkpointed after it and the newest committed checkpoint is kept: "
+                       f"rerun to resume from it, and report the command if it happens again")
 
 
 # ------------------------------------------------------------------------------ entry point
@@ -476,9 +559,11 @@ def parallelize(module: nn.Module, cfg: TrainConfig, info: D.DistInfo) -> Wrappe
     says; return what the step loop, evaluation and checkpoints use."""
     if cfg.sync_bn and info.distributed:  # runtime.resolve has refused it on CPU
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
-    module = module.to(info.device, memory_format=memory_format)
     design = cfg.parallel if info.distributed else "ddp"  # one process: nothing to spread
+    # FSDP2 refuses non-contiguous parameters; channels_last inputs still make the convolutions
+    # run channels_last (the format follows the input), so only the weights stay contiguous
+    channels_last = cfg.channels_last and design != "fsdp"
+    module = module.to(info.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     plan: Plan
     ignored: list[str] = []
     if design == "hybrid":

@@ -42,6 +42,7 @@ EPOCH_KEYS = {
     "steps": "optimizer steps in the epoch",
     "world_size": "number of processes",
     "wire_bytes_per_step": "bytes each rank sent per training step (ring accounting of the collectives' sizes; parallel.py)",
+    "skipped_steps": "fp16: optimizer steps the GradScaler skipped for overflow in this epoch (the most on any rank; the ranks agree, and a line says which step came first); null without fp16",
 }
 
 

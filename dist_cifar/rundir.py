@@ -18,7 +18,7 @@ from .config import ConfigError, TrainConfig
 
 
 LOCK = ".lock"
-_held_locks: list = []  # open lock files: the lock lasts as long as the process
+_held_locks: list = []  # open lock files: held until the run ends (release_locks) or the process does
 
 
 def default_out_dir(cfg: TrainConfig) -> Path:
@@ -58,6 +58,13 @@ def lock(out: Path) -> None:
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
     _held_locks.append(handle)
+
+
+def release_locks() -> None:
+    """Unlock every out dir this process locked: its run is over (a process that starts several
+    runs in turn, a notebook or a test, reuses a folder only after this)."""
+    while _held_locks:
+        _held_locks.pop().close()
 
 
 def holds_another_run(out: Path) -> bool:

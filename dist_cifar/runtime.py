@@ -5,7 +5,12 @@ a CUDA device that is not there (or GPUs that torch cannot see), NCCL without GP
 GPU without it, SyncBatchNorm on CPU, W&B asked for but not installed, a global batch that does
 not divide over the processes. `resolve` returns the config with every auto value replaced by
 what this host gets, which is what config.json records: on GPUs bf16 autocast, channels_last,
-torch.compile and an agreement every 25 steps; on CPU fp32 eager with an agreement every step.
+torch.compile, fused optimizers and an agreement every 25 steps; on CPU fp32 eager with an
+agreement every step.
+
+Every auto value is chosen from a device *type*, so `--resolve-as cuda` resolves them as a GPU
+would while the run stays on the CPU (gloo): the GPU configuration is rehearsed, and tested, on
+a machine without one.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import host
 from .config import ConfigError, TrainConfig
 
 GPU_GUARD_EVERY = 25  # steps between host syncs on GPUs; the loss is still checked every step
@@ -32,10 +38,49 @@ def resolve(cfg: TrainConfig) -> tuple[TrainConfig, tuple[str, ...]]:
     if cfg.sync_bn and device_type != "cuda" and world > 1:
         raise ConfigError("--sync-bn needs GPUs (DDP runs SyncBatchNorm on CUDA only): drop it on CPU")
     wandb = resolve_wandb(cfg.wandb, notes)
-    resolved = dataclasses.replace(settle(cfg, device_type, world), backend=backend, wandb=wandb)
+    threads = resolve_threads(cfg.threads, notes)
+    resolved = dataclasses.replace(settle(cfg, device_type, world), backend=backend, wandb=wandb, threads=threads)
     if resolved.compile:
         share_compile_threads()
+    if policy_device(cfg, device_type) != device_type:
+        notes.append(f"--resolve-as {cfg.resolve_as}: auto settings resolved as on {cfg.resolve_as} "
+                     f"({describe_policy(resolved)}) while the run stays on {device_type} ({backend})")
+    if cfg.parallel != "ddp" and world == 1 and "WORLD_SIZE" not in os.environ:
+        notes.append(f"--parallel {cfg.parallel} on one process: nothing to spread, the model trains whole "
+                     f"(start it under torchrun to shard it)")
+    if (resolved.optimizer_kernel == "foreach" and cfg.optimizer_kernel == "auto"
+            and policy_device(cfg, device_type) == "cuda"):
+        notes.append("--parallel fsdp --optimizer sgd: the foreach SGD kernel (torch has no fused SGD for "
+                     "sharded parameters)")
     return resolved, tuple(notes)
+
+
+def resolve_threads(requested: int, notes: list[str]) -> int:
+    """torch's intra-op threads per process: --threads, else host.intra_op_threads (the usable
+    CPUs over the node's processes, less the machine's load; OMP_NUM_THREADS when set)."""
+    cpus = os.cpu_count() or 1
+    if requested > 4 * cpus:
+        raise ConfigError(f"--threads {requested} is more than 4x this machine's {cpus} CPUs: use at most {cpus} "
+                          f"(or 0: chosen from the CPUs this process may use)")
+    if requested:
+        return requested
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    threads, why = host.intra_op_threads(local_world)
+    if "load" in why:
+        notes.append(f"{threads} CPU thread(s) per process ({why}): a busy machine slows every extra thread "
+                     f"(--threads N chooses; results depend on the thread count)")
+    return threads
+
+
+def policy_device(cfg: TrainConfig, device_type: str) -> str:
+    """The device type the auto values are chosen for: the run's own, or --resolve-as's."""
+    return device_type if cfg.resolve_as == "auto" else cfg.resolve_as
+
+
+def describe_policy(cfg: TrainConfig) -> str:
+    return (f"{cfg.precision}, channels_last {'on' if cfg.channels_last else 'off'}, compile "
+            f"{'on' if cfg.compile else 'off'}, {cfg.optimizer_kernel} {cfg.optimizer}, agreement every "
+            f"{cfg.guard_every} step{'s' if cfg.guard_every > 1 else ''}")
 
 
 def share_compile_threads() -> None:
@@ -49,16 +94,30 @@ def share_compile_threads() -> None:
 
 
 def settle(cfg: TrainConfig, device_type: str, world: int) -> TrainConfig:
-    """The config's per-device auto values for this device and world size (idempotent). The
-    assembler calls it too, so scripts that build a run without `resolve` get the same values."""
-    on_gpu = device_type == "cuda"
+    """The config's per-device auto values for this device (or --resolve-as's) and world size
+    (idempotent). The assembler calls it too, so scripts that build a run without `resolve` get
+    the same values. `device` stays the device the run uses."""
+    policy = policy_device(cfg, device_type)
+    on_gpu = policy == "cuda"
     batch = resolve_batch(cfg.batch_size, cfg.global_batch_size, world)
     return dataclasses.replace(
-        cfg, device=device_type, precision=resolve_precision(cfg.precision, device_type),
+        cfg, device=device_type, precision=resolve_precision(cfg.precision, policy),
         batch_size=batch, global_batch_size=batch * world,
         channels_last=on_gpu if cfg.channels_last is None else cfg.channels_last,
         compile=on_gpu if cfg.compile is None else cfg.compile,
+        optimizer_kernel=resolve_optimizer_kernel(cfg, policy),
         guard_every=cfg.guard_every or (GPU_GUARD_EVERY if on_gpu else 1))
+
+
+def resolve_optimizer_kernel(cfg: TrainConfig, policy: str) -> str:
+    """auto: fused on GPUs (one launch steps every parameter), except SGD under FSDP2, whose
+    sharded (DTensor) parameters have no fused SGD in torch (foreach then); torch's own
+    one-parameter-at-a-time loop on CPU."""
+    if cfg.optimizer_kernel != "auto":
+        return cfg.optimizer_kernel
+    if policy != "cuda":
+        return "loop"
+    return "foreach" if cfg.parallel == "fsdp" and cfg.optimizer == "sgd" else "fused"
 
 
 def resolve_batch(batch_size: int, global_batch_size: int, world: int) -> int:
@@ -108,8 +167,9 @@ def resolve_backend(requested: str, device_type: str) -> str:
 
 
 def resolve_precision(requested: str, device_type: str) -> str:
-    """auto: bf16 on GPUs that have it, fp32 elsewhere (CPU autocast is opt-in)."""
-    bf16_ok = device_type == "cuda" and torch.cuda.is_bf16_supported()
+    """auto: bf16 on GPUs that have it, fp32 elsewhere (CPU autocast is opt-in). Rehearsing a GPU
+    where torch sees none (--resolve-as cuda), the GPU is taken to have bf16 (Ampere and newer)."""
+    bf16_ok = device_type == "cuda" and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
     if requested == "auto":
         return "bf16" if bf16_ok else "fp32"
     if requested == "bf16" and device_type == "cuda" and not bf16_ok:

@@ -11,11 +11,13 @@ Reads as: parse and resolve flags -> build the run (assembly.py) -> resume -> ep
 finish (the report's compute_accuracy on the best weights, plots, summary).
 
 Exit codes: 0 done; 1 unexpected error (traceback, torchrun error file); 2 bad flag, data or
-checkpoint (one line on stderr); 3 non-finite loss (last good checkpoint kept);
+checkpoint (one line on stderr); 3 non-finite loss (last good checkpoint kept); 4 replicas
+diverged across ranks (one line naming the parameter; last good checkpoint kept);
 75 preempted (SIGUSR1/SIGTERM: checkpoint written, resume with the same command).
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,26 +33,32 @@ from . import distributed as D
 from . import __version__, budget, cost, files, plot, rundir
 from .assembly import TrainingRun, assemble
 from .checkpoint import CheckpointManager, RunState
-from .config import ConfigError, TrainConfig, flag_name, parse_config
+from .config import ConfigError, TrainConfig, flag_name, parse_command
 from .data import DataError, Splits, load_source, make_splits
 from .engine import EpochSums, EvalResult, NonFiniteLoss, StepHooks, evaluate, global_mean, train_epoch
 from .faults import FaultInjector
 from .models import build_model, count_parameters
-from .parallel import ConsolidatedModel, ConsolidatedOptimizer
+from .parallel import ConsolidatedModel, ConsolidatedOptimizer, ReplicaDrift, check_replicas
 from .preemption import EXIT_PREEMPTED, PreemptionFlag
 from .reporting import Reporter, SilentReporter
 from .runtime import resolve
 from .timing import peak_memory_mb, reset_peak_memory
 
-EXIT_OK, EXIT_USAGE, EXIT_NONFINITE = 0, 2, 3
+EXIT_OK, EXIT_USAGE, EXIT_NONFINITE, EXIT_DRIFT = 0, 2, 3, 4
 
 
 @record
 def main(argv: Optional[list[str]] = None) -> int:
     try:
-        cfg, notes = resolve(parse_config(argv))
+        cfg, print_only = parse_command(argv)
+        cfg, notes = resolve(cfg)
     except ConfigError as exc:
         return fail(exc, EXIT_USAGE)
+    if print_only:  # what this host would run: every auto value resolved
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return EXIT_OK
     flag = PreemptionFlag().install()
     try:
         with D.session(cfg.device, cfg.backend, cfg.dist_timeout) as info:
@@ -59,6 +67,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return fail(exc, EXIT_USAGE)
     except NonFiniteLoss as exc:
         return fail(exc, EXIT_NONFINITE)
+    except ReplicaDrift as exc:
+        return fail(exc, EXIT_DRIFT)
     except OSError as exc:  # a full disk or an unwritable file at the epoch's end: one line, not a traceback
         if exc.filename is None:
             raise
@@ -66,6 +76,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     f"newest committed checkpoint is kept, rerun to resume", EXIT_USAGE)
     finally:
         flag.uninstall()
+        rundir.release_locks()
 
 
 def fail(exc: object, code: int) -> int:
@@ -83,6 +94,7 @@ def train(cfg: TrainConfig, notes: tuple[str, ...], info: D.DistInfo, flag: Pree
     run = agreed(info, lambda: assemble(cfg, info, splits))
     reporter = make_reporter(cfg, notes, info, out_dir)
     faults = FaultInjector(on_preempt=flag.raise_flag)
+    aim_faults(faults, run)
     state = RunState()
     with CheckpointManager(out_dir, info, config=cfg.to_dict(), parts=stateful_parts(run), keep_last=cfg.keep_last,
                            global_batch_size=run.global_batch_size, faults=faults) as checkpoints:
@@ -119,6 +131,7 @@ def epoch_loop(run: TrainingRun, state: RunState, checkpoints: CheckpointManager
         step_log.write(start.epoch, start.step, result.step_losses)
         state.step, state.sums = result.end_step, result.sums
         state.global_step = start.global_step + result.end_step - start.step
+        check_replicas(run.model.plan, run.model.module, f"by epoch {start.epoch} step {result.end_step}")
         checkpoints.save(state, wait=False)
 
     hooks = step_hooks(cfg, flag, reporter, save_mid_epoch, faults)
@@ -142,6 +155,7 @@ def epoch_loop(run: TrainingRun, state: RunState, checkpoints: CheckpointManager
         step_log.write(start.epoch, start.step, result.step_losses)
         if result.stopped:
             state.step, state.sums = result.end_step, result.sums
+            check_replicas(run.model.plan, run.model.module, f"by epoch {start.epoch} step {result.end_step}")
             kept = checkpoints.save_preempted(state)  # "written" only once it is
             print(f"[dist_cifar] rank {info.rank}: preempted ({flag.signal_name or 'signal on another rank'}), "
                   f"stopped at epoch {start.epoch} step {result.end_step}; {kept}; exit {EXIT_PREEMPTED}",
@@ -151,13 +165,16 @@ def epoch_loop(run: TrainingRun, state: RunState, checkpoints: CheckpointManager
         D.broadcast_buffers(info, run.model.module)  # every rank evaluates rank 0's BatchNorm statistics
         val = evaluate(run.model.eval_model, run.val_shards, run.precision, info) if run.val_shards is not None else None
         record = epoch_record(run, result, val, eval_s=time.perf_counter() - t_eval,
-                              compile_s=result.first_step_s if start.epoch == first_epoch else None)
+                              compile_s=result.first_step_s if start.epoch == first_epoch else None,
+                              reporter=reporter)
         state.history.append(record)
         if start.epoch == first_epoch:
             check_wire(run, record, reporter)
         track_best(state, record, checkpoints, save=cfg.save_best)
         state.epoch, state.step, state.sums = start.epoch + 1, 0, EpochSums()
         last = state.epoch == cfg.epochs
+        if checkpoint_due(cfg, checkpoints, state.epoch) or last:
+            check_replicas(run.model.plan, run.model.module, f"by the end of epoch {start.epoch}")
         if checkpoint_due(cfg, checkpoints, state.epoch):
             checkpoints.save(state, wait=last)
         record["checkpoint_blocked_s"], record["checkpoint_write_s"] = checkpoints.take_times()
@@ -243,6 +260,16 @@ def make_reporter(cfg: TrainConfig, notes: tuple[str, ...], info: D.DistInfo, ou
     return reporter
 
 
+def aim_faults(faults: FaultInjector, run: TrainingRun) -> None:
+    """DIST_CIFAR_FAULT's overflow acts on a sharded parameter (any under ddp), drift on a
+    replicated one."""
+    plan, module = run.model.plan, run.model.module
+    shards = getattr(plan, "shards", {})
+    sharded = module.get_parameter(next(iter(shards))) if shards else next(module.parameters())
+    replicated = plan.replicated_parameters(module)
+    faults.aim(sharded=sharded, replicated=replicated[0][1] if replicated else None)
+
+
 def stateful_parts(run: TrainingRun) -> dict[str, Any]:
     """What a checkpoint asks for its state: weights, optimizer, schedule, GradScaler. Weights and
     optimizer come through the parallel layout, so a checkpoint always holds the plain state."""
@@ -322,6 +349,8 @@ def start_line(run: TrainingRun, run_config: dict[str, Any]) -> str:
     line = (f"{cfg.model}: {run_config['num_params']:,} parameters | world size {info.world_size} x batch "
             f"{cfg.batch_size} per process = global batch {run.global_batch_size} | {run.precision.name} on "
             f"{run_config['device_name']} | {run.steps_per_epoch} steps/epoch | out {run_config['out_dir']}")
+    if cfg.resolve_as not in ("auto", info.device.type):
+        line += f"\n  the {cfg.resolve_as} configuration rehearsed on {info.device.type} (--resolve-as {cfg.resolve_as})"
     if info.distributed:
         wire = sum(run_config["wire_predicted"].values())
         line += f"\n  {run.model.plan.describe()}: {wire / 1e6:,.1f} MB per rank per step on the wire (predicted)"
@@ -332,12 +361,14 @@ def start_line(run: TrainingRun, run_config: dict[str, Any]) -> str:
 
 
 def epoch_record(run: TrainingRun, result, val: Optional[EvalResult], *, eval_s: float,
-                 compile_s: Optional[float]) -> dict:
+                 compile_s: Optional[float], reporter) -> dict:
     info = run.info
     train_loss, train_acc, _ = global_mean(info, result)
     compute = result.wall_s - result.data_wait_s
     rank_times = D.all_gather_floats(info, compute)
+    skips = skipped_steps(info, result)
     images = result.steps * run.global_batch_size
+    say_skipped_steps(run, skips, result.epoch, reporter)
     return {
         "epoch": result.epoch, "train_loss": train_loss, "train_accuracy": train_acc,
         "val_loss": val.loss if val else None, "val_accuracy": val.accuracy if val else None,
@@ -348,8 +379,35 @@ def epoch_record(run: TrainingRun, result, val: Optional[EvalResult], *, eval_s:
         "peak_memory_mb": peak_memory_mb(info.device), "compile_s": compile_s, "eval_time_s": eval_s,
         "steps": result.steps, "world_size": info.world_size,
         "wire_bytes_per_step": run.model.plan.wire().total() if info.distributed and result.steps else None,
+        "skipped_steps": max(n for n, _ in skips) if skips else None,
         "checkpoint_blocked_s": None, "checkpoint_write_s": None,  # filled in after the epoch's saves
     }
+
+
+def skipped_steps(info: D.DistInfo, result) -> Optional[list[tuple[int, Optional[int]]]]:
+    """fp16: every rank's (GradScaler-skipped steps in this epoch, the first of them); None
+    without a GradScaler."""
+    if result.skipped_steps is None:
+        return None
+    first = -1 if result.first_skipped_step is None else result.first_skipped_step
+    counts = D.all_gather_floats(info, float(result.skipped_steps))
+    firsts = D.all_gather_floats(info, float(first))
+    return [(int(n), int(f) if f >= 0 else None) for n, f in zip(counts, firsts)]
+
+
+def say_skipped_steps(run: TrainingRun, per_rank: Optional[list], epoch: int, reporter) -> None:
+    """One line when the fp16 GradScaler skipped steps this epoch (and whether the ranks agreed)."""
+    if not per_rank or not any(n for n, _ in per_rank):
+        return
+    scale = run.precision.scaler.get_scale()
+    if len(set(per_rank)) == 1:
+        count, first = per_rank[0]
+        where = " on every rank" if len(per_rank) > 1 else ""
+        reporter.note(f"epoch {epoch}: the fp16 GradScaler skipped {count} step(s){where}, the first at step "
+                      f"{first} (overflow); loss scale now {scale:g}")
+    else:
+        reporter.note(f"warning: epoch {epoch}: ranks skipped different fp16 steps (count, first step per rank: "
+                      f"{per_rank}): their replicas differ; the drift guard stops the run at its next check")
 
 
 def check_wire(run: TrainingRun, record: dict, reporter) -> None:

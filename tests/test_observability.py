@@ -123,7 +123,7 @@ def test_readme_and_key_docs_match_what_epoch_record_emits():
     from dist_cifar.train import epoch_record
     run = assemble(make_config(batch_size=32), D.DistInfo(), make_splits(make_synthetic(128), "full"))
     result = EpochResult(epoch=0, sums=EpochSums(10.0, 5, 32), steps=1, end_step=1, wall_s=0.5, data_wait_s=0.1)
-    emitted = set(epoch_record(run, result, None, eval_s=0.0, compile_s=None))
+    emitted = set(epoch_record(run, result, None, eval_s=0.0, compile_s=None, reporter=None))
     assert emitted == set(EPOCH_KEYS)
     reference = (ROOT / "docs" / "reference.md").read_text()
     table = reference[reference.index("Logged once per epoch"):].split("\n\n")[1]

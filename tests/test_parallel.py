@@ -94,7 +94,7 @@ def test_twenty_steps_match_ddp_and_bytes_match_the_prediction(tmp_path):
 
 def test_vgg16_prediction_is_the_issue_arithmetic():
     """vgg16_cifar at 4 images per rank on 2 ranks: DDP all-reduces 1.33 GB of fp32 gradients,
-    the hybrid head sends ~59 MB (the trunk's 14.7M parameters plus the features)."""
+    the hybrid head sends ~59 MB (the trunk's 14,172,618 parameters plus the features)."""
     ddp = sum(cost.predict_wire("ddp", "vgg16_cifar", batch_per_rank=4, world=2).values())
     hybrid = sum(cost.predict_wire("hybrid", "vgg16_cifar", batch_per_rank=4, world=2).values())
     assert ddp == 332_943_818 * 4

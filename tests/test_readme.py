@@ -60,6 +60,8 @@ RULES = [
     Rule(r"python -m dist_cifar\.train --preset report --model vgg_truncated .*", append=TINY_IMAGES),
     Rule(r"torchrun --standalone --nproc_per_node=4 .*", append=TINY_FAST),
     Rule(r"bash launch/single_node\.sh 4 -- .*", append=TINY_FAST),
+    Rule(r"torchrun --standalone --nproc_per_node=2 -m dist_cifar\.train --resolve-as cuda .*",
+         append="--no-compile --synthetic-size 256 --batch-size 16", expect_text="rehearsed on cpu"),
     Rule(r"torchrun --nnodes=2 .*", check_flags=True),
     Rule(r"bash launch/multi_node\.sh 2 0 node0:29500 8 -- .*", check_flags=True),
     Rule(r"sudo bash launch/two_hosts\.sh .*", append="--synthetic-size 256", expect_text="link tx_bytes host0="),

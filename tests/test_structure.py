@@ -49,3 +49,35 @@ def test_the_product_cites_nothing_outside_the_repository():
     text += (ROOT / "README.md").read_text()
     assert "../shared" not in text and "PROTOCOL.md" not in text
     assert (ROOT / "docs" / "report_protocol.md").read_text().count("|") > 50
+
+
+def package_imports() -> dict[str, set[str]]:
+    """module -> the package modules it imports (relative imports, late ones inside functions too)."""
+    graph = {}
+    for path in sorted((ROOT / "dist_cifar").glob("*.py")):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+        graph[path.stem] = deps & {p.stem for p in (ROOT / "dist_cifar").glob("*.py")} - {"__init__"}
+    return graph
+
+
+def test_the_package_import_graph_has_no_cycle():
+    """Data flows one way (config -> runtime -> ..., data -> download): a cycle means a late import
+    papering over a layering mistake."""
+    graph = package_imports()
+    state: dict[str, str] = {}
+
+    def visit(module, path):
+        state[module] = "open"
+        for dep in sorted(graph.get(module, ())):
+            assert state.get(dep) != "open", "import cycle: " + " -> ".join(path + [module, dep])
+            if dep not in state:
+                visit(dep, path + [module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+    assert graph["data"] >= {"download"} and "data" not in graph["download"]

@@ -61,6 +61,11 @@ BAD_FLAGS = [
     (["--dist-timeout", "nan"], "--dist-timeout"), (["--lr", "inf"], "--lr"),
     (["--label-smoothing", "nan"], "--label-smoothing"), (["--ddp-bucket-mb", "0"], "--ddp-bucket-mb"),
     (["--epoch", "3"], "did you mean --epochs"), (["--optimizer", "lbfgs"], "lbfgs"), (["--epochs", "x"], "--epochs"),
+    # GPU combinations that cannot work: refused at config time, never at step 1
+    (["--parallel", "fsdp", "--ddp-comm-hook", "bf16"], "--ddp-comm-hook"),
+    (["--parallel", "fsdp", "--optimizer", "sgd", "--optimizer-kernel", "fused", "--resolve-as", "cuda"],
+     "--optimizer-kernel"),
+    (["--resolve-as", "tpu"], "--resolve-as"),
 ]
 
 
