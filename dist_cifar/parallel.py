@@ -339,7 +339,6 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(shard.local(full.weight.detach(), rank).clone())
         self.bias = nn.Parameter(shard.local(full.bias.detach(), rank).clone()) if full.bias is not None else None
 
-    @torch.compiler.disable  # collectives in autograd functions: the head runs eagerly
     def forward(self, x_local: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x_local.device.type):  # features travel in the autocast dtype
             x_local = x_local.to(torch.get_autocast_dtype(x_local.device.type))
@@ -358,7 +357,6 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(shard.local(full.weight.detach(), rank).clone())
         self.bias = nn.Parameter(full.bias.detach().clone()) if full.bias is not None else None
 
-    @torch.compiler.disable
     def forward(self, x_columns: torch.Tensor) -> torch.Tensor:
         partial = F.linear(x_columns, self.weight)
         out = ReduceScatterBatch.apply(partial, self.comm) if self.comm.world > 1 else partial.float()
@@ -598,6 +596,10 @@ def parallelize(module: nn.Module, cfg: TrainConfig, info: D.DistInfo) -> Wrappe
     torch.manual_seed(cfg.seed + 7_919 * (info.rank + 1))  # dropout masks differ between ranks
     eval_model = module
     if cfg.compile:
+        # the head's collectives live in autograd functions: it runs eagerly (disabled here, not
+        # with a decorator, so a run without compile never imports torch._dynamo: ~1 s a start)
+        for head in (m for m in module.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))):
+            head.forward = torch.compiler.disable(head.forward)
         train_model = torch.compile(train_model, mode=cfg.compile_mode, dynamic=False)
         eval_model = torch.compile(module, mode=cfg.compile_mode, dynamic=False)
     if cfg.tta_flip:

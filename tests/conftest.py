@@ -40,10 +40,55 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_train(args: list[str], timeout: float = 240, env: dict | None = None, **extra_env) -> subprocess.CompletedProcess:
-    """`python -m dist_cifar.train ARGS` as a real process; bounded."""
-    return subprocess.run([sys.executable, "-m", "dist_cifar.train", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=env or base_env(**extra_env))
+def run_train(args: list[str], timeout: float = 240, env: dict | None = None, *, process: bool = False,
+              **extra_env) -> subprocess.CompletedProcess:
+    """`python -m dist_cifar.train ARGS`, bounded. It runs inside this process (the real entry
+    point, `dist_cifar.train.main`, with this environment, cwd and captured output) unless the
+    process itself is part of what is checked: `process=True`, a custom `env` (a PATH with a fake
+    tool), a variable torch reads at import (TORCH_LOGS), or W&B (its service outlives a run). A new interpreter costs ~3 s of imports a run."""
+    wandb = [a for i, a in enumerate(args) if i and args[i - 1] == "--wandb"] or ["auto"]
+    read_at_import = [key for key in extra_env if not key.startswith(("DIST_CIFAR_", "WANDB_"))]  # TORCH_LOGS, ...
+    if process or env is not None or read_at_import or wandb[-1] not in ("off", "auto") or \
+            extra_env.get("WANDB_MODE", "disabled") not in ("disabled", "off"):
+        return subprocess.run([sys.executable, "-m", "dist_cifar.train", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=timeout, env=env or base_env(**extra_env))
+    return run_in_process(args, timeout, base_env(**extra_env))
+
+
+def run_in_process(args: list[str], timeout: float, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """dist_cifar.train.main(args) here, as `python -m dist_cifar.train` would run it: the same
+    environment and cwd (restored after), stdout/stderr captured, an escaping exception a
+    traceback on stderr with exit 1. A hang past `timeout` ends the test session with every
+    thread's traceback (faulthandler), never a silent wait."""
+    import contextlib
+    import faulthandler
+    import io
+    import traceback
+    import warnings
+    from dist_cifar.train import main
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    faulthandler.dump_traceback_later(timeout, exit=True)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Unable to enable fault handler")  # torchrun's @record
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # --help, --version
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess([sys.executable, "-m", "dist_cifar.train", *args], code,
+                                       out.getvalue(), err.getvalue())
 
 
 def torchrun_cmd(nproc: int, args: list[str], launcher: list[str] | None = None, module: str = "dist_cifar.train") -> list[str]:
