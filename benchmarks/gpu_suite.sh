@@ -113,11 +113,12 @@ stage() {
   local name=$1 max=$2 min=$3; shift 4
   local room=$(( $(left) - $(reserve) )); local box=$(( room < max ? room : max )) t0=$(date +%s) rc cut=0
   if [[ "$wanted" != *" $name "* ]]; then
-    log "$name: skipped (not in SUITE_STAGES)"; printf '%s\tskipped\t0\tnot in SUITE_STAGES\n' "$name" >> "$stages"; return
+    log "$name: skipped (not in SUITE_STAGES)"; printf '%s\tskipped\t0\tnot in SUITE_STAGES\n' "$name" >> "$stages"; ran=0; return
   fi
   if [ "$box" -lt "$min" ]; then
-    log "$name: skipped, $(left)s left"; printf '%s\tskipped\t0\tonly %ss of the budget left\n' "$name" "$(left)" >> "$stages"; return
+    log "$name: skipped, $(left)s left"; printf '%s\tskipped\t0\tonly %ss of the budget left\n' "$name" "$(left)" >> "$stages"; ran=0; return
   fi
+  ran=1
   sweep "$name"
   log "$name: up to ${box}s"
   DIST_CIFAR_SUITE_STAGE=$suite_id:$name setsid "$@" &
@@ -170,7 +171,7 @@ rehearsal() { rehearse fsdp bf16 & rehearse hybrid fp16 & wait; }
 rehearsal_model=vgg_truncated; [ $smoke = 1 ] && rehearsal_model=small_cnn  # CPU: the same steps, in the box
 export PY scratch rehearsal_model
 stage rehearsal 30 10 -- bash -c "$(declare -f rehearse rehearsal); rehearsal"
-"$PY" benchmarks/suite_report.py rehearsal "$scratch" "$scratch/rehearsal.json"
+[ "$ran" = 1 ] && "$PY" benchmarks/suite_report.py rehearsal "$scratch" "$scratch/rehearsal.json"
 
 [ $smoke = 1 ] || nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
 log "scratch disk: $(df -h "$scratch" | tail -1)"
@@ -198,16 +199,16 @@ stage fast "${boxes[0]}" 60 -- "${one_rank[@]}" "$PY" -m dist_cifar.train "${fas
   --out-dir "$scratch/fast" --wandb off
 [ -f "$scratch/fast/config.json" ] && "$PY" benchmarks/suite_report.py run "$scratch/fast" "$out/fast_run.json"
 rm -rf -- "${scratch:?}/fast"  # its 4 GB checkpoints, now distilled
-summarise
+[ "$ran" = 1 ] && summarise  # after a stage that ran (a Python start each)
 
 stage ladder "${boxes[1]}" 40 -- "$PY" benchmarks/epoch_time.py "${ladder[@]}" --epochs 2 "${bench_data[@]}" \
   --out "$out/ladder.json"
 [ -f "$out/ladder.json" ] && [ ! -f "$out/ladder.png" ] && "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); from charts import ladder_chart; ladder_chart(sys.argv[1])" "$out/ladder.json"
-summarise
+[ "$ran" = 1 ] && summarise  # after a stage that ran (a Python start each)
 
 stage peers "${boxes[2]}" 40 -- "$PY" benchmarks/peers.py "${peers[@]}" --rounds 1 --nproc 1 "${bench_data[@]}" \
   --no-txt --out "$out/peers.json"
-summarise
+[ "$ran" = 1 ] && summarise  # after a stage that ran (a Python start each)
 
 if [ "$(left)" -ge "${boxes[3]}" ]; then
   stage headline "$(( $(left) - 15 ))" 45 -- "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \

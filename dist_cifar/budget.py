@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from . import cost
+from . import cost, host
 from .config import ConfigError, TrainConfig
 
 GB = 1e9
@@ -114,3 +114,21 @@ def forecast(step_s: float, *, steps_per_epoch: int, epochs_left: int, images_pe
             f"{images_per_step / max(step_s, 1e-9):,.0f} images/s, {achieved:.2f} TFLOP/s at "
             f"{train_flops_per_image / 1e9:.2f} GFLOP per training image); {epochs_left} epoch(s) left: "
             f"~{duration(epoch_s * epochs_left)}")
+
+
+STARVED = 0.6  # a step's threads that get less than this share of a CPU each are waiting for one
+
+
+def cpu_starved(step_s: float, cpu_s: float, *, threads: int, local_world_size: int) -> Optional[str]:
+    """A warning when the first steps got far less CPU than their threads ask for: other work
+    holds the cores, and torch's threads, which spin while they wait for each other, then run
+    several times slower than on an idle machine (host.py). None when they got what they asked."""
+    got = cpu_s / max(step_s, 1e-9)  # CPUs this process used while its steps ran
+    cpus, load = host.usable_cpus(), host.machine_load()
+    if got >= STARVED * threads:
+        return None
+    fix = ("--threads 1 (or OMP_NUM_THREADS=1)" if threads > 1 else
+           "fewer processes per node, or a less busy machine" if local_world_size > 1 else "a less busy machine")
+    return (f"warning: the first steps got {got:.1f} of the {threads} CPU thread(s) they run on ({load:.0f} other "
+            f"task(s) running on {cpus} usable CPU(s)): this machine is busy and every step waits for CPU time; "
+            f"the forecast above assumes it stays so. Fix: {fix}")

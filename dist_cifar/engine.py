@@ -85,7 +85,8 @@ class StepHooks:
     record_step_losses: bool = False
     time_first_step: bool = False  # one extra sync after step 1 (compile time estimate)
     # called once per epoch with the seconds per step over steps 2..FORECAST_STEPS (two extra syncs)
-    on_forecast: Optional[Callable[[float], None]] = None
+    # and the CPU seconds this process used per step meanwhile (all its threads)
+    on_forecast: Optional[Callable[[float, float], None]] = None
 
 
 FORECAST_STEPS = 3  # step 1 warms up (allocations, compilation); steps 2-3 are the first steady ones
@@ -237,7 +238,7 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
             raise StepHealth.error(epoch, first_bad, checked_at, hooks.guard_every, before_save_at=before_save_at)
         return stop
 
-    after_first_step = 0.0
+    after_first_step, cpu_after_first_step = 0.0, 0.0
     while step < total:
         t_wait = time.perf_counter()
         x, y = next(batches)
@@ -283,11 +284,12 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
         step += 1
         global_step += 1
         if result.steps == 1 and (hooks.time_first_step or hooks.on_forecast):  # one sync serves both
-            after_first_step = watch.stop()
+            after_first_step, cpu_after_first_step = watch.stop(), time.process_time()
             if hooks.time_first_step:
                 result.first_step_s = after_first_step
         elif result.steps == FORECAST_STEPS and hooks.on_forecast:
-            hooks.on_forecast((watch.stop() - after_first_step) / (FORECAST_STEPS - 1))
+            hooks.on_forecast((watch.stop() - after_first_step) / (FORECAST_STEPS - 1),
+                              (time.process_time() - cpu_after_first_step) / (FORECAST_STEPS - 1))
 
         if hooks.on_progress and (step % hooks.progress_every == 0 or step == total):
             images = (step - start_step) * loader.batch_size * info.world_size

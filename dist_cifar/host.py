@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -70,12 +71,20 @@ def usable_cpus() -> int:
     return max(cpus, 1)
 
 
-def machine_load() -> float:
-    """The 1-minute load average (runnable processes), 0 where the OS has none."""
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return 0.0
+def machine_load(samples: int = 9, interval_s: float = 0.02) -> float:
+    """How many CPUs other work keeps busy right now: the tasks running or ready to run besides
+    the one asking (the median of a few reads of /proc/loadavg's run queue over ~0.2 s, so a
+    passing blip does not count). Not the 1-minute load average: it lags by a minute, and it still
+    counts a run that just ended (an ablation's previous variant); 0 where /proc has no answer."""
+    counts = []
+    for i in range(samples):
+        try:
+            counts.append(int(open("/proc/loadavg").read().split()[3].split("/")[0]) - 1)
+        except (OSError, ValueError, IndexError):
+            return 0.0
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    return float(sorted(counts)[len(counts) // 2])
 
 
 def intra_op_threads(local_world_size: int = 1) -> tuple[int, str]:

@@ -136,11 +136,15 @@ def epoch_loop(run: TrainingRun, state: RunState, checkpoints: CheckpointManager
 
     hooks = step_hooks(cfg, flag, reporter, save_mid_epoch, faults)
 
-    def say_forecast(step_s: float) -> None:  # once, in this process's first epoch
+    def say_forecast(step_s: float, cpu_s: float) -> None:  # once, in this process's first epoch
         hooks.on_forecast = None
         reporter.note(budget.forecast(step_s, steps_per_epoch=run.steps_per_epoch, epochs_left=cfg.epochs - state.epoch,
                                       images_per_step=run.global_batch_size,
                                       train_flops_per_image=needs.train_flops_per_image))
+        if info.device.type == "cpu":  # on GPUs the host mostly waits, and its CPU time says nothing
+            slow = budget.cpu_starved(step_s, cpu_s, threads=cfg.threads, local_world_size=info.local_world_size)
+            if slow:
+                reporter.note(slow)
 
     hooks.on_forecast = say_forecast if info.is_main else None
     first_epoch = state.epoch  # with --compile, this process's first epoch compiles

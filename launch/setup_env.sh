@@ -19,7 +19,7 @@ if [ -x .venv/bin/python ]; then
 fi
 TORCH_PIN=(torch==2.14.1 torchvision==0.29.1)
 REQUIRED=(numpy rich matplotlib)
-OPTIONAL=(wandb pytest)
+OPTIONAL=(wandb pytest xdist:pytest-xdist)  # module[:pip package]
 MIN_TORCH=2.4
 
 usable_torch=$("$PY" - "$MIN_TORCH" <<'EOF' 2>/dev/null || echo ""
@@ -75,13 +75,15 @@ PYEOF
     || echo "[setup] note: no setuptools$setuptools_spec to be had (no package index?): training is unaffected, 'pip install .' without an index is not" >&2
 fi
 # Optional: W&B logging and the test runner. A GPU host without an index may have neither.
-for module in "${OPTIONAL[@]}"; do
+for entry in "${OPTIONAL[@]}"; do
+  module=${entry%%:*}; package=${entry#*:}
   .venv/bin/python -c "import $module" 2>/dev/null && continue
-  .venv/bin/python -m pip install -q --disable-pip-version-check --retries 0 --timeout 15 "$module" >/dev/null 2>&1
+  .venv/bin/python -m pip install -q --disable-pip-version-check --retries 0 --timeout 15 "$package" >/dev/null 2>&1
   if ! .venv/bin/python -c "import $module" 2>/dev/null; then  # not installed, or installed but unusable
     case $module in
       wandb) echo "[setup] wandb is not installed and cannot be installed here: W&B logging is off until 'pip install wandb' (training is unaffected)" >&2 ;;
-      *) echo "[setup] $module is not installed and cannot be installed here: the test suite needs it ('pip install $module')" >&2 ;;
+      xdist) echo "[setup] pytest-xdist is not installed and cannot be installed here: the test suite runs on one worker (slower)" >&2 ;;
+      *) echo "[setup] $package is not installed and cannot be installed here: the test suite needs it ('pip install $package')" >&2 ;;
     esac
   fi
 done

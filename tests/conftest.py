@@ -6,14 +6,18 @@ import os
 import pickle
 import socket
 import subprocess
+import tarfile
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_TARBALL = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+# This team's machines keep the real CIFAR-10 (JPEG) beside the checkout; the product never looks
+# there, and the tests only through `real_cifar` below
+TEAM_TARBALL = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 OFFLINE_URL = "http://127.0.0.1:9/cifar-10-python.tar.gz"
 os.environ["DIST_CIFAR_CIFAR10_URL"] = OFFLINE_URL  # in-process calls too
 os.environ.setdefault("WANDB_MODE", "disabled")  # W&B is on by default; tests that want it say so
@@ -104,6 +108,22 @@ def run_torchrun(nproc: int, args: list[str], timeout: float = 300, launcher: li
                           text=True, timeout=timeout, env=base_env(**extra_env))
 
 
+def torchrun_jobs(nproc: int, jobs: list[dict], work: Path, timeout: float = 600) -> dict[str, dict]:
+    """Several trainer jobs in ONE torchrun launch (tests/jobs_worker.py): each job is
+    {"name", "argv", "env"}, run one after another through the real entry point on every rank,
+    "{work}" in argv replaced by `work`. Returns name -> {"ranks": [{code, stdout, stderr,
+    seconds} per rank]}. A launch costs ~5 s on 2 cores (interpreters, imports, rendezvous), a
+    small job ~1 s: tests that need many small distributed runs share one launch."""
+    jobs = [dict(job, argv=[a.replace("{work}", str(work)) for a in job["argv"]]) for job in jobs]
+    (work / "jobs.json").write_text(json.dumps(jobs))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "tests" / "jobs_worker.py"), str(work / "jobs.json"), str(work)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=base_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by_rank = [json.loads((work / f"rank{r}.json").read_text()) for r in range(nproc)]
+    return {job["name"]: {"ranks": [ranks[i] for ranks in by_rank]} for i, job in enumerate(jobs)}
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
@@ -165,3 +185,48 @@ def smoke_args(out: Path, extra: list[str] = ()) -> list[str]:
     """A seconds-long synthetic run into `out`; `extra` flags win (they come last)."""
     return ["--dataset", "synthetic", "--synthetic-size", "256", "--batch-size", "32", "--epochs", "1",
             "--model", "small_cnn", "--out-dir", str(out), "--eval-batch-size", "64", *extra]
+
+
+def one_line(proc, code=2) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == code and len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def official_archive(tmp_path, name="good") -> Path:
+    src = write_official_cifar(tmp_path / f"src_{name}")
+    archive = tmp_path / f"{name}.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname="cifar-10-batches-py")
+    return archive
+
+
+def official_archive_in_data(tmp_path: Path) -> Path:
+    write_official_cifar(tmp_path / "src")
+    archive = tmp_path / "data" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    return archive
+
+
+def find_real_cifar() -> Path | None:
+    """The real CIFAR-10 image tarball: $DIST_CIFAR_DATA, else one in the checkout's data/ (where
+    the README puts it), else this team's copy beside the checkout."""
+    from dist_cifar.data import local_image_set
+    named = os.environ.get("DIST_CIFAR_DATA", "")
+    if named and Path(named).is_file():
+        return Path(named)
+    in_data = local_image_set(ROOT / "data") if (ROOT / "data").is_dir() else None
+    if in_data is not None and Path(in_data).is_file():
+        return Path(in_data)
+    return TEAM_TARBALL if TEAM_TARBALL.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def real_cifar() -> Path:
+    """The one way a test finds the real CIFAR-10 (skips, saying where to put it, when there is none)."""
+    found = find_real_cifar()
+    if found is None:
+        pytest.skip("no real CIFAR-10: put cifar10-jpeg.tar.gz in data/ or name it with DIST_CIFAR_DATA")
+    return found

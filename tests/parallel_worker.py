@@ -15,6 +15,7 @@ from dist_cifar.config import make_config
 from dist_cifar.models import build_model
 from dist_cifar.parallel import ConsolidatedModel, ConsolidatedOptimizer, parallelize
 
+
 GLOBAL_BATCH = 12  # divides over 1, 2, 3 and 4 ranks
 
 

@@ -1,14 +1,19 @@
-"""The report's studies as ablation jobs: tiny versions on synthetic data, skip/retry logic."""
+"""dist_cifar/ablate.py: the report's studies as single-process jobs, their reports, reruns, locks and overrides."""
+from __future__ import annotations
+
 import json
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import ROOT, base_env
+from conftest import base_env, ROOT
+
 
 TINY = ["--dataset", "synthetic", "--synthetic-size", "128", "--epochs", "1"]
+
 # one variant per study keeps the suite short; every table format and the report's numbers still show
 PAIRS = {"dropout": "without_dropout", "pooling": "with_pooling", "batchnorm": "without_bn", "weight_decay": "wd_0",
          "batch_size": "batch_16"}
@@ -106,3 +111,50 @@ def test_failed_variant_is_reported_then_rerun(tmp_path):
 def test_unknown_variant_is_a_clear_error(tmp_path):
     proc = ablate(["dropout", "--variants", "nope", "--out", str(tmp_path)])
     assert proc.returncode == 2 and "with_dropout" in proc.stderr
+
+
+def test_ablate_validates_locks_reruns_torn_variants_and_stops_its_trainer(tmp_path):
+    """Cases 121 (--epochs 0 launched every variant to fail), 133 (two ablate processes on one
+    --out), 134 (a corrupt summary.json marked its variant done forever), 131 (SIGTERM to ablate
+    left its trainer running alone)."""
+    import argparse
+    import signal
+    from dist_cifar import ablate
+    cmd = [sys.executable, "-m", "dist_cifar.ablate", "batchnorm", "--dataset", "synthetic", "--synthetic-size", "256",
+           "--out", str(tmp_path / "abl")]
+    zero = subprocess.run([*cmd, "--epochs", "0"], cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=60)
+    assert zero.returncode == 2 and zero.stderr.strip() == "error: --epochs must be > 0, got 0"
+    assert not (tmp_path / "abl").exists()
+
+    args = argparse.Namespace(variants="", out=str(tmp_path / "abl"), epochs=None, weight_decay=None, optimizer=None,
+                              lr=None, dataset="synthetic", data_dir="data", max_train=0, synthetic_size=256, extra="")
+    study = ablate.STUDIES["batchnorm"]
+    folder, _ = ablate.study_folder(tmp_path / "abl", study, args)
+    done = folder / study.variants[0].name
+    done.mkdir(parents=True)
+    (done / "metrics.jsonl").write_text("")
+    (done / "summary.json").write_text('{"test_accuracy": 5')  # torn
+    assert study.variants[0] in ablate.pending(study, folder, args)
+
+    ablate.lock_study(folder)  # this process holds the study
+    try:
+        second = subprocess.run(cmd, cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=60)
+    finally:
+        ablate._study_locks.pop().close()
+    assert second.returncode == 2 and "another dist_cifar.ablate is running" in second.stderr
+
+    running = subprocess.Popen([*cmd, "--epochs", "200"], cwd=ROOT, env=base_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    trainer = None
+    while time.monotonic() < deadline and trainer is None:
+        time.sleep(0.5)
+        found = subprocess.run(["pgrep", "-f", f"dist_cifar.train.*{tmp_path / 'abl'}"], capture_output=True, text=True)
+        trainer = next((int(p) for p in found.stdout.split() if int(p) != running.pid), None)
+    assert trainer is not None, "the variant's trainer never started"
+    time.sleep(3)
+    running.send_signal(signal.SIGTERM)
+    running.communicate(timeout=150)
+    assert running.returncode != 0
+    time.sleep(1)
+    assert subprocess.run(["kill", "-0", str(trainer)], capture_output=True).returncode != 0  # not left running

@@ -1,21 +1,63 @@
-"""Real torchrun jobs on gloo (CPU): the DDP contract."""
+"""dist_cifar/distributed.py under real torchrun on gloo: rank 0 writes, exact evaluation, one step equals one process, agreement on NaN, setup errors and crashes reach every rank, timeouts."""
+from __future__ import annotations
+
 import json
+import re
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
-from conftest import (ROOT, base_env, free_port, read_jsonl, run_torchrun, run_train, smoke_args,
-                      torchrun_cmd)
+from conftest import (base_env, free_port, read_jsonl, ROOT, run_torchrun, run_train, smoke_args, torchrun_cmd,
+                      torchrun_jobs)
 from dist_cifar.data import Split
-from dist_cifar.loaders import LoaderSpec, TensorLoader, sampler_indices, steps_in_epoch
+from dist_cifar.loaders import LoaderSpec, steps_in_epoch, TensorLoader
+from dist_cifar import checkpoint as ckpt
 
 
-def test_two_process_run_rank0_writes_outputs(tmp_path):
-    out = tmp_path / "run"
-    proc = run_torchrun(2, smoke_args(out, ["--epochs", "2"]))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+ONE_STEP = ["--dataset", "synthetic", "--synthetic-size", "256", "--model", "small_cnn", "--no-batchnorm",
+            "--no-dropout", "--optimizer", "sgd", "--momentum", "0", "--lr", "0.1", "--epochs", "1",
+            "--steps-per-epoch", "1", "--keep-last", "1"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The 2-rank trainer jobs of this file, in one torchrun launch (conftest.torchrun_jobs): each
+    job the real entry point on both ranks, with its own out dir under the launch's folder."""
+    work = tmp_path_factory.mktemp("distributed")
+    (work / "alone").mkdir()
+    (work / "nodata").mkdir()
+    jobs = [
+        ("rank0_writes", smoke_args(work / "alone" / "run", ["--epochs", "2"]), {}),
+        # synthetic 1001 -> exactly 1001 training images; a rank with an extra step would hang DDP
+        ("uneven", ["--dataset", "synthetic", "--synthetic-size", "1001", "--batch-size", "64", "--epochs", "1",
+                    "--out-dir", str(work / "uneven"), "--dist-timeout", "60"], {}),
+        ("one_val_image", ["--dataset", "synthetic", "--synthetic-size", "256", "--batch-size", "32", "--epochs", "2",
+                           "--val-size", "1", "--out-dir", str(work / "one_val_image"), "--dist-timeout", "30"], {}),
+        ("global_batch", [*smoke_args(work / "global_batch"), "--global-batch-size", "64"], {}),
+        ("one_step", [*ONE_STEP, "--batch-size", "16", "--out-dir", str(work / "one_step")], {}),
+        ("nan", smoke_args(work / "nan", ["--epochs", "2", "--checkpoint-every-steps", "2", "--synthetic-size", "1024"]),
+         {"DIST_CIFAR_FAULT": "nan:rank=1:step=5"}),
+        ("no_data", ["--dataset", "cifar10", "--data-dir", str(work / "nodata"), "--out-dir", str(work / "o"),
+                     "--dist-timeout", "60"], {}),
+    ]
+    results = torchrun_jobs(2, [{"name": n, "argv": a, "env": e} for n, a, e in jobs], work, timeout=600)
+    return work, results
+
+
+def both_ranks(results: dict, name: str, code: int = 0) -> list[dict]:
+    ranks = results[name]["ranks"]
+    for rank, r in enumerate(ranks):
+        assert r["code"] == code, f"{name} rank {rank} exit {r['code']}: {r['stderr'][-3000:]}"
+    return ranks
+
+
+def test_two_process_run_rank0_writes_outputs(two_ranks):
+    work, results = two_ranks
+    out = work / "alone" / "run"
+    rank0, rank1 = both_ranks(results, "rank0_writes")
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2 and config["global_batch_size"] == 64 and config["batch_size"] == 32
     metrics = read_jsonl(out / "metrics.jsonl")
@@ -23,52 +65,30 @@ def test_two_process_run_rank0_writes_outputs(tmp_path):
     assert all(m["world_size"] == 2 and m["rank_time_max_s"] >= m["rank_time_min_s"] > 0 for m in metrics)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
-    assert proc.stdout.count("epoch   0") == 1  # only rank 0 prints
-    assert "global batch 64" in proc.stdout
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "run"]
+    assert rank0["stdout"].count("epoch   0") == 1 and "epoch" not in rank1["stdout"]  # only rank 0 prints
+    assert "global batch 64" in rank0["stdout"]
+    leftovers = [p.name for p in (work / "alone").iterdir() if p.name != "run"]
     assert leftovers == []
 
 
-def test_sampler_shards_are_disjoint_and_cover_the_data():
-    n = 1001
-    e0 = [sampler_indices(n, r, 2, seed=42, epoch=0) for r in range(2)]
-    assert not set(e0[0]) & set(e0[1])
-    assert len(set(e0[0]) | set(e0[1])) == n - n % 2  # drop_last remainder only
-    e1 = [sampler_indices(n, r, 2, seed=42, epoch=1) for r in range(2)]
-    assert e1[0] != e0[0]  # reshuffled each epoch
-    assert sampler_indices(n, 0, 2, seed=42, epoch=1) == e1[0]  # reproducible with the seed
-    assert sampler_indices(n, 0, 2, seed=43, epoch=1) != e1[0]
-    # the tensor loader walks exactly that sequence
-    split = Split(torch.zeros(n, 32, 32, 3, dtype=torch.uint8), torch.arange(n))
-    for rank in range(2):
-        loader = TensorLoader(split, torch.device("cpu"), LoaderSpec(64, rank=rank, world=2, seed=42))
-        loader.set_epoch(1)
-        labels = torch.cat([y for _, y in loader.batches()]).tolist()
-        assert labels == e1[rank][: len(labels)] and len(labels) == 7 * 64
-
-
-def test_uneven_data_same_steps_on_every_rank(tmp_path):
+def test_uneven_data_same_steps_on_every_rank(two_ranks):
     assert steps_in_epoch(1001, 2, 64) == 7
     split = Split(torch.zeros(1001, 32, 32, 3, dtype=torch.uint8), torch.zeros(1001, dtype=torch.long))
     lens = [len(TensorLoader(split, torch.device("cpu"), LoaderSpec(64, rank=r, world=2))) for r in range(2)]
     assert lens == [7, 7]
-    out = tmp_path / "run"
-    # synthetic 1001 -> exactly 1001 training images; a rank with an extra step would hang DDP
-    proc = run_torchrun(2, ["--dataset", "synthetic", "--synthetic-size", "1001", "--batch-size", "64",
-                            "--epochs", "1", "--out-dir", str(out), "--dist-timeout", "60"], timeout=200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    work, results = two_ranks
+    out = work / "uneven"
+    both_ranks(results, "uneven")
     assert json.loads((out / "config.json").read_text())["split_sizes"]["train"] == 1001
     assert read_jsonl(out / "metrics.jsonl")[0]["steps"] == 7
 
 
-def test_validation_split_smaller_than_the_world(tmp_path):
+def test_validation_split_smaller_than_the_world(two_ranks):
     """One validation image, two ranks: rank 1's shard is empty and it must still join every
     evaluation all-reduce (a truthiness check on the shard would skip it and hang the job)."""
-    out = tmp_path / "run"
-    proc = run_torchrun(2, ["--dataset", "synthetic", "--synthetic-size", "256", "--batch-size", "32",
-                            "--epochs", "2", "--val-size", "1", "--out-dir", str(out), "--dist-timeout", "30"],
-                        timeout=200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    work, results = two_ranks
+    out = work / "one_val_image"
+    both_ranks(results, "one_val_image")
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [0, 1] and all("val_loss" in m for m in metrics)
     assert json.loads((out / "config.json").read_text())["split_sizes"]["val"] == 1
@@ -99,27 +119,19 @@ def final_weights(out):
     return torch.load(committed(out)[-1], weights_only=True)["model"]
 
 
-def test_one_step_on_two_ranks_equals_one_process(tmp_path):
+def test_one_step_on_two_ranks_equals_one_process(tmp_path, two_ranks):
     # no dropout, no BatchNorm: the 2x16 DDP step must equal the 1x32 step over the same images
-    common = ["--dataset", "synthetic", "--synthetic-size", "256", "--model", "small_cnn", "--no-batchnorm",
-              "--no-dropout", "--optimizer", "sgd", "--momentum", "0", "--lr", "0.1", "--epochs", "1",
-              "--steps-per-epoch", "1", "--keep-last", "1"]
-    one = run_train([*common, "--batch-size", "32", "--out-dir", str(tmp_path / "one")])
+    work, results = two_ranks
+    one = run_train([*ONE_STEP, "--batch-size", "32", "--out-dir", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-2000:]
-    two = run_torchrun(2, [*common, "--batch-size", "16", "--out-dir", str(tmp_path / "two")])
-    assert two.returncode == 0, two.stderr[-2000:]
-    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    both_ranks(results, "one_step")
+    a, b = final_weights(tmp_path / "one"), final_weights(work / "one_step")
     from dist_cifar.models import build_model
     torch.manual_seed(42)
     init = build_model("small_cnn", batchnorm=False, dropout=False).state_dict()
     assert any((a[k] - init[k]).abs().max() > 1e-4 for k in a)  # the step did something
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=0), key
-
-
-def test_sync_bn_on_cpu_is_a_clear_error(tmp_path):
-    proc = run_torchrun(2, smoke_args(tmp_path / "o", ["--sync-bn"]), timeout=120)
-    assert proc.returncode != 0 and "--sync-bn needs GPUs" in proc.stderr
 
 
 def test_multi_node_simulated_with_c10d(tmp_path):
@@ -156,3 +168,61 @@ def test_crash_on_one_rank_fails_whole_job_fast(tmp_path):
     assert elapsed < 60, f"took {elapsed:.0f}s"
     assert "injected crash" in proc.stderr and "ChildFailedError" in proc.stderr
     assert "rank      : 1" in proc.stderr or "rank: 1" in proc.stderr  # torchrun's error record names it
+
+
+@pytest.mark.slow  # ~50 s: bash benchmarks/slow_tests.sh
+def test_stalled_rank_fails_within_collective_timeout(tmp_path):
+    start = time.monotonic()
+    proc = run_torchrun(2, smoke_args(tmp_path / "o", ["--epochs", "3", "--dist-timeout", "10"]), timeout=150,
+                        DIST_CIFAR_FAULT="sleep:rank=1:step=2:seconds=600")
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert elapsed < 100, f"stall took {elapsed:.0f}s to fail"
+
+
+def test_nan_on_one_rank_stops_all_ranks_before_the_step(two_ranks):
+    work, results = two_ranks
+    out = work / "nan"
+    for r in both_ranks(results, "nan", code=3):  # both ranks, one line each
+        lines = r["stderr"].strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: non-finite loss at epoch 0 step 5"), r["stderr"]
+    last = ckpt.find_latest(out)
+    assert last.name == "ckpt-e0000-s0000004.pt"
+    weights = ckpt.load(last)["model"]
+    assert all(torch.isfinite(t.float()).all() for t in weights.values())
+
+
+def test_global_batch_under_torchrun(two_ranks):
+    work, results = two_ranks
+    out = work / "global_batch"
+    rank0, _ = both_ranks(results, "global_batch")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["batch_size"], config["global_batch_size"], config["world_size"]) == (32, 64, 2)
+    assert "batch 32 per process = global batch 64" in rank0["stdout"]
+    assert read_jsonl(out / "metrics.jsonl")[0]["steps"] == 256 // 64
+
+
+def test_setup_error_reaches_every_rank_as_one_line(two_ranks):
+    _, results = two_ranks
+    for r in both_ranks(results, "no_data", code=2):
+        lines = r["stderr"].strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: CIFAR-10 download from"), r["stderr"][-3000:]
+        assert "Connection closed" not in r["stderr"] and not re.search(r'File ".*dist_cifar/.*\.py"', r["stderr"])
+
+
+def test_ranks_started_with_different_flags_fail_with_one_line(tmp_path):
+    """Cases 066/067: two ranks started by hand with different --lr (or --epochs) trained
+    diverging replicas silently, or hung until the collective timeout."""
+    from conftest import free_port, smoke_args
+    port = free_port()
+    procs = []
+    for rank, extra in ((0, []), (1, ["--lr", "0.01"])):
+        env = base_env(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1",
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-m", "dist_cifar.train",
+                                       *smoke_args(tmp_path / f"o{rank}", ["--dist-timeout", "30", *extra])],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], results
+    for _, err in results:
+        assert "error: rank 1 was started with --lr 0.01 but rank 0 with 0.001" in err, err

@@ -12,13 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, base_env
+from conftest import base_env, ROOT
+
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+
 EXPECTED = {"suite_summary.json", "fast_run.json", "peers.json", "peers.png", "headline.json", "ladder.json",
             "ladder.png", "suite.log"}
+
+
 SMOKE_BUDGET_S = 300
+
+
 STAGE_FILES = {"rehearsal": set(), "fast": {"fast_run.json"}, "ladder": {"ladder.json", "ladder.png"}, "peers": {"peers.json", "peers.png"},
                "headline": {"headline.json"}}
 

@@ -1,10 +1,14 @@
+""""""
+from __future__ import annotations
+
 import itertools
 
 import pytest
 import torch
 
 from dist_cifar.config import ConfigError, make_config
-from dist_cifar.models import MODELS, SmallCNN, VGG16CIFAR, build_model, count_parameters
+from dist_cifar.models import build_model, count_parameters, MODELS, SmallCNN, VGG16CIFAR
+from dist_cifar.cost import measure
 
 
 @pytest.mark.parametrize("name", ["linear", "simple_cnn", "small_cnn", "vgg_truncated"])
@@ -69,3 +73,11 @@ def test_flip_tta_averages_the_two_views_and_is_what_evaluation_sees():
     a = evaluate(plain.model.eval_model, plain.shards(splits.test), plain.precision, info)
     b = evaluate(tta.model.eval_model, tta.shards(splits.test), tta.precision, info)
     assert a.count == b.count == len(splits.test) and a.loss != b.loss  # a different function was evaluated
+
+
+def test_cost_of_vgg16_cifar():
+    cost = measure("vgg16_cifar")
+    assert cost.params == 332_943_818
+    assert abs(cost.train_flops_per_image / 1e9 - 17.8) <= 0.1
+    assert cost.param_groups["linear fc_layer.1 (73728->4096)"] == 73728 * 4096 + 4096
+    assert cost.grad_bytes_fp32 == 4 * 332_943_818

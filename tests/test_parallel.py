@@ -1,5 +1,7 @@
 """--parallel {ddp,hybrid,fsdp}: the sharded head and FSDP2 against one process and against DDP,
 resharding checkpoints, and bytes on the wire against dist_cifar.cost. Real torchrun jobs on gloo."""
+from __future__ import annotations
+
 import json
 import re
 import subprocess
@@ -8,10 +10,10 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, base_env, read_jsonl, run_torchrun, run_train
-from dist_cifar import checkpoint as ckpt
-from dist_cifar import cost
+from conftest import base_env, read_jsonl, ROOT, run_torchrun, run_train, smoke_args, torchrun_jobs
+from dist_cifar import checkpoint as ckpt, cost
 from dist_cifar.models import build_model
+
 
 WORKER = "tests/parallel_worker.py"
 
@@ -57,16 +59,44 @@ TWENTY = ["--dataset", "synthetic", "--synthetic-size", "512", "--model", "small
           "--eval-batch-size", "16", "--quiet"]
 
 
-def test_twenty_steps_match_ddp_and_bytes_match_the_prediction(tmp_path):
+def exact(out, epochs, *extra):
+    return ["--dataset", "synthetic", "--synthetic-size", "512", "--model", "small_cnn", "--batch-size", "16",
+            "--epochs", str(epochs), "--augment", "--record-step-losses", "--quiet", "--out-dir", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """This file's 2-rank trainer jobs in one torchrun launch (conftest.torchrun_jobs), in order:
+    the twenty-step runs of each design, the hybrid's uninterrupted / preempted / resumed runs, and
+    the compressed comm hooks."""
+    work = tmp_path_factory.mktemp("parallel")
+    jobs = [(f"twenty_{d}", [*TWENTY, "--parallel", d, "--out-dir", str(work / f"twenty_{d}")], {})
+            for d in ("ddp", "hybrid", "fsdp")]
+    jobs += [("resume_a", exact(work / "resume_a", 2, "--parallel", "hybrid"), {}),
+             ("resume_b_stop", exact(work / "resume_b", 2, "--parallel", "hybrid"),
+              {"DIST_CIFAR_FAULT": "preempt:rank=1:step=20"}),
+             ("resume_b_again", exact(work / "resume_b", 2, "--parallel", "hybrid"), {})]
+    jobs += [(f"hook_{h}", smoke_args(work / f"hook_{h}", ["--epochs", "3", "--synthetic-size", "512",
+                                                            "--ddp-comm-hook", h]), {}) for h in ("fp16", "bf16")]
+    return work, torchrun_jobs(2, [{"name": n, "argv": a, "env": e} for n, a, e in jobs], work, timeout=900)
+
+
+def rank0(results: dict, name: str, code: int = 0) -> dict:
+    for rank, r in enumerate(results[name]["ranks"]):
+        assert r["code"] == code, f"{name} rank {rank} exit {r['code']}: {r['stderr'][-3000:]}"
+    return results[name]["ranks"][0]
+
+
+def test_twenty_steps_match_ddp_and_bytes_match_the_prediction(two_ranks):
     """BatchNorm and dropout on: hybrid and fsdp follow DDP's 20 losses to 1e-4 (BatchNorm uses each
     rank's own batch statistics under all three); evaluation stays exact with uneven shards (33
     validation images, 17/16 per rank, in batches of 16: the second rank pads a whole batch); every
     rank's bytes per step, recorded from the collectives, equal dist_cifar.cost's prediction."""
+    work, results = two_ranks
     runs = {}
     for design in ("ddp", "hybrid", "fsdp"):
-        out = tmp_path / design
-        proc = run_torchrun(2, [*TWENTY, "--parallel", design, "--out-dir", str(out)])
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        out = work / f"twenty_{design}"
+        stdout = rank0(results, f"twenty_{design}")["stdout"]
         runs[design] = out
         config = json.loads((out / "config.json").read_text())
         assert config["parallel_resolved"] == design and config["num_params"] == 69_050
@@ -74,7 +104,7 @@ def test_twenty_steps_match_ddp_and_bytes_match_the_prediction(tmp_path):
         assert config["wire_predicted"] == predicted
         metrics = read_jsonl(out / "metrics.jsonl")
         assert [m["wire_bytes_per_step"] for m in metrics] == [sum(predicted.values())] * 2
-        assert "on the wire (predicted)" in proc.stdout and "warning: each rank sent" not in proc.stdout
+        assert "on the wire (predicted)" in stdout and "warning: each rank sent" not in stdout
     ddp_losses = [r["loss"] for r in read_jsonl(runs["ddp"] / "step_losses.jsonl")]
     assert len(ddp_losses) == 20
     for design in ("hybrid", "fsdp"):
@@ -101,20 +131,14 @@ def test_vgg16_prediction_is_the_issue_arithmetic():
     assert 58e6 < hybrid < 60e6 and ddp / hybrid > 22
 
 
-def exact(out, epochs, *extra):
-    return ["--dataset", "synthetic", "--synthetic-size", "512", "--model", "small_cnn", "--batch-size", "16",
-            "--epochs", str(epochs), "--augment", "--record-step-losses", "--quiet", "--out-dir", str(out), *extra]
-
-
-def test_resume_same_world_is_bit_exact(tmp_path):
-    design = "hybrid"  # fsdp resumes in test_resume_at_another_world_size_reshards
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert run_torchrun(2, exact(a, 2, "--parallel", design)).returncode == 0
-    stop = run_torchrun(2, exact(b, 2, "--parallel", design), DIST_CIFAR_FAULT="preempt:rank=1:step=20")
-    assert stop.returncode != 0 and "preempted" in stop.stderr
-    again = run_torchrun(2, exact(b, 2, "--parallel", design))
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "resumed from" in again.stdout
+def test_resume_same_world_is_bit_exact(two_ranks):
+    # the hybrid here; fsdp resumes in test_resume_at_another_world_size_reshards
+    work, results = two_ranks
+    a, b = work / "resume_a", work / "resume_b"
+    rank0(results, "resume_a")
+    stop = rank0(results, "resume_b_stop", code=75)
+    assert "preempted" in stop["stderr"]
+    assert "resumed from" in rank0(results, "resume_b_again")["stdout"]
     assert (a / "step_losses.jsonl").read_text() == (b / "step_losses.jsonl").read_text()
     ma = torch.load(ckpt.committed(a)[-1], weights_only=True)
     mb = torch.load(ckpt.committed(b)[-1], weights_only=True)
@@ -179,14 +203,25 @@ def test_two_emulated_hosts_every_design(tmp_path):
 def test_world_size_one_trains_the_bare_module(tmp_path):
     """One rank under torchrun: no DDP wrapper and no comm hook unless --ddp-single; the losses
     are the same either way (the fp32 hook changes nothing), only the overhead differs."""
-    from conftest import smoke_args
-    bare = run_torchrun(1, smoke_args(tmp_path / "bare", ["--ddp-comm-hook", "allreduce", "--record-step-losses"]))
-    wrapped = run_torchrun(1, smoke_args(tmp_path / "ddp", ["--ddp-comm-hook", "allreduce", "--record-step-losses",
-                                                            "--ddp-single"]))
-    assert bare.returncode == 0 and wrapped.returncode == 0, bare.stderr[-2000:] + wrapped.stderr[-2000:]
-    assert "no DDP wrapper or comm hook" in bare.stdout and "(--ddp-single)" in wrapped.stdout
+    flags = ["--ddp-comm-hook", "allreduce", "--record-step-losses"]
+    results = torchrun_jobs(1, [{"name": "bare", "argv": smoke_args(tmp_path / "bare", flags), "env": {}},
+                                {"name": "ddp", "argv": smoke_args(tmp_path / "ddp", [*flags, "--ddp-single"]), "env": {}}],
+                            tmp_path)
+    bare, wrapped = rank0(results, "bare"), rank0(results, "ddp")
+    assert "no DDP wrapper or comm hook" in bare["stdout"] and "(--ddp-single)" in wrapped["stdout"]
     assert read_jsonl(tmp_path / "bare" / "metrics.jsonl")[0].get("comm_s") is None  # no hook ran
     assert read_jsonl(tmp_path / "ddp" / "metrics.jsonl")[0]["comm_s"] > 0
     a = [r["loss"] for r in read_jsonl(tmp_path / "bare" / "step_losses.jsonl")]
     b = [r["loss"] for r in read_jsonl(tmp_path / "ddp" / "step_losses.jsonl")]
     assert len(a) == len(b) > 0 and max(abs(x - y) for x, y in zip(a, b)) < 1e-6
+
+
+@pytest.mark.parametrize("hook", ["fp16", "bf16"])
+def test_comm_hooks_under_two_process_torchrun(two_ranks, hook):
+    work, results = two_ranks
+    out = work / f"hook_{hook}"
+    rank0(results, f"hook_{hook}")
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert all(m["comm_s"] > 0 for m in metrics)
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]  # compressed gradients still train
+    assert json.loads((out / "config.json").read_text())["ddp_comm_hook"] == hook

@@ -17,10 +17,15 @@ from typing import Callable, Optional
 
 import pytest
 
-from conftest import ROOT, base_env, write_image_tarball, write_official_cifar
+from conftest import base_env, ROOT, write_image_tarball, write_official_cifar
+
 
 TINY_REPORT = "--epochs 1 --max-train 64"  # the report split on the official-format data/
+
+
 TINY_IMAGES = "--epochs 1 --max-train 32 --split full --val-size 10"  # the small image tarball
+
+
 TINY_FAST = "--model small_cnn --no-compile --global-batch-size 32 --epochs 1 --steps-per-epoch 2"
 
 

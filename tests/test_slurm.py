@@ -2,6 +2,8 @@
 
 Skipped with a reason when no cluster answers `sinfo`, unless DIST_CIFAR_REQUIRE_SLURM=1
 (as in CI), where that is a failure."""
+from __future__ import annotations
+
 import json
 import os
 import re
@@ -11,7 +13,8 @@ import time
 
 import pytest
 
-from conftest import ROOT, base_env, read_jsonl
+from conftest import base_env, read_jsonl, ROOT
+
 
 pytestmark = pytest.mark.slurm
 

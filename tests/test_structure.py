@@ -1,6 +1,10 @@
 """Code-shape rules the issue tracker asked for, checked on the source itself."""
+from __future__ import annotations
+
 import ast
+
 from conftest import ROOT
+
 
 FOLDERS = ("dist_cifar", "benchmarks", "tests")
 

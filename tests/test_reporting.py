@@ -1,16 +1,50 @@
-"""W&B offline runs read back from their files, console output in and out of a TTY, plots."""
+"""dist_cifar/reporting.py and plot.py: metrics.jsonl, W&B offline runs read back, console output on and off a TTY, plots, the per-epoch keys."""
+from __future__ import annotations
+
 import os
 import pty
 import re
 import subprocess
 import sys
+import time
+import wandb_reader
 
 import pytest
 
-from conftest import ROOT, base_env, read_jsonl, run_torchrun, run_train, smoke_args
-import wandb_reader
+from conftest import base_env, free_port, make_tree, read_jsonl, ROOT, run_torchrun, run_train, smoke_args
 
-pytest.importorskip("wandb")
+
+def test_unreachable_wandb_server_falls_back_to_offline_quickly(tmp_path):
+    """Credentials but no route to the server (a compute node): training starts within 60 s,
+    logging offline, instead of waiting on W&B's retries."""
+    out = tmp_path / "run"
+    home = tmp_path / "home"
+    home.mkdir()
+    env = base_env(WANDB_MODE="online", WANDB_API_KEY="x" * 40, WANDB_BASE_URL=f"http://127.0.0.1:{free_port()}",
+                   HOME=str(home), WANDB_CONFIG_DIR=str(home / "wandb-config"), WANDB_CACHE_DIR=str(home / "wandb-cache"))
+    started = time.monotonic()
+    # 10 s instead of the default 25 keeps the suite short; the default path measured 32.5 s to
+    # the first epoch on the 2-core machine
+    proc = subprocess.Popen([sys.executable, "-m", "dist_cifar.train", *smoke_args(out, ["--wandb-init-timeout", "10"])],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, first_epoch_s = [], None
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if first_epoch_s is None and line.lstrip().startswith("epoch "):
+                first_epoch_s = time.monotonic() - started
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    text = "".join(lines)
+    assert proc.returncode == 0, text[-3000:]
+    assert "logging offline instead" in text and "W&B: logging offline to" in text
+    assert first_epoch_s is not None and first_epoch_s < 60, (first_epoch_s, text[-2000:])
+    from dist_cifar.config import TrainConfig
+    assert TrainConfig().wandb_init_timeout <= 25  # the default leaves 35 s of the 60 for the rest
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
 ANSI = re.compile(r"\x1b\[")
 
 
@@ -19,6 +53,7 @@ def offline_runs(out):
 
 
 def test_two_process_offline_run_logs_every_epoch_once(tmp_path):
+    pytest.importorskip("wandb")
     out = tmp_path / "run"
     # no --wandb flag: W&B is on by default, and WANDB_MODE=offline says how
     proc = run_torchrun(2, smoke_args(out, ["--epochs", "3", "--ddp-comm-hook", "allreduce"]),
@@ -48,6 +83,7 @@ def test_two_process_offline_run_logs_every_epoch_once(tmp_path):
 
 
 def test_resumed_job_continues_the_same_run(tmp_path):
+    pytest.importorskip("wandb")
     out = tmp_path / "run"
     first = run_train(smoke_args(out, ["--epochs", "2", "--wandb", "offline"]), WANDB_MODE="offline")
     assert first.returncode == 0, first.stderr[-2000:]
@@ -129,3 +165,55 @@ def test_readme_and_key_docs_match_what_epoch_record_emits():
     table = reference[reference.index("Logged once per epoch"):].split("\n\n")[1]
     documented = set(re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.M))
     assert documented == emitted
+
+
+def test_user_strings_are_printed_literally(tmp_path):
+    """Cases 084/083: an out dir with `[/` ended a finished run with rich's MarkupError (exit 1);
+    a class folder `cat[red]` was shown as `cat`."""
+    tree = make_tree(tmp_path / "tree", per_class=2, classes=("cat[red]", "dog"))
+    out = tmp_path / "n084[/]x"
+    proc = run_train(["--dataset", "imagefolder", "--data-dir", str(tree), "--model", "small_cnn", "--epochs", "1",
+                      "--batch-size", "2", "--val-size", "0", "--out-dir", str(out)], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "n084[/]x" in proc.stdout and "test acc cat[red]" in proc.stdout
+
+
+def test_wandb_problems_never_end_a_run(tmp_path):
+    """Cases 140 (unwritable wandb/), 144 (WANDB_MODE=garbage: a pydantic traceback), 138 (a run
+    id with '/' made every resume fail), 152 (a fork into another folder reused the W&B run)."""
+    from conftest import smoke_args
+    garbage = run_train(smoke_args(tmp_path / "g"), WANDB_MODE="garbage")
+    assert garbage.returncode == 2 and "WANDB_MODE='garbage' is not one of" in garbage.stderr
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "wandb").write_text("a file where the folder should be")
+    blocked = run_train([*smoke_args(out), "--wandb", "offline", "--overwrite"], WANDB_MODE="offline")
+    assert blocked.returncode == 0, blocked.stderr[-2000:]
+    assert "W&B could not start" in blocked.stdout
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "wandb_run_id.txt").write_text("../../escape")
+    odd = run_train(smoke_args(bad, ["--overwrite"]), WANDB_MODE="offline")
+    assert odd.returncode == 0, odd.stderr[-2000:]
+    src = tmp_path / "src"
+    assert run_train(smoke_args(src), WANDB_MODE="offline").returncode == 0
+    first_id = (src / "wandb_run_id.txt").read_text()
+    from dist_cifar import checkpoint as ckpt
+    fork = run_train([*smoke_args(tmp_path / "fork", ["--epochs", "2"]), "--resume", str(ckpt.committed(src)[-1])],
+                     WANDB_MODE="offline")
+    assert fork.returncode == 0, fork.stderr[-2000:]
+    assert "a fork of" in fork.stdout and (tmp_path / "fork" / "wandb_run_id.txt").read_text() != first_id
+
+
+def test_wandb_online_without_wandb_installed_is_one_line(tmp_path):
+    """A wandb that fails to import, as on a host without it: exit 2 before any work."""
+    shadow = tmp_path / "shadow" / "wandb"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named wandb')\n")
+    from conftest import ROOT, base_env
+    env = base_env()
+    env["PYTHONPATH"] = f"{tmp_path / 'shadow'}:{ROOT}"
+    proc = run_train(["--wandb", "online", "--out-dir", str(tmp_path / "o")], timeout=60, env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "--wandb" in lines[0] and "pip install wandb" in lines[0]
+    assert not (tmp_path / "o").exists()
