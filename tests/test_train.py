@@ -1,16 +1,19 @@
-""""""
+"""dist_cifar/train.py end to end: one process learns and writes every output; each design trains
+under torchrun at two ranks."""
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
-from conftest import read_jsonl, run_train
+from conftest import read_jsonl, run_train, smoke_args, torchrun_jobs
 
 
 OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "best.pt", "loss_curves.png", "confusion_matrix.png")
 
 
+@pytest.mark.quick
 def test_two_epoch_small_cnn_run_learns_and_writes_everything(tmp_path):
     out = tmp_path / "run"
     proc = run_train(["--dataset", "synthetic", "--synthetic-size", "1024", "--model", "small_cnn",
@@ -34,3 +37,20 @@ def test_two_epoch_small_cnn_run_learns_and_writes_everything(tmp_path):
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["model_name"] == "small_cnn" and "fc1.weight" in best["state_dict"]
     assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.quick
+def test_each_design_trains_end_to_end_at_two_ranks(tmp_path):
+    """ddp, hybrid and fsdp, each a real 2-rank job (one torchrun launch for the three): every rank
+    exits 0, rank 0 writes one line per epoch and the summary, and the layout is the one asked for."""
+    designs = ("ddp", "hybrid", "fsdp")
+    jobs = [{"name": d, "argv": smoke_args(tmp_path / d, ["--epochs", "2", "--parallel", d, "--quiet"]), "env": {}}
+            for d in designs]
+    results = torchrun_jobs(2, jobs, tmp_path, timeout=300)
+    for design in designs:
+        assert [r["code"] for r in results[design]["ranks"]] == [0, 0], results[design]["ranks"][0]["stderr"][-2000:]
+        out = tmp_path / design
+        assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1]
+        config = json.loads((out / "config.json").read_text())
+        assert (config["parallel_resolved"], config["world_size"]) == (design, 2)
+        assert 0 <= json.loads((out / "summary.json").read_text())["test_accuracy"] <= 100
