@@ -1,10 +1,11 @@
 """One optimizer step of a (possibly sharded) model on a fixed global batch; writes the plain
 gradients, updated weights and optimizer state (rank 0). Run alone (the reference) or under torchrun.
 
-    python tests/parallel_worker.py OUT.pt DESIGN [--load STATE.pt]
+    python tests/parallel_worker.py OUT DESIGN[,DESIGN...] [--load STATE.pt]
 
-With --load, the plain state in STATE.pt (model + optimizer, as a checkpoint holds them) is then
-also loaded through the layout and consolidated again (key "round_trip"): resharding."""
+Writes OUT-DESIGN.pt per design (one process group serves them all, one launch). With --load, the
+plain state in STATE.pt (model + optimizer, as a checkpoint holds them) is then also loaded
+through the layout and consolidated again (key "round_trip"): resharding."""
 import sys
 
 import torch
@@ -32,33 +33,39 @@ def plain_grads(wrapped, info) -> dict:
     return grads
 
 
-def main() -> None:
-    out, design = sys.argv[1], sys.argv[2]
+def one_step(design: str, info: D.DistInfo) -> dict:
     cfg = make_config(model="small_cnn", batchnorm=False, dropout=False, parallel=design, device="cpu",
                       precision="fp32", channels_last=False, compile=False)
+    torch.manual_seed(cfg.seed)
+    wrapped = parallelize(build_model(cfg.model, batchnorm=False, dropout=False), cfg, info)
+    optimizer = torch.optim.Adam(wrapped.module.parameters(), lr=1e-2)
+    model_state = ConsolidatedModel(wrapped.plan, wrapped.module)
+    optim_state = ConsolidatedOptimizer(wrapped.plan, optimizer, wrapped.module)
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (GLOBAL_BATCH,), generator=g)
+    b = GLOBAL_BATCH // info.world_size
+    mine = slice(info.rank * b, (info.rank + 1) * b)
+    loss = F.cross_entropy(wrapped.train_model(x[mine]), y[mine])
+    loss.backward()
+    grads = plain_grads(wrapped, info)
+    optimizer.step()
+    result = {"grads": grads, "weights": model_state.state_dict(), "optimizer": optim_state.state_dict()}
+    if "--load" in sys.argv:
+        saved = torch.load(sys.argv[sys.argv.index("--load") + 1], weights_only=True)
+        model_state.load_state_dict(saved["weights"])
+        optim_state.load_state_dict(saved["optimizer"])
+        result["round_trip"] = {"weights": model_state.state_dict(), "optimizer": optim_state.state_dict()}
+    return result
+
+
+def main() -> None:
+    out, designs = sys.argv[1], sys.argv[2].split(",")
     with D.session("cpu", "gloo") as info:
-        torch.manual_seed(cfg.seed)
-        wrapped = parallelize(build_model(cfg.model, batchnorm=False, dropout=False), cfg, info)
-        optimizer = torch.optim.Adam(wrapped.module.parameters(), lr=1e-2)
-        model_state = ConsolidatedModel(wrapped.plan, wrapped.module)
-        optim_state = ConsolidatedOptimizer(wrapped.plan, optimizer, wrapped.module)
-        g = torch.Generator().manual_seed(123)
-        x = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g)
-        y = torch.randint(0, 10, (GLOBAL_BATCH,), generator=g)
-        b = GLOBAL_BATCH // info.world_size
-        mine = slice(info.rank * b, (info.rank + 1) * b)
-        loss = F.cross_entropy(wrapped.train_model(x[mine]), y[mine])
-        loss.backward()
-        grads = plain_grads(wrapped, info)
-        optimizer.step()
-        result = {"grads": grads, "weights": model_state.state_dict(), "optimizer": optim_state.state_dict()}
-        if "--load" in sys.argv:
-            saved = torch.load(sys.argv[sys.argv.index("--load") + 1], weights_only=True)
-            model_state.load_state_dict(saved["weights"])
-            optim_state.load_state_dict(saved["optimizer"])
-            result["round_trip"] = {"weights": model_state.state_dict(), "optimizer": optim_state.state_dict()}
-        if info.is_main:
-            torch.save(result, out)
+        for design in designs:
+            result = one_step(design, info)
+            if info.is_main:
+                torch.save(result, f"{out}-{design}.pt")
         D.barrier(info)  # no rank closes its sockets while a peer's last collective is in flight (gloo aborts it)
 
 

@@ -108,6 +108,7 @@ def test_failed_variant_is_reported_then_rerun(tmp_path):
     assert len([r for r in table_rows((out / "batchnorm-e1" / "report.md").read_text()) if "failed" not in r]) == 2
 
 
+@pytest.mark.quick
 def test_unknown_variant_is_a_clear_error(tmp_path):
     proc = ablate(["dropout", "--variants", "nope", "--out", str(tmp_path)])
     assert proc.returncode == 2 and "with_dropout" in proc.stderr

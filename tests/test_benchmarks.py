@@ -1,6 +1,7 @@
 """benchmarks/: plain reruns write to runs/ and state their data, spread warnings, and nothing published on failure."""
 from __future__ import annotations
 
+import pytest
 import hashlib
 import json
 import subprocess
@@ -40,6 +41,7 @@ def test_a_plain_benchmark_rerun_writes_to_runs_and_states_its_data(tmp_path):
     assert tree_digest(RESULTS) == before  # nothing committed was replaced
 
 
+@pytest.mark.quick
 def test_repeats_that_disagree_are_flagged():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from common import spread_warning

@@ -1,9 +1,11 @@
 """dist_cifar/budget.py: a run's checkpoint, disk and memory needs, stated and enforced before any data is loaded."""
 from __future__ import annotations
 
+import pytest
 
 
 
+@pytest.mark.quick
 def test_the_run_states_its_budget_and_refuses_checkpoints_that_cannot_fit(tmp_path):
     from conftest import run_train, smoke_args
     ok = run_train(smoke_args(tmp_path / "ok", ["--wandb", "off"]))
@@ -19,6 +21,7 @@ def test_the_run_states_its_budget_and_refuses_checkpoints_that_cannot_fit(tmp_p
     assert not list((tmp_path / "huge").glob("ckpt-*")) and not (tmp_path / "huge" / "metrics.jsonl").exists()
 
 
+@pytest.mark.quick
 def test_the_budget_counts_what_a_checkpoint_holds():
     from pathlib import Path
 

@@ -19,6 +19,7 @@ def final_model(out):
     return torch.load(ckpt.committed(out)[-1], weights_only=True)["model"]
 
 
+@pytest.mark.quick
 def test_atomic_save_survives_a_crash_midway(tmp_path, monkeypatch):
     first = ckpt.save(tmp_path, {"format": ckpt.FORMAT, "w": torch.ones(3)}, 1, 0, keep_last=3)
 
@@ -43,6 +44,7 @@ def test_atomic_save_survives_a_crash_midway(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.glob(".tmp-ckpt-*")]  # strays pruned on the next save
 
 
+@pytest.mark.quick
 def test_keep_last_prunes_only_after_commit(tmp_path):
     for epoch in range(1, 6):
         ckpt.save(tmp_path, {"format": ckpt.FORMAT, "e": epoch}, epoch, 0, keep_last=2)
@@ -52,6 +54,7 @@ def test_keep_last_prunes_only_after_commit(tmp_path):
     assert ckpt.load(ckpt.find_latest(tmp_path))["e"] == 5
 
 
+@pytest.mark.quick
 def test_exact_resume_single_process_bit_identical(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_train([*EXACT, "--out-dir", str(a)]).returncode == 0
@@ -121,6 +124,7 @@ def test_world_size_change_on_resume(two_ranks):
     assert json.loads((out / "config.json").read_text())["world_size"] == 1
 
 
+@pytest.mark.quick
 def test_incompatible_checkpoint_is_a_one_line_error(tmp_path):
     out = tmp_path / "run"
     assert run_train(smoke_args(out)).returncode == 0
@@ -130,6 +134,7 @@ def test_incompatible_checkpoint_is_a_one_line_error(tmp_path):
     assert len(lines) == 1 and "model='small_cnn'" in lines[0] and "simple_cnn" in lines[0]
 
 
+@pytest.mark.quick
 def test_resume_refuses_another_recipe_and_allows_more_epochs(tmp_path):
     out = tmp_path / "run"
     assert run_train(smoke_args(out)).returncode == 0
@@ -156,6 +161,7 @@ def test_resume_path_into_another_finished_run_is_refused(tmp_path):
     assert fresh.returncode == 0 and "resumed from" in fresh.stdout  # an empty out dir is fine
 
 
+@pytest.mark.quick
 def test_prune_never_keeps_a_corrupt_file_instead_of_the_new_one(tmp_path):
     """Resumed from e1 after e2 turned out corrupt: the preemption save e1-s5 with --keep-last 1
     used to be pruned in favour of the corrupt (newer-named) e2, leaving nothing loadable."""
@@ -170,6 +176,7 @@ def test_prune_never_keeps_a_corrupt_file_instead_of_the_new_one(tmp_path):
     assert not (tmp_path / ckpt.checkpoint_name(1, 0)).exists()  # older than the kept one
 
 
+@pytest.mark.quick
 def test_resume_path_is_verified_best_pt_explained_and_advice_works(tmp_path):
     out = tmp_path / "run"
     assert run_train(smoke_args(out, ["--epochs", "2", "--keep-last", "2"])).returncode == 0
@@ -185,6 +192,7 @@ def test_resume_path_is_verified_best_pt_explained_and_advice_works(tmp_path):
     assert advised.returncode == 0  # the advice works
 
 
+@pytest.mark.quick
 def test_longer_onecycle_run_is_refused_before_anything_is_written(tmp_path):
     out = tmp_path / "run"
     assert run_train(smoke_args(out, ["--schedule", "onecycle"])).returncode == 0
@@ -194,6 +202,7 @@ def test_longer_onecycle_run_is_refused_before_anything_is_written(tmp_path):
     assert (out / "config.json").read_text() == config
 
 
+@pytest.mark.quick
 def test_a_torn_last_line_does_not_block_resume(tmp_path):
     """Cases 123/123b: the last 40 bytes of metrics.jsonl (or step_losses.jsonl) cut off: every
     resume ended in a JSONDecodeError traceback."""
@@ -241,6 +250,7 @@ def test_best_pt_is_verified_and_a_good_summary_never_overwritten(tmp_path):
     assert json.loads((out / "summary.json").read_text())["test_accuracy"] == json.loads(good)["test_accuracy"]
 
 
+@pytest.mark.quick
 def test_a_failed_background_write_stops_the_job_with_one_line(tmp_path):
     """Cases 033/034: failed checkpoint writes were silent, training went on without them, and a
     preemption said 'checkpoint written; exit 75' before dying on the failed rename."""
@@ -259,6 +269,7 @@ def test_a_failed_background_write_stops_the_job_with_one_line(tmp_path):
     assert "checkpoint written" not in preempted.stderr and "Traceback" not in preempted.stderr
 
 
+@pytest.mark.quick
 def test_resume_refuses_recipe_changes_outside_the_identity(tmp_path):
     """Cases 042/055/056: a changed --batch-size, a lowered --epochs on a finished run and a
     --steps-per-epoch below the resume step were accepted."""
@@ -275,6 +286,7 @@ def test_resume_refuses_recipe_changes_outside_the_identity(tmp_path):
     assert low.returncode == 2 and "--steps-per-epoch" in low.stderr, low.stderr[-1500:]
 
 
+@pytest.mark.quick
 def test_strays_are_cleaned_and_unmarked_checkpoints_named(tmp_path):
     """Cases 030r/035/049: `.tmp-best.pt-<pid>` of a dead run stayed forever; a checkpoint renamed
     without its marker stayed, and when it was the newest the resume took an older one silently."""

@@ -35,6 +35,7 @@ def test_auto_values_resolve_per_device():
     assert settle(gpu, "cuda", 1) == gpu  # idempotent
 
 
+@pytest.mark.quick
 def test_config_json_records_resolved_values(tmp_path):
     out = tmp_path / "run"
     assert run_train(smoke_args(out)).returncode == 0
@@ -43,6 +44,7 @@ def test_config_json_records_resolved_values(tmp_path):
             config["guard_every"], config["backend"]) == ("cpu", "fp32", False, False, 1, "gloo")
 
 
+@pytest.mark.quick
 def test_global_batch_divides_over_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     fast, _ = resolve(parse_config(["--preset", "fast", "--device", "cpu", "--precision", "fp32"]))
@@ -79,6 +81,7 @@ def test_gpus_the_driver_lists_but_torch_cannot_see_stop_the_trainer(tmp_path):
     assert run_train(smoke_args(tmp_path / "o2", ["--device", "cpu"]), env=env).returncode == 0
 
 
+@pytest.mark.quick
 def test_help_is_grouped_by_concern_and_shows_the_version():
     import dataclasses
 
@@ -115,6 +118,7 @@ def test_bad_input_is_one_line_not_a_traceback(cmd, named):
     assert named in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.quick
 def test_messages_say_what_is_true(tmp_path):
     """Cases 046/047 (another format told to --resume none, which was refused), 020 (--resume none
     'holds no checkpoint'), 088 (a valid .zip called a corrupt archive)."""
@@ -200,6 +204,7 @@ BAD_FLAGS = [
 ]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("flags,named", BAD_FLAGS)
 def test_bad_flags_are_refused_naming_the_flag(flags, named):
     """In-process: parse + resolve (the whole up-front check) raise one line naming the flag."""
@@ -210,6 +215,7 @@ def test_bad_flags_are_refused_naming_the_flag(flags, named):
     assert named in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("flags,named", [BAD_FLAGS[6], BAD_FLAGS[10], BAD_FLAGS[16]])
 def test_bad_flags_fail_fast_with_one_line(tmp_path, flags, named):
     """The same through the real entry point: exit 2, one line on stderr, nothing created."""
@@ -220,6 +226,7 @@ def test_bad_flags_fail_fast_with_one_line(tmp_path, flags, named):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.quick
 def test_argparse_rejects_unknown_choice(tmp_path):
     proc = run_train(["--optimizer", "lbfgs"], timeout=60)
     assert proc.returncode == 2 and "--optimizer" in proc.stderr
@@ -246,6 +253,7 @@ def other_value(name: str, default):
     return [flag, "x-value"], "x-value"
 
 
+@pytest.mark.quick
 def test_every_field_is_documented_and_round_trips_through_its_flag():
     """Each field, set alone to a non-default value on the command line, arrives in the config
     with that value and type (bools through --flag / --no-flag, choices, ints, floats)."""
@@ -260,6 +268,7 @@ def test_every_field_is_documented_and_round_trips_through_its_flag():
     assert len(dataclasses.fields(TrainConfig)) >= 60
 
 
+@pytest.mark.quick
 def test_flags_the_readme_uses_exist():
     """README.md is written by hand: every trainer flag it shows must be accepted."""
     import re
@@ -279,6 +288,7 @@ def test_flags_the_readme_uses_exist():
     assert not unknown, unknown
 
 
+@pytest.mark.quick
 def test_preset_then_explicit_flags_override():
     cfg = parse_config(["--preset", "report", "--lr", "0.01", "--epochs", "3"])
     assert cfg.batch_size == 32 and cfg.eval_batch_size == 128 and cfg.normalize == "half"

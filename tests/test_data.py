@@ -20,6 +20,7 @@ from dist_cifar.data import (DataError, load_cifar10, load_imagefolder, load_sou
 from dist_cifar import data as D
 
 
+@pytest.mark.quick
 def test_official_pickles_parse_through_real_code(official_cifar):
     raw = load_cifar10(official_cifar)
     assert raw.train_x.shape == (100, 32, 32, 3) and raw.train_x.dtype == torch.uint8
@@ -33,6 +34,7 @@ def test_official_pickles_parse_through_real_code(official_cifar):
     assert raw.train_y[:20].tolist() == batch[b"labels"]
 
 
+@pytest.mark.quick
 def test_official_tarball_is_extracted_once(tmp_path):
     src = write_official_cifar(tmp_path / "src")
     data = tmp_path / "data"
@@ -52,6 +54,7 @@ def test_missing_data_error_names_folder_and_download(tmp_path):
     assert "\n" not in msg
 
 
+@pytest.mark.quick
 def test_missing_data_cli_one_line_nonzero(tmp_path):
     proc = run_train(["--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--out-dir",
                       str(tmp_path / "out")], timeout=120)
@@ -79,6 +82,7 @@ def test_corrupt_batch_names_the_file(official_cifar, damage):
     assert "Traceback" not in str(err.value)
 
 
+@pytest.mark.quick
 def test_cache_is_written_reused_and_rebuilt(official_cifar):
     folder = official_cifar / "cifar-10-batches-py"
     first = load_cifar10(official_cifar)
@@ -105,6 +109,7 @@ def test_cache_is_written_reused_and_rebuilt(official_cifar):
     assert list(folder.glob(".dist_cifar_cache_*")) == caches  # no temp files left behind
 
 
+@pytest.mark.quick
 def test_imagefolder_tree_and_targz(tmp_path):
     tree = make_tree(tmp_path / "tree")
     raw = load_imagefolder(tree)
@@ -126,6 +131,7 @@ def test_missing_imagefolder_error(tmp_path):
         load_imagefolder(tmp_path)
 
 
+@pytest.mark.quick
 def test_synthetic_sizes_and_learnable_structure():
     raw = make_synthetic(400)
     assert len(raw.train_y) == 500 and len(raw.test_y) == 100
@@ -139,6 +145,7 @@ def test_synthetic_sizes_and_learnable_structure():
     assert torch.equal(make_synthetic(400).train_x, raw.train_x)  # deterministic
 
 
+@pytest.mark.quick
 def test_report_split_sizes():
     n = 25_000
     raw = RawData(train_x=torch.zeros(n, 32, 32, 3, dtype=torch.uint8), train_y=torch.arange(n) % 10,
@@ -171,6 +178,7 @@ def test_real_jpeg_cifar10_loads(tmp_path, real_cifar):
     assert torch.bincount(s.train.y, minlength=10).min() > 1800  # class-mixed order
 
 
+@pytest.mark.quick
 def test_the_default_dataset_reads_an_image_tarball_already_in_data_dir(tmp_path):
     """The quickstart leaves the CIFAR image tarball in data/: the default --dataset cifar10 finds it
     there (saying so) instead of going to the network, even with --no-download."""
@@ -185,6 +193,7 @@ def test_the_default_dataset_reads_an_image_tarball_already_in_data_dir(tmp_path
     assert config["dataset"] == "cifar10" and config["data_source"] == "imagefolder"
 
 
+@pytest.mark.quick
 def test_archive_without_batch_files_is_one_line(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -198,6 +207,7 @@ def test_archive_without_batch_files_is_one_line(tmp_path):
     assert sorted(p.name for p in data.iterdir()) == ["cifar-10-python.tar.gz"]  # nothing half-made
 
 
+@pytest.mark.quick
 def test_truncated_archive_leaves_nothing_and_recovers(tmp_path):
     good = official_archive(tmp_path)
     data = tmp_path / "data"
@@ -231,6 +241,7 @@ def test_good_archive_on_read_only_storage_extracts_to_the_cache(tmp_path):
         data.chmod(0o755)
 
 
+@pytest.mark.quick
 def test_auto_with_corrupt_cifar10_is_an_error_not_a_fallback(tmp_path):
     root = write_official_cifar(tmp_path / "data")
     (root / "data_batch_3").write_bytes(b"garbage")
@@ -240,6 +251,7 @@ def test_auto_with_corrupt_cifar10_is_an_error_not_a_fallback(tmp_path):
     assert not (tmp_path / "o" / "summary.json").exists()
 
 
+@pytest.mark.quick
 def test_cache_sees_a_same_size_change_and_cleans_stale_temps(tmp_path):
     write_official_cifar(tmp_path / "data", seed=0)
     folder = tmp_path / "data" / "cifar-10-batches-py"
@@ -265,6 +277,7 @@ def test_cache_sees_a_same_size_change_and_cleans_stale_temps(tmp_path):
     assert not stale.exists() and live.exists()
 
 
+@pytest.mark.quick
 def test_small_image_folder_gets_a_validation_split_that_fits(tmp_path):
     tree = make_tree(tmp_path / "tree", per_class=20)  # 60 training images
     out = tmp_path / "run"
@@ -296,6 +309,7 @@ def test_two_processes_extracting_one_archive_both_succeed(tmp_path):
         assert D.complete(target) and not list(archive.parent.glob(".tmp-extract-*"))
 
 
+@pytest.mark.quick
 def test_an_oversized_archive_member_is_refused_before_it_is_read(tmp_path):
     """Case 089: a 3 GiB member of zeros (a few MB packed) was read whole into memory."""
     bomb = tmp_path / "bomb.tar.gz"
@@ -308,6 +322,7 @@ def test_an_oversized_archive_member_is_refused_before_it_is_read(tmp_path):
         D.load_imagefolder(bomb)
 
 
+@pytest.mark.quick
 def test_more_classes_than_outputs_is_one_line(tmp_path):
     """Case 081: an 11-class folder crashed at the first step with 'Target 10 is out of bounds'."""
     tree = make_tree(tmp_path / "tree", per_class=1, classes=tuple(f"c{i:02d}" for i in range(11)))
@@ -319,6 +334,7 @@ def test_more_classes_than_outputs_is_one_line(tmp_path):
         "keep 10 class folders"]
 
 
+@pytest.mark.quick
 def test_sixteen_bit_images_are_scaled_and_odd_batches_refused(tmp_path):
     """Cases 077, 090b, 090c: a 16-bit grey ramp came out near-white; float [0, 1] batch data
     became zeros and int64 values above 255 wrapped, silently."""

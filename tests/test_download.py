@@ -41,6 +41,7 @@ def cifar_mirror(tmp_path):
         server.shutdown()
 
 
+@pytest.mark.quick
 def test_trainer_downloads_verifies_extracts_and_trains(tmp_path, cifar_mirror):
     url, md5 = cifar_mirror
     data, out = tmp_path / "data", tmp_path / "out"
@@ -63,6 +64,7 @@ def test_trainer_downloads_verifies_extracts_and_trains(tmp_path, cifar_mirror):
     assert again.returncode == 0 and "downloading" not in again.stdout, again.stderr[-1000:]
 
 
+@pytest.mark.quick
 def test_wrong_md5_is_one_line_and_leaves_nothing(tmp_path, cifar_mirror, monkeypatch):
     url, md5 = cifar_mirror
     monkeypatch.setenv("DIST_CIFAR_CIFAR10_URL", url)
@@ -128,6 +130,7 @@ def test_a_trickling_mirror_fails_within_the_deadline(tmp_path):
     assert list((tmp_path / "d").glob(".*part*")) == []
 
 
+@pytest.mark.quick
 def test_nan_and_download_messages_say_what_happened(tmp_path):
     """Cases 117 (a NaN caught by the check before a mid-epoch checkpoint was blamed on 'the
     end-of-epoch check', and 'the last one is kept' when there was none) and 116 (a download into

@@ -16,6 +16,7 @@ from dist_cifar.engine import EpochStart, NonFiniteLoss, StepHooks, train_epoch
 from dist_cifar.models import build_model
 
 
+@pytest.mark.quick
 def test_nan_between_guard_steps_is_caught_and_never_checkpointed(tmp_path):
     """--guard-every 25 with 8 steps an epoch: only step 0 of each epoch is a guard step. A NaN at
     global step 10 (epoch 1, step 2) is applied by the optimizer; the end-of-epoch check must stop
@@ -32,6 +33,7 @@ def test_nan_between_guard_steps_is_caught_and_never_checkpointed(tmp_path):
         assert all(torch.isfinite(t.float()).all() for t in weights.values())
 
 
+@pytest.mark.quick
 def test_fp16_overflow_counter_counts_skipped_steps():
     """Ten steps that all overflow (a huge initial loss scale), --max-skipped-steps 3 and
     --guard-every 25: counting guard intervals would never stop; counting steps stops at the
@@ -63,6 +65,7 @@ def splits():
     return make_splits(make_synthetic(256), "full")
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_each_precision_trains_finite_steps_that_lower_the_loss(splits, precision):
     cfg = make_config(model="small_cnn", precision=precision, batch_size=32, steps_per_epoch=6, augment=True,
@@ -81,6 +84,7 @@ def test_each_precision_trains_finite_steps_that_lower_the_loss(splits, precisio
     assert all(not torch.equal(a, b) for a, b in zip(before, run.model.module.parameters()))
 
 
+@pytest.mark.quick
 def test_channels_last_matches_nchw():
     torch.manual_seed(0)
     model = build_model("vgg_truncated").eval()

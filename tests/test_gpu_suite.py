@@ -81,6 +81,7 @@ def test_smoke_runs_every_stage_and_writes_the_file_set(smoke):
         assert meta["git_commit"] == (head or "unknown") and meta["date"] and meta["torch_version"]
 
 
+@pytest.mark.quick
 def test_without_the_tarball_the_gpu_run_stops_at_once(tmp_path):
     started = time.monotonic()
     proc = subprocess.run(["bash", "benchmarks/gpu_suite.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -91,6 +92,7 @@ def test_without_the_tarball_the_gpu_run_stops_at_once(tmp_path):
     assert not (tmp_path / "out" / "fast_run.json").exists()
 
 
+@pytest.mark.quick
 def test_a_run_cut_after_its_compile_epoch_has_no_steady_time(tmp_path):
     from suite_report import distil_run
     run = tmp_path / "run"
@@ -126,6 +128,7 @@ def test_a_failed_stage_never_reports_an_earlier_suites_numbers(smoke):
     assert "moved to" in proc.stdout and (out / "previous" / "suite_summary.json").exists()
 
 
+@pytest.mark.quick
 def test_without_a_scratch_folder_the_suite_stops_before_writing_anything(tmp_path):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")

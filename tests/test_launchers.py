@@ -1,6 +1,7 @@
 """launch/*.sh: setup_env.sh on odd hosts, the torchrun wrappers (flags checked first, exit 75 kept), multi-node joins that never come."""
 from __future__ import annotations
 
+import pytest
 import os
 import shutil
 import subprocess
@@ -100,6 +101,7 @@ def test_a_node_that_never_comes_is_waited_for_a_bounded_time(tmp_path):
     assert "waiting up to 10s for all 2 nodes at 127.0.0.1:" in proc.stderr
 
 
+@pytest.mark.quick
 def test_a_bad_flag_under_the_launcher_is_one_line_and_a_deleted_out_dir_stops_the_run(tmp_path):
     """Cases 127 (a bad trainer flag under launch/single_node.sh: torchrun's 42-line report, exit 1)
     and 135 (the out dir deleted during a run was silently re-created without config.json or lock)."""

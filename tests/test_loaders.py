@@ -1,6 +1,7 @@
 """dist_cifar/loaders.py: the device-resident loader and the DataLoader path follow DistributedSampler exactly; augmentation; exact eval shards."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
@@ -27,6 +28,7 @@ def test_sampler_shards_are_disjoint_and_cover_the_data():
         assert labels == e1[rank][: len(labels)] and len(labels) == 7 * 64
 
 
+@pytest.mark.quick
 def test_eval_batches_are_never_padded_past_the_split():
     """Case 120: --eval-batch-size 100000 on 640 images ran 100,000-row batches (15 GB)."""
     from dist_cifar import distributed as dist_info
@@ -62,6 +64,7 @@ def decode(crop: torch.Tensor) -> tuple[int, int, bool]:
     raise AssertionError("not a crop/flip of the padded image")
 
 
+@pytest.mark.quick
 def test_crop_flip_on_a_known_image():
     batch = position_image().unsqueeze(0).repeat(256, 1, 1, 1)
     out = crop_flip(batch, torch.Generator().manual_seed(0))
@@ -72,6 +75,7 @@ def test_crop_flip_on_a_known_image():
     assert {p[0] for p in params} == set(range(9)) and {p[1] for p in params} == set(range(9))
 
 
+@pytest.mark.quick
 def test_tensor_loader_augmentation_per_epoch_and_seed():
     split = Split(position_image().unsqueeze(0).repeat(64, 1, 1, 1), torch.zeros(64, dtype=torch.long))
 
@@ -90,6 +94,7 @@ def test_tensor_loader_augmentation_per_epoch_and_seed():
         decode(img.permute(1, 2, 0).round().to(torch.uint8))
 
 
+@pytest.mark.quick
 def test_loaders_follow_distributed_sampler_exactly():
     n = 203
     split = Split(torch.zeros(n, 32, 32, 3, dtype=torch.uint8), torch.arange(n))

@@ -11,12 +11,14 @@ from dist_cifar.models import build_model, count_parameters, MODELS, SmallCNN, V
 from dist_cifar.cost import measure
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("name", ["linear", "simple_cnn", "small_cnn", "vgg_truncated"])
 def test_output_shape(name):
     model = build_model(name).eval()
     assert model(torch.randn(3, 3, 32, 32)).shape == (3, 10)
 
 
+@pytest.mark.quick
 def test_vgg16_cifar_exact_size_and_shape():
     with torch.device("meta"):
         model = VGG16CIFAR()
@@ -28,6 +30,7 @@ def test_vgg16_cifar_exact_size_and_shape():
     assert feats.shape == (2, 512, 12, 12)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("bn,drop,pool", list(itertools.product([True, False], repeat=3)))
 def test_small_cnn_switches(bn, drop, pool):
     model = SmallCNN(batchnorm=bn, dropout=drop, pooling=pool).eval()
@@ -37,6 +40,7 @@ def test_small_cnn_switches(bn, drop, pool):
     assert any(isinstance(m, torch.nn.Dropout) for m in model.modules()) == drop
 
 
+@pytest.mark.quick
 def test_protocol_layer_sizes():
     assert build_model("simple_cnn").fc1.in_features == 4608
     assert build_model("vgg_truncated").fc_layer[1].in_features == 4096
@@ -50,6 +54,7 @@ def test_unknown_model_lists_known_ones():
         assert name in str(err.value)
 
 
+@pytest.mark.quick
 def test_flip_tta_averages_the_two_views_and_is_what_evaluation_sees():
     import torch
 
@@ -75,6 +80,7 @@ def test_flip_tta_averages_the_two_views_and_is_what_evaluation_sees():
     assert a.count == b.count == len(splits.test) and a.loss != b.loss  # a different function was evaluated
 
 
+@pytest.mark.quick
 def test_cost_of_vgg16_cifar():
     cost = measure("vgg16_cifar")
     assert cost.params == 332_943_818

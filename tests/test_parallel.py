@@ -18,13 +18,14 @@ from dist_cifar.models import build_model
 WORKER = "tests/parallel_worker.py"
 
 
-def worker(out, design, nproc, *extra):
+def worker(out, designs, nproc, *extra):
+    """parallel_worker.py for these designs in one launch: {design: its result}."""
     cmd = ([sys.executable, WORKER] if nproc == 1 else
            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", WORKER])
-    proc = subprocess.run([*cmd, str(out), design, *map(str, extra)], cwd=ROOT, env=base_env(), capture_output=True,
-                          text=True, timeout=180)
+    proc = subprocess.run([*cmd, str(out), ",".join(designs), *map(str, extra)], cwd=ROOT, env=base_env(),
+                          capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    return {d: torch.load(f"{out}-{d}.pt", weights_only=True) for d in designs}
 
 
 def relative(a, b):
@@ -35,14 +36,25 @@ def plain(state):
     return json.loads(json.dumps(state, default=lambda t: t.tolist()))  # tuples and lists compare equal
 
 
+@pytest.fixture(scope="module")
+def one_steps(tmp_path_factory):
+    """One step as one process (ddp), and of hybrid and fsdp at 2 and at 3 ranks (3 also loading the
+    single process's state and consolidating it again): three launches serve both designs."""
+    work = tmp_path_factory.mktemp("one_step")
+    ref = worker(work / "one", ["ddp"], 1)["ddp"]
+    two = worker(work / "two", ["hybrid", "fsdp"], 2)
+    three = worker(work / "three", ["hybrid", "fsdp"], 3, "--load", work / "one-ddp.pt")
+    return ref, {2: two, 3: three}
+
+
 @pytest.mark.parametrize("design", ["hybrid", "fsdp"])
-def test_one_step_equals_one_process_and_reshards_exactly(tmp_path, design):
+def test_one_step_equals_one_process_and_reshards_exactly(one_steps, design):
     """fp32, no dropout or BatchNorm: one step on 2 and 3 ranks (3 splits FC1's 64 neurons
     22/21/21) gives the single process's gradients and Adam-updated weights; a plain state loaded
     at 3 ranks and consolidated again is bit-identical."""
-    ref = worker(tmp_path / "one.pt", "ddp", 1)
+    ref, by_world = one_steps
     for world in (2, 3):
-        got = worker(tmp_path / f"{world}.pt", design, world, *(["--load", tmp_path / "one.pt"] if world == 3 else []))
+        got = by_world[world][design]
         assert sorted(got["grads"]) == sorted(ref["grads"])
         for name in ref["grads"]:
             assert ref["grads"][name].abs().max() > 0
@@ -122,6 +134,7 @@ def test_twenty_steps_match_ddp_and_bytes_match_the_prediction(two_ranks):
     assert sent["hybrid"] < sent["ddp"] < sent["fsdp"]
 
 
+@pytest.mark.quick
 def test_vgg16_prediction_is_the_issue_arithmetic():
     """vgg16_cifar at 4 images per rank on 2 ranks: DDP all-reduces 1.33 GB of fp32 gradients,
     the hybrid head sends ~59 MB (the trunk's 14,172,618 parameters plus the features)."""

@@ -1,6 +1,7 @@
 """dist_cifar/preemption.py and the signal paths: SIGUSR1/SIGTERM checkpoint and exit 75, kills during writes, elastic restarts, torchrun killed."""
 from __future__ import annotations
 
+import pytest
 import json
 import signal
 import subprocess
@@ -24,6 +25,7 @@ def test_elastic_restart_resumes_and_finishes(tmp_path):
     assert json.loads((out / "summary.json").read_text())["epochs_run"] == 3
 
 
+@pytest.mark.quick
 def test_sigusr1_preempts_single_process_then_resumes(tmp_path):
     out = tmp_path / "run"
     args = ["--dataset", "synthetic", "--synthetic-size", "4096", "--batch-size", "32", "--epochs", "4",

@@ -26,7 +26,7 @@ TINY_REPORT = "--epochs 1 --max-train 64"  # the report split on the official-fo
 TINY_IMAGES = "--epochs 1 --max-train 32 --split full --val-size 10"  # the small image tarball
 
 
-TINY_FAST = "--model small_cnn --no-compile --global-batch-size 32 --epochs 1 --steps-per-epoch 2"
+TINY_FAST = "--model small_cnn --no-compile --global-batch-size 32 --epochs 1 --steps-per-epoch 2 --max-train 512"
 
 
 @dataclass

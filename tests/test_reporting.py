@@ -100,6 +100,7 @@ def test_resumed_job_continues_the_same_run(tmp_path):
     assert len(sync) == 1 and all(str(f.parent) in sync[0] for f in files), sync
 
 
+@pytest.mark.quick
 def test_plain_output_without_a_tty(tmp_path):
     proc = run_train(smoke_args(tmp_path / "run", ["--epochs", "3"]))
     assert proc.returncode == 0
@@ -129,6 +130,7 @@ def test_progress_bar_on_a_tty(tmp_path):
     assert "img/s" in text and "loss" in text and "epoch 0" in text and "━" in text
 
 
+@pytest.mark.quick
 def test_quiet_prints_only_the_summary(tmp_path):
     proc = run_train(smoke_args(tmp_path / "run", ["--quiet"]))
     assert proc.returncode == 0 and "epoch   0" not in proc.stdout and "test_accuracy" in proc.stdout
@@ -147,6 +149,7 @@ def test_plot_overlays_runs(tmp_path):
     assert bad.returncode == 2 and "metrics.jsonl" in bad.stderr
 
 
+@pytest.mark.quick
 def test_readme_and_key_docs_match_what_epoch_record_emits():
     """The keys epoch_record really produces (None-valued ones included: they appear with
     --ddp-comm-hook / --compile) == reporting.EPOCH_KEYS == docs/reference.md's per-epoch table."""
@@ -167,6 +170,7 @@ def test_readme_and_key_docs_match_what_epoch_record_emits():
     assert documented == emitted
 
 
+@pytest.mark.quick
 def test_user_strings_are_printed_literally(tmp_path):
     """Cases 084/083: an out dir with `[/` ended a finished run with rich's MarkupError (exit 1);
     a class folder `cat[red]` was shown as `cat`."""
@@ -205,6 +209,7 @@ def test_wandb_problems_never_end_a_run(tmp_path):
     assert "a fork of" in fork.stdout and (tmp_path / "fork" / "wandb_run_id.txt").read_text() != first_id
 
 
+@pytest.mark.quick
 def test_wandb_online_without_wandb_installed_is_one_line(tmp_path):
     """A wandb that fails to import, as on a host without it: exit 2 before any work."""
     shadow = tmp_path / "shadow" / "wandb"

@@ -1,6 +1,7 @@
 """dist_cifar/rundir.py: the out dir is locked, never clobbered, refused when unwritable, and restarted when only this run's own start is there."""
 from __future__ import annotations
 
+import pytest
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ def test_one_run_per_out_dir_and_unique_default_names(tmp_path):
     assert len({default_out_dir(cfg) for _ in range(20)}) == 20  # same second, different names
 
 
+@pytest.mark.quick
 def test_unwritable_out_dir_fails_before_any_work(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
@@ -58,6 +60,7 @@ def test_a_run_that_dies_before_its_first_checkpoint_restarts_with_the_same_comm
     assert other.returncode == 2
 
 
+@pytest.mark.quick
 def test_refuses_to_overwrite_out_dir(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

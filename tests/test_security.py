@@ -29,6 +29,7 @@ class Exploit:
         return (os.system, (f"touch {os.environ.get('PWNED_PATH', '/tmp/pwned')}",))
 
 
+@pytest.mark.quick
 def test_malicious_checkpoint_is_refused(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -51,6 +52,7 @@ def test_malicious_checkpoint_is_refused(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.quick
 @pytest.mark.skipif(os.getuid() != 0, reason="planting a file owned by another user needs root")
 def test_a_cache_planted_by_another_user_is_not_loaded(tmp_path, capsys):
     """Case 092: in a sticky world-writable folder another user planted a cache with the right
@@ -75,6 +77,7 @@ def test_a_cache_planted_by_another_user_is_not_loaded(tmp_path, capsys):
     assert D.untrusted(cache) == "other users may write to it"
 
 
+@pytest.mark.quick
 def test_extraction_never_follows_a_planted_temporary_path(tmp_path):
     """Case 137: a symlink planted as the predictable `.tmp-extract-<pid>` made root write the
     batches into the folder it pointed to."""

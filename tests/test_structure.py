@@ -1,6 +1,7 @@
 """Code-shape rules the issue tracker asked for, checked on the source itself."""
 from __future__ import annotations
 
+import pytest
 import ast
 
 from conftest import ROOT
@@ -14,6 +15,7 @@ def python_files():
         yield from sorted((ROOT / folder).rglob("*.py"))
 
 
+@pytest.mark.quick
 def test_no_call_passes_more_than_five_positional_arguments():
     """Values travel inside objects (TrainConfig, LoaderSpec, StepParts, TrainingRun), not as long
     positional lists; longer signatures are keyword-only."""
@@ -29,6 +31,7 @@ def test_no_call_passes_more_than_five_positional_arguments():
     assert not offenders, offenders
 
 
+@pytest.mark.quick
 def test_only_the_assembler_builds_trainer_parts():
     """Loaders, eval shards, optimizers and schedules are built in assembly.py and nowhere else
     (tests of the loaders themselves and the loader benchmark excepted)."""
@@ -67,6 +70,7 @@ def package_imports() -> dict[str, set[str]]:
     return graph
 
 
+@pytest.mark.quick
 def test_the_package_import_graph_has_no_cycle():
     """Data flows one way (config -> runtime -> ..., data -> download): a cycle means a late import
     papering over a layering mistake."""
