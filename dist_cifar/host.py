@@ -4,7 +4,8 @@ those the number of intra-op threads torch should run.
 Why it matters: torch starts one OpenMP thread per core and its threads spin while they wait
 for each other. On a machine other processes keep busy, a spinning thread that is descheduled
 holds every other one up: measured on 2 cores with two busy processes beside it, the quickstart's
-small CNN ran ~13x slower per step with 2 threads than with 1. So a run takes the CPUs it may
+first 3,200 images took 13.5 s with 2 threads and 2.8 s with 1 (1.3 s idle; benchmarks/
+busy_machine.py). So a run takes the CPUs it may
 use (affinity, the cgroup's CPU quota, SLURM_CPUS_PER_TASK), shares them with the other
 processes of its node, and leaves out what the machine's load already occupies.
 """

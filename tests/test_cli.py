@@ -295,3 +295,28 @@ def test_preset_then_explicit_flags_override():
     assert cfg.split == "report" and cfg.weight_decay == 0.01 and cfg.seed == 42
     assert cfg.lr == 0.01 and cfg.epochs == 3
     assert make_config(preset="report", weight_decay=0.0).weight_decay == 0.0
+
+
+@pytest.mark.quick
+def test_threads_follow_the_usable_cpus_and_the_load(monkeypatch):
+    """host.intra_op_threads: OMP_NUM_THREADS decides when set; else the usable CPUs (over the
+    node's processes) less what other work keeps busy. --threads beyond 4x the CPUs is one line;
+    the forecast's warning names the fix when the first steps got far less CPU than they asked."""
+    from dist_cifar import budget, host
+    from dist_cifar.runtime import resolve_threads
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert host.intra_op_threads() == (3, "OMP_NUM_THREADS=3")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(host, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(host, "machine_load", lambda: 0.0)
+    assert host.intra_op_threads()[0] == 2 and host.intra_op_threads(local_world_size=2)[0] == 1
+    monkeypatch.setattr(host, "machine_load", lambda: 2.0)  # two busy processes beside it
+    threads, why = host.intra_op_threads()
+    assert threads == 1 and "load 2.0" in why
+    notes: list[str] = []
+    assert resolve_threads(0, notes) == 1 and "results depend on the thread count" in notes[0]
+    with pytest.raises(ConfigError, match="--threads 100000"):
+        resolve_threads(100000, [])
+    warning = budget.cpu_starved(0.5, 0.3, threads=2, local_world_size=1)
+    assert warning and "--threads 1" in warning and "got 0.6 of the 2" in warning
+    assert budget.cpu_starved(0.5, 0.95, threads=2, local_world_size=1) is None
