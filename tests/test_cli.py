@@ -279,7 +279,7 @@ def test_flags_the_readme_uses_exist():
                       "--report-only", "--variants", "--smoke", "--extra", "--dataset-dir", "--gpus", "--help",
                       "--print-config", "--wandb-mode", "--rungs", "--nproc", "--no-python",
                       # launch/two_hosts.sh and benchmarks/scaling.py
-                      "--rate", "--nproc-per-host", "--designs", "--check-scaleout",
+                      "--rate", "--nproc-per-host", "--designs", "--check-scaleout", "--quick",
                       # pip, and the benchmark scripts' own flags
                       "--no-index", "--no-build-isolation", "--publish", "--models", "--rounds"}
     known = {a for action in build_parser()._actions for a in action.option_strings}
