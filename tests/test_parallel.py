@@ -238,3 +238,37 @@ def test_comm_hooks_under_two_process_torchrun(two_ranks, hook):
     assert all(m["comm_s"] > 0 for m in metrics)
     assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]  # compressed gradients still train
     assert json.loads((out / "config.json").read_text())["ddp_comm_hook"] == hook
+
+
+@pytest.mark.quick
+def test_the_hybrid_refuses_a_head_whose_second_linear_does_not_read_the_first_elementwise():
+    """The hybrid shards FC1 by output and FC2 by input: anything but elementwise ops between them
+    (a residual, a norm over features) would mix the ranks' slices. The report's models pass;
+    such a head is refused with one line before any step."""
+    from torch import nn
+    from dist_cifar.parallel import head_pair_problem
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            return self.fc2(torch.relu(h) + h)
+
+    class Normed(Residual):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+
+        def forward(self, x):
+            return self.fc2(self.norm(self.fc1(x)))
+
+    for name in ("simple_cnn", "small_cnn", "vgg_truncated", "vgg16_cifar"):
+        with torch.device("meta"):  # tracing reads no weights
+            net = build_model(name)
+        first, second = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)][:2]
+        assert head_pair_problem(net, first, second) == "", name
+    assert "used 2 times" in head_pair_problem(Residual(), "fc1", "fc2")
+    assert "norm" in head_pair_problem(Normed(), "fc1", "fc2")
