@@ -177,9 +177,10 @@ def epoch_loop(run: TrainingRun, state: RunState, checkpoints: CheckpointManager
         track_best(state, record, checkpoints, save=cfg.save_best)
         state.epoch, state.step, state.sums = start.epoch + 1, 0, EpochSums()
         last = state.epoch == cfg.epochs
-        if checkpoint_due(cfg, checkpoints, state.epoch) or last:
+        due = checkpoint_due(cfg, checkpoints, state.epoch)  # once: it broadcasts rank 0's clock
+        if due or last:
             check_replicas(run.model.plan, run.model.module, f"by the end of epoch {start.epoch}")
-        if checkpoint_due(cfg, checkpoints, state.epoch):
+        if due:
             checkpoints.save(state, wait=last)
         record["checkpoint_blocked_s"], record["checkpoint_write_s"] = checkpoints.take_times()
         reporter.epoch(record)
@@ -393,10 +394,7 @@ def skipped_steps(info: D.DistInfo, result) -> Optional[list[tuple[int, Optional
     without a GradScaler."""
     if result.skipped_steps is None:
         return None
-    first = -1 if result.first_skipped_step is None else result.first_skipped_step
-    counts = D.all_gather_floats(info, float(result.skipped_steps))
-    firsts = D.all_gather_floats(info, float(first))
-    return [(int(n), int(f) if f >= 0 else None) for n, f in zip(counts, firsts)]
+    return [tuple(pair) for pair in D.all_gather_objects(info, (result.skipped_steps, result.first_skipped_step))]
 
 
 def say_skipped_steps(run: TrainingRun, per_rank: Optional[list], epoch: int, reporter) -> None:
