@@ -44,7 +44,7 @@ def distil_run(run_dir: Path, out: Path, peak_tflops: float) -> dict:
         "model": config["model"], "preset": config.get("preset"), "world_size": config.get("world_size"),
         "global_batch_size": config.get("global_batch_size"), "epochs_run": len(metrics),
         "epochs_planned": config.get("epochs"), "complete": bool(summary),
-        "test_accuracy": summary.get("test_accuracy"), "train_accuracy": summary.get("train_accuracy"),
+        "test_accuracy": summary.get("best_test_accuracy"), "train_accuracy": summary.get("best_train_accuracy"),
         "steady_epoch_time_s": statistics.median(r["epoch_time_s"] for r in steady) if steady else None,
         "steady_epoch_time_reason": None if steady else
         f"{len(metrics)} epoch(s) finished and the first warms up (compiles): no steady epoch to report",

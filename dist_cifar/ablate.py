@@ -308,7 +308,7 @@ def study_table(study: Study, runs: dict[str, Optional[dict]], status: dict[str,
             state = status.get(v.name, "not run")
             rows.append(f"| {v.name} | " + " | ".join([state] + [""] * (len(head) - 2)) + " |")
             continue
-        s, m = run["summary"], run["metrics"]
+        s, m = best_weights(run["summary"]), run["metrics"]
         last = m[-1] if m else {}
         tl, vl = last.get("train_loss"), last.get("val_loss")
         gap_loss = (vl - tl) if tl is not None and vl is not None else None
@@ -330,6 +330,16 @@ def study_table(study: Study, runs: dict[str, Optional[dict]], status: dict[str,
                      fmt(s["total_time_s"], 1), fmt(gap_loss)]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
+
+
+def best_weights(summary: dict) -> dict:
+    """The summary with the best weights' figures under their plain names (train_accuracy, ...);
+    study folders written before the best_* names (0.x) hold them plain already."""
+    out = dict(summary)
+    for key in ("train_accuracy", "val_accuracy", "test_accuracy"):
+        if f"best_{key}" in summary:
+            out[key] = summary[f"best_{key}"]
+    return out
 
 
 def write_report(study: Study, folder: Path, status: dict[str, str], args) -> Path:

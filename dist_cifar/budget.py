@@ -105,15 +105,61 @@ def duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
-def forecast(step_s: float, *, steps_per_epoch: int, epochs_left: int, images_per_step: int,
+def rate(x: float) -> str:
+    return f"{x:,.0f}" if x >= 10 else f"{x:.2g}"  # vgg16_cifar on CPU runs at ~2 images/s, not "0"
+
+
+def forecast(step_s: float, *, steps_per_epoch: int, steps_left: int, images_per_step: int,
              train_flops_per_image: float) -> str:
-    """The line said once the first steps are timed."""
+    """The line said once the first steps are timed. `steps_left`: of the whole run, counted from
+    where this process started (a resumed epoch's remaining steps, then whole epochs)."""
     epoch_s = step_s * steps_per_epoch
     achieved = train_flops_per_image * images_per_step / max(step_s, 1e-9) / 1e12
     return (f"an epoch here: ~{duration(epoch_s)} ({1000 * step_s:.0f} ms/step measured x {steps_per_epoch} steps, "
-            f"{images_per_step / max(step_s, 1e-9):,.0f} images/s, {achieved:.2f} TFLOP/s at "
-            f"{train_flops_per_image / 1e9:.2f} GFLOP per training image); {epochs_left} epoch(s) left: "
-            f"~{duration(epoch_s * epochs_left)}")
+            f"{rate(images_per_step / max(step_s, 1e-9))} images/s, {achieved:.2f} TFLOP/s at "
+            f"{train_flops_per_image / 1e9:.2f} GFLOP per training image); {steps_left:,} step(s) left "
+            f"({steps_left / max(steps_per_epoch, 1):.1f} epoch(s)): ~{duration(step_s * steps_left)}")
+
+
+# A stop writes one checkpoint: the copy off the device, then serialising and writing it, which
+# the stop waits for. Rates measured on the 2-core CI host (benchmarks/results/
+# checkpoint_vgg16_cifar_cpu.json: 4.0 GB, 4.8 s blocked, 27.5 s written); a faster disk stops sooner.
+SNAPSHOT_BYTES_PER_S = 0.8 * GB
+WRITE_BYTES_PER_S = 0.15 * GB
+TORCHRUN_GRACE_S = 30  # torchrun's --shutdown-timeout default: then it sends SIGKILL
+
+
+def stop_grace() -> tuple[Optional[float], str]:
+    """How long the launcher waits after its stop signal before it kills, and who says so."""
+    given = os.environ.get("DIST_CIFAR_STOP_GRACE_S", "")
+    try:
+        if given:
+            return float(given), "the launcher's grace (DIST_CIFAR_STOP_GRACE_S)"
+    except ValueError:
+        pass
+    if os.environ.get("TORCHELASTIC_RUN_ID") and not os.environ.get("DIST_CIFAR_LAUNCHER"):
+        return float(TORCHRUN_GRACE_S), "torchrun's --shutdown-timeout"
+    return None, ""
+
+
+def stop_time(step_s: float, *, guard_every: int, checkpoint_bytes: int) -> float:
+    """Worst case from a stop signal to exit: the steps to the next agreement, then one checkpoint."""
+    return step_s * max(guard_every, 1) + checkpoint_bytes / SNAPSHOT_BYTES_PER_S + checkpoint_bytes / WRITE_BYTES_PER_S
+
+
+def stop_line(step_s: float, *, guard_every: int, checkpoint_bytes: int) -> str:
+    """What a stop (SIGTERM, Ctrl-C, preemption) costs here, and a warning when the launcher's
+    grace is shorter: then the kill comes before the checkpoint and the steps since the last one
+    are lost."""
+    needed = stop_time(step_s, guard_every=guard_every, checkpoint_bytes=checkpoint_bytes)
+    line = (f"a stop takes up to ~{duration(needed)} here (up to {max(guard_every, 1)} step(s) to the next agreement, "
+            f"then a {size(checkpoint_bytes)} checkpoint)")
+    grace, who = stop_grace()
+    if grace is not None and needed > grace:
+        return (f"warning: {line}, longer than {who}, {grace:.0f} s: a stop would be killed before its checkpoint. "
+                f"Fix: a longer grace (torchrun --shutdown-timeout, #SBATCH --signal=B:USR1@<s>, "
+                f"DIST_CIFAR_STOP_GRACE_S for other launchers), a smaller --guard-every, or a faster disk")
+    return line + (f"; {who} is {grace:.0f} s" if grace is not None else "")
 
 
 STARVED = 0.6  # a step's threads that get less than this share of a CPU each are waiting for one

@@ -69,7 +69,8 @@ class RunState:
     epoch: int = 0                    # epoch in progress (== epochs when finished)
     step: int = 0                     # steps done within `epoch`
     global_step: int = 0
-    sums: EpochSums = field(default_factory=EpochSums)  # of the steps done in `epoch`
+    sums: EpochSums = field(default_factory=EpochSums)  # every rank's, of the steps done in `epoch`
+    partial: bool = False             # the epoch's record cannot count each sample once (re-sharded mid-epoch)
     best_val_loss: float = math.inf
     best_epoch: int = -1
     time_to_best_s: float = 0.0
@@ -560,18 +561,27 @@ class CheckpointManager:
             if blob.get(name) and (name != "scheduler" or same_sharding):
                 part.load_state_dict(blob[name])
         state.load_state(blob["run"])
+        if not self.info.is_main:  # the saved sums are every rank's already: count them once
+            state.sums = EpochSums()
         notes = []
         if same_sharding:
             restore_rng(blob["rng"][self.info.rank])
         else:
-            # Different sharding: continue the epoch after the same number of samples, rebuild the
-            # schedule for the new step count. Exact replay is impossible; say so.
+            # Different sharding: continue the epoch after the same number of samples (the sampler's
+            # permutation does not depend on the world size, so the samples already counted are
+            # exactly the first ones), rebuild the schedule for the new step count. Exact replay of
+            # the batches is impossible; say so. A position that does not divide into the new
+            # global batch repeats a few samples: that epoch's record says partial.
             old_world, old_global = blob["world_size"], blob["global_batch_size"]
-            state.step = min(state.step * old_global // self.global_batch_size, steps_per_epoch)
-            state.sums = EpochSums()
+            samples_done = state.step * old_global
+            state.step = min(samples_done // self.global_batch_size, steps_per_epoch)
+            if samples_done != state.step * self.global_batch_size:
+                state.partial = True
             state.global_step = state.epoch * steps_per_epoch + state.step
-            for _ in range(state.global_step):
-                self.parts["scheduler"].step()
+            with warnings.catch_warnings():  # replaying the schedule: no optimizer step is due, torch warns anyway
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                for _ in range(state.global_step):
+                    self.parts["scheduler"].step()
             torch.manual_seed(seed + 1000 * state.epoch + self.info.rank)
             notes.append(f"world size changed {old_world} -> {self.info.world_size} (global batch {old_global} -> "
                          f"{self.global_batch_size}): data re-sharded, resuming epoch {state.epoch} "

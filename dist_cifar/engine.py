@@ -94,8 +94,9 @@ FORECAST_STEPS = 3  # step 1 warms up (allocations, compilation); steps 2-3 are 
 
 @dataclass
 class EpochSums:
-    """Training loss sum, correct predictions and sample count of one rank's steps so far in an
-    epoch; a mid-epoch checkpoint carries them so the resumed epoch reports the whole epoch."""
+    """Training loss sum, correct predictions and sample count of steps so far in an epoch. In the
+    step loop they are one rank's; a mid-epoch checkpoint carries every rank's together
+    (`global_sums`), restored on rank 0 only, so the resumed epoch reports each sample once."""
 
     loss_sum: float = 0.0
     correct: int = 0
@@ -355,12 +356,18 @@ def evaluate(module: nn.Module, shards, precision: Precision, info: D.DistInfo, 
                       cm.view(num_classes, num_classes).cpu() if cm is not None else None)
 
 
-def global_mean(info: D.DistInfo, result: EpochResult) -> tuple[float, float, int]:
-    """Train loss and accuracy (%) over every rank's samples of the epoch."""
-    sums = result.sums
+def global_sums(info: D.DistInfo, sums: EpochSums) -> EpochSums:
+    """Every rank's sums added up (float64: exact for the counts, and the same on every rank)."""
     t = torch.tensor([sums.loss_sum, sums.correct, sums.count], dtype=torch.float64, device=info.device)
     D.all_reduce_sum(info, t)
     loss_sum, correct, count = t.tolist()
+    return EpochSums(loss_sum, int(correct), int(count))
+
+
+def global_mean(info: D.DistInfo, result: EpochResult) -> tuple[float, float, int]:
+    """Train loss and accuracy (%) over every rank's samples of the epoch."""
+    total = global_sums(info, result.sums)
+    loss_sum, correct, count = total.loss_sum, total.correct, total.count
     if count == 0:
         return math.nan, math.nan, 0
     return loss_sum / count, 100.0 * correct / count, int(count)

@@ -39,7 +39,8 @@ EPOCH_KEYS = {
     "eval_time_s": "wall time of the validation pass",
     "checkpoint_blocked_s": "time the step loop stood still for checkpoints and best.pt this epoch (device-to-host copy, RNG gather, waiting for a previous write)",
     "checkpoint_write_s": "background time of the checkpoint / best.pt writes that finished during this epoch",
-    "steps": "optimizer steps in the epoch",
+    "steps": "optimizer steps in the epoch (a resumed epoch counts the steps before the stop too)",
+    "partial": "true only when the epoch was resumed on another global batch at a position it does not divide: a few samples were trained (and counted) twice; absent otherwise",
     "world_size": "number of processes",
     "wire_bytes_per_step": "bytes each rank sent per training step (ring accounting of the collectives' sizes; parallel.py)",
     "skipped_steps": "fp16: optimizer steps the GradScaler skipped for overflow in this epoch (the most on any rank; the ranks agree, and a line says which step came first); null without fp16",
@@ -102,15 +103,39 @@ class Reporter(SilentReporter):
         print(f"[dist_cifar] {message}", flush=True)
 
     def restore_history(self, history: list[dict[str, Any]]) -> None:
-        """After a resume: metrics.jsonl holds exactly the checkpointed epochs, and W&B gets those
-        it never received (a crash between checkpoint and log). An epoch line in metrics.jsonl
-        means W&B got it too: both are written together in `epoch`."""
-        seen = {record["epoch"] for record in files.read_jsonl(self.metrics_path)}
+        """After a resume: metrics.jsonl holds exactly the checkpointed epochs, and W&B gets every
+        one of them it does not hold. What it holds is read back, not assumed: a stop signal can
+        kill W&B's service before it saved the rows it was sent (offline: the run's earlier
+        folders are read; online: the server's resumed step says how far it got)."""
         files.write_jsonl(self.metrics_path, history)
-        if self.run is not None:
-            for record in history:
-                if record["epoch"] not in seen:
-                    self.run.log(record, step=record["epoch"])
+        if self.run is None:
+            return
+        held = self.wandb_epochs()
+        missing = [record for record in history if record["epoch"] not in held]
+        for record in missing:
+            self.wandb_call(self.run.log, record, step=record["epoch"])
+        if missing:
+            self.note(f"W&B: {len(missing)} epoch(s) it did not hold were logged again "
+                      f"({', '.join(str(r['epoch']) for r in missing)})")
+
+    def wandb_epochs(self) -> set[int]:
+        if self.wandb_mode == "offline":
+            from .wandb_offline import logged_steps
+            return logged_steps(self.out_dir, self.run.id, skip=(Path(self.run.dir).parent,))
+        return set(range(int(getattr(self.run, "starting_step", 0) or 0)))
+
+    def wandb_call(self, fn: Callable, *args, **kwargs) -> None:
+        """A W&B call that cannot end the run: its service can die under it (a signal meant for the
+        trainer reaches every process of a SLURM step). Said once; the rows W&B then misses are
+        replayed into the same run on resume."""
+        if self.run is None:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:
+            self.note(f"W&B stopped logging ({type(exc).__name__}: {str(exc)[:100]}); metrics.jsonl is complete and "
+                      f"a resume logs the missing epochs into the same W&B run")
+            self.run = None
 
     # -- per step / per epoch -------------------------------------------------------
     def epoch_start(self, epoch: int, total_steps: int, start_step: int = 0) -> None:
@@ -137,7 +162,7 @@ class Reporter(SilentReporter):
         record = drop_none(record)
         files.append_jsonl(self.metrics_path, [record])
         if self.run is not None:
-            self.run.log(record, step=record["epoch"])
+            self.wandb_call(self.run.log, record, step=record["epoch"])
         if not self.quiet:
             self.console.print(epoch_line(record), markup=False, highlight=False, soft_wrap=True)
 
@@ -145,11 +170,11 @@ class Reporter(SilentReporter):
         files.atomic_write_json(self.out_dir / files.SUMMARY, summary)
         if self.run is not None:
             import wandb
-            self.run.summary.update(summary)
+            self.wandb_call(self.run.summary.update, summary)
             media = {name: wandb.Image(str(path)) for name, path in images.items() if path.exists()}
             media["per_class_accuracy"] = wandb.Table(columns=["class", "accuracy"],
                                                       data=[[c, a] for c, a in per_class])
-            self.run.summary.update(media)
+            self.wandb_call(lambda: self.run.summary.update(media))
         self.console.print(summary_table(summary, per_class))
 
     def close(self) -> None:
@@ -157,7 +182,7 @@ class Reporter(SilentReporter):
             self.bar.stop()
         if self.run is not None:
             mode, run_dir, run_id = self.wandb_mode, getattr(self.run, "dir", ""), getattr(self.run, "id", "")
-            self.run.finish()
+            self.wandb_call(self.run.finish)
             self.run = None
             if mode == "offline" and run_dir:
                 # a resumed or requeued job continues the run in a new folder each start: name them all
@@ -195,7 +220,7 @@ def summary_table(summary: dict[str, Any], per_class: list[tuple[str, float]]):
     table = Table(title=Text(f"dist_cifar: {summary.get('model')} ({summary.get('out_dir')})"))
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("train_accuracy", "val_accuracy", "test_accuracy", "test_loss", "best_epoch",
+    for key in ("best_train_accuracy", "best_val_accuracy", "best_test_accuracy", "best_test_loss", "best_epoch",
                 "best_val_loss", "epochs_run", "total_time_s", "time_to_best_s", "num_params",
                 "world_size", "global_batch_size"):
         if summary.get(key) is not None:

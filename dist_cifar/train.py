@@ -13,7 +13,8 @@ finish (the report's compute_accuracy on the best weights, plots, summary).
 Exit codes: 0 done; 1 unexpected error (traceback, torchrun error file); 2 bad flag, data or
 checkpoint (one line on stderr); 3 non-finite loss (last good checkpoint kept); 4 replicas
 diverged across ranks (one line naming the parameter; last good checkpoint kept);
-75 preempted (SIGUSR1/SIGTERM: checkpoint written, resume with the same command).
+75 preempted (SIGUSR1/SIGTERM/SIGINT: checkpoint written, resume with the same command);
+130 a second Ctrl-C (stopped at once; the newest committed checkpoint is kept).
 """
 from __future__ import annotations
 
@@ -35,16 +36,16 @@ from .assembly import TrainingRun, assemble
 from .checkpoint import CheckpointManager, RunState
 from .config import ConfigError, TrainConfig, flag_name, parse_command
 from .data import DataError, Splits, load_source, make_splits
-from .engine import EpochSums, EvalResult, NonFiniteLoss, StepHooks, evaluate, global_mean, train_epoch
+from .engine import EpochSums, EvalResult, NonFiniteLoss, StepHooks, evaluate, global_mean, global_sums, train_epoch
 from .faults import FaultInjector
 from .models import build_model, count_parameters
 from .parallel import ConsolidatedModel, ConsolidatedOptimizer, ReplicaDrift, check_replicas
-from .preemption import EXIT_PREEMPTED, PreemptionFlag
+from .preemption import EXIT_PREEMPTED, PreemptionFlag, StopNow
 from .reporting import Reporter, SilentReporter
 from .runtime import resolve
 from .timing import peak_memory_mb, reset_peak_memory
 
-EXIT_OK, EXIT_USAGE, EXIT_NONFINITE, EXIT_DRIFT = 0, 2, 3, 4
+EXIT_OK, EXIT_USAGE, EXIT_NONFINITE, EXIT_DRIFT, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 
 
 @record
@@ -69,6 +70,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return fail(exc, EXIT_NONFINITE)
     except ReplicaDrift as exc:
         return fail(exc, EXIT_DRIFT)
+    except StopNow:  # Ctrl-C twice: out now; the writes in flight were waited for on the way
+        return fail("interrupted twice: stopped at once without a new checkpoint; the newest committed one is "
+                    "kept, rerun the same command to resume", EXIT_INTERRUPTED)
     except OSError as exc:  # a full disk or an unwritable file at the epoch's end: one line, not a traceback
         if exc.filename is None:
             raise
@@ -129,7 +133,7 @@ def epoch_loop(run: TrainingRun, state: RunState, checkpoints: CheckpointManager
 
     def save_mid_epoch(result) -> None:  # every --checkpoint-every-steps steps
         step_log.write(start.epoch, start.step, result.step_losses)
-        state.step, state.sums = result.end_step, result.sums
+        state.step, state.sums = result.end_step, global_sums(info, result.sums)
         state.global_step = start.global_step + result.end_step - start.step
         check_replicas(run.model.plan, run.model.module, f"by epoch {start.epoch} step {result.end_step}")
         checkpoints.save(state, wait=False)
@@ -138,16 +142,18 @@ def epoch_loop(run: TrainingRun, state: RunState, checkpoints: CheckpointManager
 
     def say_forecast(step_s: float, cpu_s: float) -> None:  # once, in this process's first epoch
         hooks.on_forecast = None
-        reporter.note(budget.forecast(step_s, steps_per_epoch=run.steps_per_epoch, epochs_left=cfg.epochs - state.epoch,
+        reporter.note(budget.forecast(step_s, steps_per_epoch=run.steps_per_epoch,
+                                      steps_left=run.steps_per_epoch * (cfg.epochs - first_epoch) - first_step,
                                       images_per_step=run.global_batch_size,
                                       train_flops_per_image=needs.train_flops_per_image))
+        reporter.note(budget.stop_line(step_s, guard_every=cfg.guard_every, checkpoint_bytes=needs.checkpoint_bytes))
         if info.device.type == "cpu":  # on GPUs the host mostly waits, and its CPU time says nothing
             slow = budget.cpu_starved(step_s, cpu_s, threads=cfg.threads, local_world_size=info.local_world_size)
             if slow:
                 reporter.note(slow)
 
     hooks.on_forecast = say_forecast if info.is_main else None
-    first_epoch = state.epoch  # with --compile, this process's first epoch compiles
+    first_epoch, first_step = state.epoch, state.step  # with --compile, this process's first epoch compiles
     while state.epoch < cfg.epochs:
         start = state.epoch_start()
         run.loader.set_epoch(start.epoch)
@@ -158,24 +164,27 @@ def epoch_loop(run: TrainingRun, state: RunState, checkpoints: CheckpointManager
         state.train_time_s += result.wall_s
         step_log.write(start.epoch, start.step, result.step_losses)
         if result.stopped:
-            state.step, state.sums = result.end_step, result.sums
+            state.step, state.sums = result.end_step, global_sums(info, result.sums)
             check_replicas(run.model.plan, run.model.module, f"by epoch {start.epoch} step {result.end_step}")
             kept = checkpoints.save_preempted(state)  # "written" only once it is
-            print(f"[dist_cifar] rank {info.rank}: preempted ({flag.signal_name or 'signal on another rank'}), "
-                  f"stopped at epoch {start.epoch} step {result.end_step}; {kept}; exit {EXIT_PREEMPTED}",
-                  file=sys.stderr, flush=True)
+            why = D.all_gather_objects(info, flag.signal_name)
+            if info.is_main:  # one line per job, naming what stopped it
+                got = sorted({name for name in why if name})
+                ranks = f" on all {info.world_size} ranks" if info.distributed else ""
+                print(f"[dist_cifar] preempted ({', '.join(got) or 'signal'}), stopped at epoch {start.epoch} step "
+                      f"{result.end_step}{ranks}; {kept}; exit {EXIT_PREEMPTED}", file=sys.stderr, flush=True)
             return EXIT_PREEMPTED
         t_eval = time.perf_counter()
         D.broadcast_buffers(info, run.model.module)  # every rank evaluates rank 0's BatchNorm statistics
         val = evaluate(run.model.eval_model, run.val_shards, run.precision, info) if run.val_shards is not None else None
-        record = epoch_record(run, result, val, eval_s=time.perf_counter() - t_eval,
+        record = epoch_record(run, result, val, eval_s=time.perf_counter() - t_eval, partial=state.partial,
                               compile_s=result.first_step_s if start.epoch == first_epoch else None,
                               reporter=reporter)
         state.history.append(record)
         if start.epoch == first_epoch:
             check_wire(run, record, reporter)
         track_best(state, record, checkpoints, save=cfg.save_best)
-        state.epoch, state.step, state.sums = start.epoch + 1, 0, EpochSums()
+        state.epoch, state.step, state.sums, state.partial = start.epoch + 1, 0, EpochSums(), False
         last = state.epoch == cfg.epochs
         due = checkpoint_due(cfg, checkpoints, state.epoch)  # once: it broadcasts rank 0's clock
         if due or last:
@@ -365,7 +374,7 @@ def start_line(run: TrainingRun, run_config: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------ per epoch
 
 
-def epoch_record(run: TrainingRun, result, val: Optional[EvalResult], *, eval_s: float,
+def epoch_record(run: TrainingRun, result, val: Optional[EvalResult], *, eval_s: float, partial: bool,
                  compile_s: Optional[float], reporter) -> dict:
     info = run.info
     train_loss, train_acc, _ = global_mean(info, result)
@@ -382,7 +391,7 @@ def epoch_record(run: TrainingRun, result, val: Optional[EvalResult], *, eval_s:
         "compute_s": compute, "comm_s": run.model.comm.take() if run.model.comm else None,
         "rank_time_min_s": min(rank_times), "rank_time_max_s": max(rank_times),
         "peak_memory_mb": peak_memory_mb(info.device), "compile_s": compile_s, "eval_time_s": eval_s,
-        "steps": result.steps, "world_size": info.world_size,
+        "steps": result.end_step, "world_size": info.world_size, "partial": True if partial else None,
         "wire_bytes_per_step": run.model.plan.wire().total() if info.distributed and result.steps else None,
         "skipped_steps": max(n for n, _ in skips) if skips else None,
         "checkpoint_blocked_s": None, "checkpoint_write_s": None,  # filled in after the epoch's saves
@@ -453,7 +462,7 @@ def finish(run: TrainingRun, state: RunState, reporter, *, checkpoints: Checkpoi
     last = state.history[-1] if state.history else {}
     timing = {"epochs_run": len(state.history), "total_time_s": state.train_time_s,
               "mean_epoch_time_s": sum(r["epoch_time_s"] for r in state.history) / max(len(state.history), 1),
-              "steady_epoch_time_s": steady_epoch_time(state.history), "final_train_loss": last.get("train_loss"),
+              "steady_epoch_time_s": steady_epoch_time(state.history), "last_train_loss": last.get("train_loss"),
               "world_size": info.world_size, "global_batch_size": run.global_batch_size}
     if not cfg.final_eval:
         if info.is_main:
@@ -462,11 +471,12 @@ def finish(run: TrainingRun, state: RunState, reporter, *, checkpoints: Checkpoi
         return EXIT_OK
 
     def preempted() -> bool:  # every rank decides the same, at the same point
-        if D.agree(info, torch.full((), 2.0**31, device=info.device), flag())[1]:
-            print(f"[dist_cifar] rank {info.rank}: preempted during the final evaluation; training is complete and "
+        if not D.agree(info, torch.full((), 2.0**31, device=info.device), flag())[1]:
+            return False
+        if info.is_main:
+            print(f"[dist_cifar] preempted during the final evaluation; training is complete and "
                   f"checkpointed: rerun the same command to evaluate; exit {EXIT_PREEMPTED}", file=sys.stderr, flush=True)
-            return True
-        return False
+        return True
 
     if preempted():
         return EXIT_PREEMPTED
@@ -485,11 +495,13 @@ def finish(run: TrainingRun, state: RunState, reporter, *, checkpoints: Checkpoi
                                                         f"{cfg.model} test confusion matrix")}
     summary = {
         "model": cfg.model, "out_dir": str(out_dir), "num_params": run_config["num_params"],
-        "train_accuracy": train_eval.accuracy, "val_accuracy": val_eval.accuracy if val_eval else None,
-        "test_accuracy": test_eval.accuracy, "train_loss": train_eval.loss,
-        "val_loss": val_eval.loss if val_eval else None, "test_loss": test_eval.loss,
-        "best_epoch": state.best_epoch, "best_val_loss": state.best_val_loss if val_eval else None,
-        "time_to_best_s": state.time_to_best_s, "final_val_loss": last.get("val_loss"), **timing,
+        # best_*: the weights kept (lowest validation loss), evaluated as the report's compute_accuracy;
+        # last_*: the last epoch's record (W&B's own summary of the history keys says the same)
+        "best_train_accuracy": train_eval.accuracy, "best_val_accuracy": val_eval.accuracy if val_eval else None,
+        "best_test_accuracy": test_eval.accuracy, "best_train_loss": train_eval.loss,
+        "best_val_loss": val_eval.loss if val_eval else None, "best_test_loss": test_eval.loss,
+        "best_epoch": state.best_epoch, "time_to_best_s": state.time_to_best_s, "last_val_loss": last.get("val_loss"),
+        **timing,
         "per_class_test_accuracy": dict(per_class), "confusion_matrix": cm.tolist(),
         "data_source": splits.source, "split_sizes": run_config["split_sizes"],
     }

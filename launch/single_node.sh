@@ -2,7 +2,8 @@
 # One node, one process per GPU (or NPROC CPU processes on gloo when there is no GPU).
 #   bash launch/single_node.sh [NPROC] -- TRAINER ARGS...
 #   NPROC defaults to $NPROC, else the number of GPUs, else 2.
-# Exit 75: preempted (checkpoint written), run the same command again.
+# Exit 75: preempted or stopped (SIGTERM, Ctrl-C: checkpoint written), run the same command again;
+# 130: a second Ctrl-C stopped it at once.
 # Example: bash launch/single_node.sh 4 -- --model vgg16_cifar --preset fast --data-dir data
 set -euo pipefail
 cd "$(dirname "$0")/.."

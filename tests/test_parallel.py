@@ -128,7 +128,7 @@ def test_twenty_steps_match_ddp_and_bytes_match_the_prediction(two_ranks):
             b = [m[key] for m in read_jsonl(runs["ddp"] / "metrics.jsonl")]
             assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-4, (design, key)
         summary = json.loads((runs[design] / "summary.json").read_text())
-        assert abs(summary["test_loss"] - json.loads((runs["ddp"] / "summary.json").read_text())["test_loss"]) < 1e-4
+        assert abs(summary["best_test_loss"] - json.loads((runs["ddp"] / "summary.json").read_text())["best_test_loss"]) < 1e-4
     # hybrid sends less than DDP even on this small model; FSDP more (3 passes over the parameters)
     sent = {d: read_jsonl(runs[d] / "metrics.jsonl")[0]["wire_bytes_per_step"] for d in runs}
     assert sent["hybrid"] < sent["ddp"] < sent["fsdp"]
@@ -167,11 +167,11 @@ def test_resume_at_another_world_size_reshards(tmp_path):
     out = tmp_path / "run"
     hybrid = ("--parallel", "hybrid")
     assert run_torchrun(2, exact(out, 1, *hybrid, "--no-save-best")).returncode == 0
-    first = json.loads((out / "summary.json").read_text())["test_loss"]
+    first = json.loads((out / "summary.json").read_text())["best_test_loss"]
     same = run_torchrun(3, exact(out, 1, *hybrid, "--no-save-best"))  # nothing left to train: resharded, evaluated
     assert same.returncode == 0, same.stderr[-2000:]
     assert "world size changed 2 -> 3" in same.stdout
-    assert abs(json.loads((out / "summary.json").read_text())["test_loss"] - first) < 1e-5
+    assert abs(json.loads((out / "summary.json").read_text())["best_test_loss"] - first) < 1e-5
     alone = run_train(exact(out, 2, *hybrid, "--no-save-best"))
     assert alone.returncode == 0, alone.stderr[-2000:]
     assert "world size changed 2 -> 1" in alone.stdout
@@ -208,7 +208,7 @@ def test_two_emulated_hosts_every_design(tmp_path):
         metrics = read_jsonl(out / "metrics.jsonl")[0]
         sent = [int(x) for x in re.findall(r"host\d=(\d+)", proc.stderr)]
         assert len(sent) == 2 and min(sent) >= metrics["wire_bytes_per_step"] * metrics["steps"], proc.stderr[-1000:]
-        assert json.loads((out / "summary.json").read_text())["test_accuracy"] > 0
+        assert json.loads((out / "summary.json").read_text())["best_test_accuracy"] > 0
     assert not [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
                 if n.startswith(("dcA", "dcB"))]  # the namespaces are gone
 

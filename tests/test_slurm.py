@@ -14,6 +14,7 @@ import time
 import pytest
 
 from conftest import base_env, read_jsonl, ROOT
+from dist_cifar import wandb_offline as wandb_reader
 
 
 pytestmark = pytest.mark.slurm
@@ -75,45 +76,94 @@ def diagnosis(log) -> str:
     return "\n".join(lines[-80:])
 
 
-def test_two_process_training_job(slurm, tmp_path):
+# One recipe for the uninterrupted job and the preempted one, so that their epochs compare: 100
+# training steps per epoch (a window a stop lands in), a small validation split, and a final
+# evaluation of ~23,500 training images (a window the second stop lands in).
+RECIPE = ["--dataset", "synthetic", "--synthetic-size", "24000", "--val-size", "512", "--steps-per-epoch", "100",
+          "--batch-size", "32", "--eval-batch-size", "32", "--epochs", "4", "--wandb", "offline"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("slurm_ref")
     out, log = tmp_path / "run", tmp_path / "job.out"
-    job = sbatch(["--cpus-per-task=2", f"--output={log}", "slurm/train.sbatch", "--dataset", "synthetic",
-                  "--synthetic-size", "256", "--batch-size", "32", "--epochs", "2", "--out-dir", str(out)],
-                 NPROC_PER_NODE="2")
-    assert wait_done(job, 240) == "COMPLETED", diagnosis(log)
+    job = sbatch(["--cpus-per-task=2", f"--output={log}", "slurm/train.sbatch", *RECIPE, "--out-dir", str(out)],
+                 NPROC_PER_NODE="2", WANDB_MODE="offline")
+    return job, out, log, wait_done(job, 300)
+
+
+def test_two_process_training_job(uninterrupted):
+    job, out, log, state = uninterrupted
+    assert state == "COMPLETED", diagnosis(log)
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2 and config["backend_resolved"] == "gloo"
-    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1]
-    assert json.loads((out / "summary.json").read_text())["test_accuracy"] > 10
+    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1, 2, 3]
+    assert json.loads((out / "summary.json").read_text())["best_test_accuracy"] > 10
     assert f"job {job} (restart 0)" in log.read_text() and "x 2 process(es)" in log.read_text()
 
 
-def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
-    out, log = tmp_path / "run", tmp_path / "job.out"
-    job = sbatch(["--cpus-per-task=2", f"--output={log}", "slurm/train.sbatch", "--dataset", "synthetic",
-                  "--synthetic-size", "4096", "--batch-size", "32", "--epochs", "4", "--out-dir", str(out)],
-                 NPROC_PER_NODE="2")
-    deadline = time.monotonic() + 180
-    while "epoch   0" not in (log.read_text() if log.exists() else ""):
-        assert time.monotonic() < deadline, "first epoch never finished"
-        time.sleep(0.5)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=10)
+def wait_for(log, text: str, after: int, timeout: float) -> int:
+    """Until `text` appears in the log past offset `after`; returns where it ends."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body = log.read_text() if log.exists() else ""
+        at = body.find(text, after)
+        if at >= 0:
+            return at + len(text)
+        assert time.monotonic() < deadline, f"{text!r} never came:\n{body[-3000:]}"
+        time.sleep(0.2)
+
+
+def requeued(job: str, restarts: int) -> None:
+    """Wait until the job is requeued for the `restarts`-th time, then let it start at once."""
     deadline = time.monotonic() + 90
-    while job_field(job, "Restarts") in ("", "0") or job_field(job, "JobState") != "PENDING":
+    while job_field(job, "Restarts") != str(restarts) or job_field(job, "JobState") != "PENDING":
         assert time.monotonic() < deadline, "job was not requeued"
         time.sleep(0.5)
     # SLURM holds a requeued job ~2 min (BeginTime) so the old steps can finish; skipping that wait
     # is only safe once slurmd's step daemons of the first run are gone (else: credential revoked)
     while subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job}\."], capture_output=True).returncode == 0:
-        assert time.monotonic() < deadline, "the first run's job steps never ended"
+        assert time.monotonic() < deadline, "the previous run's job steps never ended"
         time.sleep(0.5)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=10)
-    assert wait_done(job, 300) == "COMPLETED", log.read_text()[-3000:]
+
+
+def test_preempted_twice_keeps_every_record(uninterrupted, tmp_path):
+    """Preempted by SLURM's warning signal mid-epoch, then again in the final evaluation: each step
+    exits 75 and is requeued, the job ends COMPLETED, metrics.jsonl equals the uninterrupted job's,
+    and the W&B offline folders hold exactly one row per epoch with the same values (W&B's
+    service is not killed by the stop)."""
+    _, ref_out, _, ref_state = uninterrupted
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job = sbatch(["--cpus-per-task=2", f"--output={log}", "slurm/train.sbatch", *RECIPE, "--out-dir", str(out)],
+                 NPROC_PER_NODE="2", WANDB_MODE="offline")
+    seen = wait_for(log, "epoch   0", 0, 180)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=10)
+    requeued(job, 1)
+    seen = wait_for(log, "(restart 1)", seen, 120)
+    seen = wait_for(log, "epoch   3", seen, 180)
+    time.sleep(1.0)  # into the final evaluation of the training split
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=10)
+    requeued(job, 2)
+    assert wait_done(job, 300) == "COMPLETED", diagnosis(log)
     text = log.read_text()
-    assert "got USR1" in text and "requeueing" in text and "(restart 1)" in text and "resumed from" in text
-    stops = re.findall(r"rank (\d): preempted \(SIGTERM\), stopped at (epoch \d+ step \d+)", text)
-    assert sorted(r for r, _ in stops) == ["0", "1"] and len({s for _, s in stops}) == 1
-    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1, 2, 3]
+    assert "got USR1" in text and "(restart 2)" in text and "Traceback" not in text, diagnosis(log)
+    assert re.search(r"preempted \(SIGTERM\), stopped at epoch 1 step [1-9]\d* on all 2 ranks", text), diagnosis(log)
+    assert "preempted during the final evaluation" in text, diagnosis(log)
+    assert text.count("the workers checkpointed and exited 75; requeueing") == 2, diagnosis(log)
+    assert ref_state == "COMPLETED"
+    ref, rows = read_jsonl(ref_out / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    for key in ("train_loss", "train_accuracy", "val_loss"):
+        assert max(abs(a[key] - b[key]) for a, b in zip(ref, rows)) <= 1e-6, key
+    run_id = (out / "wandb_run_id.txt").read_text().strip()
+    folders = wandb_reader.run_files(out, run_id)
+    assert len(folders) == 3, folders
+    logged = [row for path in folders for row in wandb_reader.history(path)]
+    assert sorted(row["_step"] for row in logged) == [0, 1, 2, 3], logged
+    for row in logged:
+        assert row["train_loss"] == rows[row["_step"]]["train_loss"]
+        assert row["val_loss"] == rows[row["_step"]]["val_loss"]
 
 
 def test_ablation_array_job_runs_every_variant(slurm, tmp_path):

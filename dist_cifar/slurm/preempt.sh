@@ -30,8 +30,9 @@ run_preemptible() {
   on_signal() {
     echo "[slurm] $(date +%T) got $1: asking the trainer to checkpoint and stop" >&2
     preempted=1
-    # torchrun does not forward SIGUSR1, and signalling srun itself aborts the step: TERM the
-    # step's tasks; torchrun forwards TERM to its workers, which agree on a step and save.
+    # KILL_CMD reaches only what must stop (train.sbatch: the launcher on each node, which passes
+    # SIGTERM to its workers; they agree on a step, save and exit 75). Signalling srun aborts the
+    # step, and `scancel --signal` reaches every process of it, W&B's service included.
     eval "$kill_cmd" || true
   }
   trap 'on_signal USR1' USR1
@@ -48,16 +49,18 @@ run_preemptible() {
     wait "$child"; status=$?
     kill -0 "$child" 2>/dev/null || break   # wait returned because of a trapped signal
   done
-  if [ "$preempted" = 0 ] && [ "$status" -ne 0 ] && { [ "$status" = 75 ] || \
-      [ "$(count_exit75 "$log")" -gt "$marks_before" ]; }; then
-    echo "[slurm] $(date +%T) the workers exited 75 (preempted, checkpoint written)" >&2
-    preempted=1
+  # Requeue only what checkpointed: exit 75, or (several nodes, where srun ends the other nodes'
+  # tasks once one has exited) the trainer's "exit 75" line in this job's log.
+  local checkpointed=0
+  if [ "$status" = 75 ] || { [ "$status" -ne 0 ] && [ "$(count_exit75 "$log")" -gt "$marks_before" ]; }; then
+    checkpointed=1
   fi
-  if [ "$preempted" = 1 ]; then
+  if [ "$checkpointed" = 1 ]; then
     steps_done
-    echo "[slurm] $(date +%T) trainer exited ($status) after preemption; requeueing $requeue_id" >&2
+    echo "[slurm] $(date +%T) the workers checkpointed and exited 75; requeueing $requeue_id" >&2
     scontrol requeue "$requeue_id"
     exit 0
   fi
+  [ "$preempted" = 0 ] || echo "[slurm] $(date +%T) stop asked, but the trainer exited $status without a checkpoint: not requeued" >&2
   return "$status"
 }

@@ -1,4 +1,6 @@
-"""Read a W&B offline `run-<id>.wandb` file back, without wandb's (absent) reader.
+"""Read a W&B offline `run-<id>.wandb` file back, without wandb's (absent) reader: which epochs a
+run's offline folders already hold, so that a resume replays exactly the missing ones (the
+service can die with the job's signal before it saved the last rows), and for the tests.
 
 Layout: a 7-byte W&B header, then LevelDB log framing in 32 KiB blocks: each chunk has a 7-byte
 header (crc32, little-endian uint16 length, uint8 type FULL=1/FIRST=2/MIDDLE=3/LAST=4); a block
@@ -15,8 +17,10 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
 def payloads(path: Path) -> list[bytes]:
+    """Every complete record; a file cut short by a killed writer ends at its last whole one."""
     data = Path(path).read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
     out, pending, pos = [], b"", FILE_HEADER
     while pos + HEADER <= len(data):
         room = BLOCK - pos % BLOCK
@@ -25,6 +29,8 @@ def payloads(path: Path) -> list[bytes]:
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
         chunk = data[pos + HEADER:pos + HEADER + length]
+        if len(chunk) < length:
+            break  # the writer was killed mid-record
         pos += HEADER + length
         if kind == 0 and length == 0:
             continue  # zero padding at the end of a block
@@ -41,10 +47,14 @@ def payloads(path: Path) -> list[bytes]:
 
 
 def records(path: Path):
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2
     for blob in payloads(path):
         rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(blob)
+        try:
+            rec.ParseFromString(blob)
+        except DecodeError:
+            continue
         yield rec
 
 
@@ -79,3 +89,22 @@ def run_id(path: Path) -> str:
         if rec.WhichOneof("record_type") == "run":
             return rec.run.run_id
     return ""
+
+
+def run_files(out_dir: Path, run_id: str) -> list[Path]:
+    """The offline files of one run in an out dir, one per start of the job, oldest first."""
+    return sorted(Path(out_dir).glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
+
+
+def logged_steps(out_dir: Path, run_id: str, *, skip: tuple[Path, ...] = ()) -> set[int]:
+    """History steps (= epochs) that the run's offline files in `out_dir` hold; unreadable files
+    count as empty (their epochs are logged again)."""
+    steps: set[int] = set()
+    for path in run_files(out_dir, run_id):
+        if any(path.parent == s for s in skip):
+            continue
+        try:
+            steps.update(int(row["_step"]) for row in history(path))
+        except (OSError, ValueError):
+            continue
+    return steps
