@@ -121,3 +121,45 @@ def test_a_bad_flag_under_the_launcher_is_one_line_and_a_deleted_out_dir_stops_t
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err[-2000:]
     assert "was deleted during the run" in err and "Traceback" not in err
+
+
+def test_two_hosts_stops_on_sigterm_and_on_a_dead_link(tmp_path):
+    """launch/two_hosts.sh, two runs side by side: SIGTERM to the script mid-run checkpoints and
+    exits 75; the link taken down mid-run (gloo would wait for its timeout) ends in a bounded
+    time. Both leave no namespace and no process behind."""
+    import re
+    import signal
+    runs = {}
+    for case in ("sigterm", "link_down"):
+        out = tmp_path / case
+        log = open(tmp_path / f"{case}.log", "w")
+        runs[case] = (out, tmp_path / f"{case}.log", subprocess.Popen(
+            ["bash", "launch/two_hosts.sh", "--", *smoke_args(out, ["--synthetic-size", "16384", "--batch-size", "16",
+                                                                    "--epochs", "4", "--dist-timeout", "600"])],
+            cwd=ROOT, env=base_env(PYTHON=sys.executable, STOP_GRACE_S="60"), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True))
+    deadline = time.monotonic() + 180
+    for case, (out, log, proc) in runs.items():
+        while "an epoch here" not in log.read_text():  # the forecast: steps are running
+            if proc.poll() == 77:
+                pytest.skip(log.read_text().strip().splitlines()[-1])
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+    names = {case: re.search(r"\[two_hosts\] (dcA\w+) \S+ <-> (dcB\w+)", log.read_text()).groups()
+             for case, (_, log, _) in runs.items()}
+    stopped = time.monotonic()
+    runs["sigterm"][2].send_signal(signal.SIGTERM)  # the script only, as `kill <pid>` does
+    host_b = names["link_down"][1]
+    subprocess.run(["ip", "-n", host_b, "link", "set", "v" + host_b, "down"], check=True, timeout=10)
+    codes = {case: proc.wait(timeout=150) for case, (_, _, proc) in runs.items()}
+    took = time.monotonic() - stopped
+    term_log, link_log = runs["sigterm"][1].read_text(), runs["link_down"][1].read_text()
+    assert codes["sigterm"] == 75, term_log[-3000:]
+    assert "got SIGTERM: asking both hosts to checkpoint" in term_log and "Traceback" not in term_log
+    assert ckpt.find_latest(runs["sigterm"][0]) is not None
+    assert codes["link_down"] not in (0, 75) and "the link between the hosts went down" in link_log, link_log[-3000:]
+    assert took < 120, took
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(name in left for pair in names.values() for name in pair), left
+    for out, _, _ in runs.values():
+        assert subprocess.run(["pgrep", "-f", str(out)], capture_output=True).returncode == 1  # no process left
