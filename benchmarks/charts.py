@@ -22,7 +22,9 @@ def where(meta: dict) -> str:
 
 def save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from common import files  # the one way to create a file: no planted link followed
+    with files.atomic_writer(Path(path)) as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
     print(f"wrote {path}")
     return path

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"  # the committed results: written only with --publish
 RUNS = ROOT / "runs" / "benchmarks"  # where a plain rerun writes
 sys.path.insert(0, str(ROOT))
+from dist_cifar import files  # noqa: E402
 from dist_cifar.files import read_jsonl  # noqa: E402
 
 
@@ -55,10 +56,8 @@ def provenance(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    files.make_dirs(path.parent)
+    files.atomic_write_json(path, payload)
     print(f"wrote {path}")
     return path
 

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import (ROOT, RUNS, add_output_flags, busy_warning, data_args, data_label, output_path, provenance,
+from common import (ROOT, RUNS, add_output_flags, busy_warning, data_args, data_label, files, output_path, provenance,
                     report_warnings, run_bounded, run_trainer, spread_warning, table, write_json)
 
 HERE = Path(__file__).resolve().parent
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     for model, result in results.items():
         lines += [f"## {model}", peer_table(result["rows"]), ""]
     if not args.no_txt:
-        out.with_suffix(".txt").write_text("\n".join(lines))
+        files.atomic_write_text(out.with_suffix(".txt"), "\n".join(lines))
     from charts import peers_chart
     peers_chart(out)
     return 0

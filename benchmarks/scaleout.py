@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, ROOT, RUNS, provenance, read_jsonl, table, write_json
+from common import RESULTS, ROOT, RUNS, files, provenance, read_jsonl, table, write_json
 
 DESIGNS = {  # label -> trainer flags
     "ddp": ["--parallel", "ddp"],
@@ -94,7 +94,8 @@ def draw(rows: list[dict], path: Path, title: str) -> None:
     axes[0].legend(title="link")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with files.atomic_writer(Path(path)) as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
     print(f"wrote {path}")
 
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
                "median_step_s": {d: statistics.median([r["step_s"] for r in rows if r["design"] == d and "step_s" in r] or [0])
                                  for d in args.designs}}
     write_json(out / f"{stem}.json", summary)
-    (out / f"{stem}.txt").write_text(text + "\n")
+    files.atomic_write_text(out / f"{stem}.txt", text + "\n")
     if not args.checkpoints:
         draw(rows, out / f"{stem}.png", f"{args.model}, 2 emulated hosts (1 CPU rank each, gloo), {args.batch_size} images/rank")
     return 0

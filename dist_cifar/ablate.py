@@ -177,6 +177,7 @@ def train_args(study: Study, variant: Variant, args, out_dir: Path) -> list[str]
         cmd += ["--synthetic-size", str(args.synthetic_size), "--split", "full"]
     if args.max_train:
         cmd += ["--max-train", str(args.max_train)]
+    cmd += ["--trust-shared"] if getattr(args, "trust_shared", False) else []
     cmd += shlex.split(args.extra) + variant.flags
     for name, value in overrides(args).items():
         cmd += [OVERRIDES[name][1], str(value)]
@@ -194,12 +195,16 @@ def pending(study: Study, folder: Path, args) -> list[Variant]:
     return [v for v in chosen(study, args) if load_run(folder / v.name) is None]
 
 
-def lock_study(folder: Path):
+def lock_study(folder: Path, trust_shared: bool = False):
     """One ablate process per study folder: a second one would truncate the first one's logs and
     report its running variants as failed. Held until this process exits."""
     import fcntl
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / ".ablate.lock", "a+")
+    files.make_dirs(folder)
+    why = files.distrust(folder)
+    if why and not trust_shared:
+        raise RuntimeError(f"study folder {folder}: {why}, so another user could plant links or forged results in "
+                           f"it: choose an --out of your own, or pass --trust-shared")
+    handle = os.fdopen(files.open_no_follow(folder / ".ablate.lock", os.O_RDWR | os.O_CREAT), "r+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -216,11 +221,11 @@ def run_local(study: Study, folder: Path, args) -> dict[str, str]:
     status = {}
     for variant in pending(study, folder, args):
         out_dir = folder / variant.name
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        files.make_dirs(out_dir.parent)
         cmd = [sys.executable, "-m", "dist_cifar.train", *train_args(study, variant, args, out_dir)]
         print(f"[ablate] {study.name}/{variant.name}: {shlex.join(cmd[3:])}", flush=True)
         t0 = time.time()
-        with open(out_dir.parent / f"{variant.name}.log", "w") as log:
+        with files.open_log(out_dir.parent / f"{variant.name}.log") as log:
             trainer = subprocess.Popen(cmd, env=trainer_env(), stdout=log, stderr=subprocess.STDOUT)
             try:
                 code = trainer.wait()
@@ -244,10 +249,10 @@ def submit_slurm(study: Study, folder: Path, args) -> Optional[str]:
     todo = pending(study, folder, args)
     if not todo:
         return None
-    folder.mkdir(parents=True, exist_ok=True)
+    files.make_dirs(folder)
     lines = [shlex.join(train_args(study, v, args, (folder / v.name).resolve())) for v in todo]
     variants_file = folder / "variants.txt"
-    variants_file.write_text("\n".join(lines) + "\n")
+    files.atomic_write_text(variants_file, "\n".join(lines) + "\n")
     cmd = ["sbatch", "--parsable", f"--array=0-{len(todo) - 1}", f"--chdir={Path.cwd()}",
            f"--output={folder.resolve()}/slurm-%A_%a.out", *shlex.split(args.sbatch_args),
            str(SLURM_DIR / "ablations.sbatch"), str(variants_file.resolve())]
@@ -275,11 +280,20 @@ def wait_slurm(job: str, timeout_s: float) -> None:
 # ------------------------------------------------------------------------------ report
 
 
+SUMMARY_NUMBERS = ("train_accuracy", "test_accuracy", "total_time_s", "best_epoch")
+
+
 def load_run(folder: Path) -> Optional[dict]:
+    """A finished variant's summary and per-epoch records; None (run it again) when either is
+    missing, torn or not what the trainer writes (a summary that is not an object of numbers)."""
     try:
-        summary = json.loads((folder / files.SUMMARY).read_text())
+        summary = best_weights(json.loads((folder / files.SUMMARY).read_text()))
         metrics = files.read_jsonl(folder / files.METRICS)
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    numbers = [summary.get(key) for key in SUMMARY_NUMBERS]
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers) or \
+            not all(isinstance(r, dict) for r in metrics):
         return None
     return {"summary": summary, "metrics": metrics}
 
@@ -308,15 +322,15 @@ def study_table(study: Study, runs: dict[str, Optional[dict]], status: dict[str,
             state = status.get(v.name, "not run")
             rows.append(f"| {v.name} | " + " | ".join([state] + [""] * (len(head) - 2)) + " |")
             continue
-        s, m = best_weights(run["summary"]), run["metrics"]
+        s, m = run["summary"], run["metrics"]
         last = m[-1] if m else {}
         tl, vl = last.get("train_loss"), last.get("val_loss")
         gap_loss = (vl - tl) if tl is not None and vl is not None else None
         r = v.report
         if kind == "accuracy":
-            cells = [v.name.replace("wd_", ""), fmt(s["train_accuracy"]), fmt(s["val_accuracy"]), fmt(s["test_accuracy"]),
+            cells = [v.name.replace("wd_", ""), fmt(s["train_accuracy"]), fmt(s.get("val_accuracy")), fmt(s["test_accuracy"]),
                      fmt(r.get("train", r.get("note"))), fmt(r.get("val")), fmt(r.get("test")),
-                     fmt(s["train_accuracy"] - s["val_accuracy"] if s["val_accuracy"] is not None else None)]
+                     fmt(s["train_accuracy"] - s.get("val_accuracy") if s.get("val_accuracy") is not None else None)]
         elif kind == "loss":
             cells = [v.name, fmt(tl), fmt(vl), fmt(r.get("train_loss")), fmt(r.get("val_loss")), fmt(gap_loss),
                      fmt(s["test_accuracy"])]
@@ -326,7 +340,7 @@ def study_table(study: Study, runs: dict[str, Optional[dict]], status: dict[str,
         else:
             best = min((x for x in m if "val_loss" in x), key=lambda x: x["val_loss"], default=None)
             cells = [v.name, fmt(tl), fmt(vl), f"{fmt(best['val_loss'])} ({best['epoch'] + 1})" if best else "",
-                     fmt(s["train_accuracy"]), fmt(s["val_accuracy"]), fmt(s["test_accuracy"]),
+                     fmt(s["train_accuracy"]), fmt(s.get("val_accuracy")), fmt(s["test_accuracy"]),
                      fmt(s["total_time_s"], 1), fmt(gap_loss)]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
@@ -335,7 +349,7 @@ def study_table(study: Study, runs: dict[str, Optional[dict]], status: dict[str,
 def best_weights(summary: dict) -> dict:
     """The summary with the best weights' figures under their plain names (train_accuracy, ...);
     study folders written before the best_* names (0.x) hold them plain already."""
-    out = dict(summary)
+    out = dict(summary)  # TypeError when the summary is not an object: load_run calls it unreadable
     for key in ("train_accuracy", "val_accuracy", "test_accuracy"):
         if f"best_{key}" in summary:
             out[key] = summary[f"best_{key}"]
@@ -370,7 +384,7 @@ def write_report(study: Study, folder: Path, status: dict[str, str], args) -> Pa
     if done:
         lines += ["", f"![{folder.name} loss curves]({png.name})"]
     path = folder / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    files.atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -390,7 +404,7 @@ def write_index(out: Path) -> Path:
             if name == study.name or name[len(study.name)] == "-":
                 lines.append(f"- [{name}]({name}/report.md): {study.question}")
     path = out / "REPORT.md"
-    path.write_text("\n".join(lines) + "\n")
+    files.atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -426,6 +440,8 @@ def main(argv=None) -> int:
     p.add_argument("--slurm-timeout", type=float, default=24 * 3600)
     p.add_argument("--sbatch-args", default="", help="extra sbatch flags, e.g. '--gres=gpu:1 --time=2:00:00'")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report from finished runs")
+    p.add_argument("--trust-shared", action="store_true",
+                   help="use a study folder (and data) another user owns or could write into (the trainer's --trust-shared)")
     args = p.parse_args(glue_verbatim(list(sys.argv[1:] if argv is None else argv)))
     studies = list(STUDIES.values()) if args.study == "all" else [STUDIES[args.study]]
     unknown = set(filter(None, args.variants.split(","))) - {v.name for s in studies for v in s.variants}
@@ -464,7 +480,7 @@ def main(argv=None) -> int:
             continue  # nothing was run for this study with these overrides
         if not args.report_only:
             try:
-                lock_study(folder)
+                lock_study(folder, args.trust_shared)
             except RuntimeError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2

@@ -54,20 +54,46 @@ class Budget:
 
 
 def available_memory() -> int:
-    """MemAvailable, or what the cgroup (a SLURM job's limit) still allows when that is lower."""
+    """MemAvailable, or what the memory cgroup (a SLURM job's limit, a container's) still allows
+    when that is lower: cgroup v2's memory.max, or v1's memory.limit_in_bytes (still the norm on
+    many clusters), on this process's group and every group above it."""
     have = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     try:
         have = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))) * 1024
     except (OSError, StopIteration, ValueError):
         pass
-    try:  # cgroup v2: this process's own group (a SLURM job's, a container's)
-        group = Path("/sys/fs/cgroup") / Path(open("/proc/self/cgroup").read().split("0::", 1)[1].split()[0]).relative_to("/")
-        limit = (group / "memory.max").read_text().strip()
-        if limit != "max":
-            have = min(have, int(limit) - int((group / "memory.current").read_text()))
-    except (OSError, ValueError, IndexError):
-        pass
-    return have
+    left = cgroup_memory_left()
+    return min(have, left) if left is not None else have
+
+
+def cgroup_memory_left() -> Optional[int]:
+    """The smallest (limit - usage) over this process's memory cgroup and its ancestors; None
+    when no limit is set or the cgroup files cannot be read."""
+    try:
+        lines = open("/proc/self/cgroup").read().splitlines()
+    except OSError:
+        return None
+    found: list[int] = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2: one unified hierarchy
+            root, limit_file, usage_file = Path("/sys/fs/cgroup"), "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):  # v1
+            root, limit_file, usage_file = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        group = root / path.strip().lstrip("/")
+        while True:
+            try:
+                limit = (group / limit_file).read_text().strip()
+                if limit != "max" and int(limit) < 1 << 60:  # v1 writes "no limit" as ~2^63
+                    found.append(int(limit) - int((group / usage_file).read_text()))
+            except (OSError, ValueError):
+                pass
+            if group == root or root not in group.parents:
+                break
+            group = group.parent
+    return min(found) if found else None
 
 
 def own_checkpoint_bytes(out_dir: Path) -> int:
@@ -80,7 +106,12 @@ def plan(cfg: TrainConfig, *, out_dir: Path, local_world_size: int, world_size: 
     weights = measured.params * 4
     state = weights * (1 + OPTIMIZER_SLOTS.get(cfg.optimizer, 2))
     saves = bool(cfg.checkpoint_every or cfg.checkpoint_interval_min or cfg.checkpoint_every_steps)
-    disk = (cfg.keep_last + 1) * state * saves + 2 * weights * cfg.save_best
+    # the newest --keep-last kept plus the one being written, but never more than the run writes
+    # (an epoch cadence alone writes one per N epochs and one after the last)
+    by_epoch_only = cfg.checkpoint_every and not (cfg.checkpoint_every_steps or cfg.checkpoint_interval_min)
+    writes = cfg.epochs // cfg.checkpoint_every + bool(cfg.epochs % cfg.checkpoint_every) if by_epoch_only \
+        else cfg.keep_last + 1
+    disk = min(cfg.keep_last + 1, writes) * state * saves + 2 * weights * cfg.save_best
     # on the CPU every process holds weights, gradients, optimizer state and DDP's gradient buckets;
     # at a save rank 0 adds a host copy of the whole state (on GPUs only that copy is host memory)
     per_process = 0 if on_cuda else weights * (3 + OPTIMIZER_SLOTS.get(cfg.optimizer, 2))

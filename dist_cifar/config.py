@@ -135,6 +135,8 @@ class TrainConfig:
     """Output folder (default runs/<model>-<timestamp>-<4 random hex digits>); locked for the run's life."""
     overwrite: bool = False
     """Allow writing into an existing non-empty --out-dir (its old files are replaced)."""
+    trust_shared: bool = False
+    """Use an out dir, checkpoint, data folder, image set or cache that another local user owns or could have replaced (group/other-writable, or in a folder others may write without the sticky bit); without it such paths are refused or passed over with one line (docs/reliability.md)."""
     quiet: bool = False
     """Print only the end-of-run summary and errors."""
     progress_every: int = 20
@@ -372,6 +374,12 @@ def validate(cfg: TrainConfig) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{flag_name(name)} must be > 0, got {getattr(cfg, name)}")
+    # counts that no run reaches; larger ones only overflow a schedule or a step counter later
+    ceilings = {"epochs": 10**6, "batch_size": 2**24, "eval_batch_size": 2**24, "global_batch_size": 2**26,
+                "synthetic_size": 10**8, "keep_last": 10**9, "steps_per_epoch": 10**9}
+    for name, ceiling in ceilings.items():
+        if getattr(cfg, name) > ceiling:
+            raise ConfigError(f"{flag_name(name)} must be at most {ceiling:,}, got {getattr(cfg, name):,}")
     if cfg.batch_size <= 0 and not cfg.global_batch_size:
         raise ConfigError(f"--batch-size must be > 0 (or give --global-batch-size), got {cfg.batch_size}")
     if cfg.wandb_init_timeout <= 0:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import download as cifar_download
+from . import files
 
 NUM_CLASSES = 10  # every model's output width (models.NUM_CLASSES)
 STALE_TEMP_S = 3600  # a temporary file or folder untouched this long belongs to a dead process
@@ -109,7 +110,7 @@ def user_cache(anchor: Path, tag: str) -> Path:
 
 def cache_path_for(anchor: Path, tag: str) -> Path:
     """$DIST_CIFAR_CACHE_DIR when set (keyed by the data's path), else beside the data when
-    writable, else in the user cache. The GPU suite sets it: a cache beside the tarball would
+    writable and no other user can replace files there (files.distrust), else in the user cache. The GPU suite sets it: a cache beside the tarball would
     travel with the checkout, 185 MB over what may travel."""
     chosen = os.environ.get("DIST_CIFAR_CACHE_DIR")
     if chosen:
@@ -117,7 +118,7 @@ def cache_path_for(anchor: Path, tag: str) -> Path:
         Path(chosen).mkdir(parents=True, exist_ok=True)
         return Path(chosen) / f".dist_cifar_cache_{tag}_{key}.pt"
     beside = anchor.parent if anchor.is_file() else anchor
-    if writable(beside):
+    if writable(beside) and not files.distrust(beside):
         return beside / f".dist_cifar_cache_{tag}.pt"
     return user_cache(anchor, tag).with_suffix(".pt")
 
@@ -130,37 +131,39 @@ def fingerprint(paths: list[Path]) -> str:
 
 
 def remove_stale_temps(cache: Path) -> None:
-    """Temp files of cache writes that were killed midway: another process's, untouched for an
-    hour (a live writer of a large cache touches its file far more often)."""
-    mine = f".tmp{os.getpid()}"
-    for stray in cache.parent.glob(cache.name + ".tmp*"):
+    """Temp files of cache writes that were killed midway: this user's, another process's,
+    untouched for an hour (a live writer of a large cache touches its file far more often)."""
+    mine = f"{files.TMP_PREFIX}{cache.name}-{os.getpid()}-"
+    for stray in cache.parent.glob(f"{files.TMP_PREFIX}{cache.name}-*"):
         try:
-            stale = time.time() - stray.stat().st_mtime > STALE_TEMP_S
+            st = stray.lstat()
         except OSError:
             continue
-        if not stray.name.endswith(mine) and stale:
+        if (stray.is_file() and not stray.is_symlink() and st.st_uid == os.getuid() and not stray.name.startswith(mine)
+                and time.time() - st.st_mtime > STALE_TEMP_S):
             stray.unlink(missing_ok=True)
 
 
-def untrusted(cache: Path) -> str:
-    """Why a cache file may not be loaded ('' when it may): one another user owns, or others may
-    write, could hold planted images whose fingerprint (path, size, inode, mtime) anyone can copy."""
-    st = cache.lstat()
-    if cache.is_symlink():
-        return "it is a symbolic link"
-    if st.st_uid != os.getuid():
-        return f"it is owned by uid {st.st_uid}, not you"
-    if st.st_mode & 0o022:
-        return "other users may write to it"
+def cache_shape_problem(raw: RawData) -> str:
+    """What is wrong with a cache's arrays ('' when they are N x 32 x 32 x 3 uint8 images with
+    one integer label each): a damaged cache must not surface later as a batch-size error."""
+    for name, x, y in (("train", raw.train_x, raw.train_y), ("test", raw.test_x, raw.test_y)):
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)) or x.dtype != torch.uint8 \
+                or tuple(x.shape[1:]) != (32, 32, 3) or y.ndim != 1 or len(y) != len(x) or len(x) == 0:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            return f"{name} images of shape {shape} and {len(y) if hasattr(y, '__len__') else '?'} labels"
     return ""
 
 
 def load_cached(cache: Path, fp: str, build: Callable[[], RawData]) -> RawData:
+    """The decoded images from `cache` when it matches fingerprint `fp`, else `build()` written
+    there. A cache another user could have written (files.distrust) is never read: its
+    fingerprint (path, size, inode, mtime) is easy to copy onto planted images."""
     if cache.exists() or cache.is_symlink():
-        why = untrusted(cache)
+        why = files.distrust(cache)
         if why:
             mine = user_cache(cache, "cache").with_suffix(".pt")
-            print(f"[dist_cifar] ignoring cache {cache}: {why}; using {mine}")
+            print(f"[dist_cifar] ignoring cache {cache} ({why}); using {mine}")
             cache = mine
     if cache.parent.is_dir():
         remove_stale_temps(cache)
@@ -168,9 +171,14 @@ def load_cached(cache: Path, fp: str, build: Callable[[], RawData]) -> RawData:
         try:
             blob = torch.load(cache, weights_only=True)
             if blob.get("version") == CACHE_VERSION and blob.get("fingerprint") == fp:
-                return RawData(train_x=blob["train_x"], train_y=blob["train_y"], test_x=blob["test_x"],
-                               test_y=blob["test_y"], classes=tuple(blob["classes"]), source=blob["source"])
-            print(f"[dist_cifar] cache {cache} is stale; rebuilding it")
+                raw = RawData(train_x=blob["train_x"], train_y=blob["train_y"], test_x=blob["test_x"],
+                              test_y=blob["test_y"], classes=tuple(blob["classes"]), source=blob["source"])
+                problem = cache_shape_problem(raw)
+                if not problem:
+                    return raw
+                print(f"[dist_cifar] cache {cache} holds {problem}, not decoded images; rebuilding it")
+            else:
+                print(f"[dist_cifar] cache {cache} is stale; rebuilding it")
         except Exception as exc:  # a torn or foreign file: rebuild rather than fail
             print(f"[dist_cifar] cache {cache} is unreadable ({type(exc).__name__}); rebuilding it")
     raw = build()
@@ -178,10 +186,8 @@ def load_cached(cache: Path, fp: str, build: Callable[[], RawData]) -> RawData:
                 test_x=raw.test_x, test_y=raw.test_y, classes=list(raw.classes), source=raw.source)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        torch.save(blob, tmp)
-        os.chmod(tmp, 0o644)  # never writable by others, whatever the umask (see `untrusted`)
-        os.replace(tmp, cache)  # readers see the old cache or the new one, never half of one
+        with files.atomic_writer(cache) as f:  # readers see the old cache or the new one, never half of one
+            torch.save(blob, f)
     except OSError as exc:
         print(f"[dist_cifar] could not write cache {cache}: {exc}")
     return raw
@@ -229,30 +235,61 @@ def complete(folder: Path) -> bool:
     return all((folder / name).exists() for name in BATCH_FILES)
 
 
-def find_cifar10(data_dir: Path, download: bool) -> Path:
-    """The cifar-10-batches-py folder: found, extracted once from the archive, or downloaded."""
+def ignoring(what: Path, why: str) -> None:
+    print(f"[dist_cifar] ignoring {what}: {why}, so another user could have put it there "
+          f"(--trust-shared reads it)", flush=True)
+
+
+def batches_problem(folder: Path) -> str:
+    """files.distrust of a batches folder or any of its batch files ('' when all are safe)."""
+    return next((why for why in map(files.distrust, [folder, *(folder / n for n in BATCH_FILES)]) if why), "")
+
+
+def official_archive(archive: Path) -> bool:
+    """An archive whose MD5 is the official one (or the mirror's named in the environment): its
+    content is CIFAR-10 whoever put it there."""
+    from torchvision.datasets.utils import calculate_md5
+    return calculate_md5(archive) == cifar_download.source()[1]
+
+
+def find_cifar10(data_dir: Path, download: bool, trust: bool = False) -> Path:
+    """The cifar-10-batches-py folder: found, extracted once from the archive, or downloaded.
+    Batches another user could have planted are passed over (said once) unless `trust`; an
+    archive is used when it is safe or its MD5 is the official one."""
     folder = data_dir / "cifar-10-batches-py"
     for candidate in (folder, data_dir):
         if complete(candidate):
-            for part in data_dir.glob(f".{cifar_download.ARCHIVE}.part-*"):  # downloads that died before this one finished
-                if time.time() - part.stat().st_mtime > STALE_TEMP_S:
-                    part.unlink(missing_ok=True)
-            return candidate
-    archive = data_dir / "cifar-10-python.tar.gz"
+            why = "" if trust else batches_problem(candidate)
+            if not why:
+                cifar_download.remove_stale_parts(data_dir)  # downloads that died before this one finished
+                return candidate
+            ignoring(candidate, why)
+    archive = data_dir / cifar_download.ARCHIVE
     if archive.exists():
-        cached = user_cache(archive, "cifar10") / "cifar-10-batches-py"
-        if not writable(data_dir) and complete(cached):
-            return cached
-        return extract_cifar10(archive)
-    if folder.is_dir():
+        why = "" if trust else files.distrust(archive)
+        if not why or official_archive(archive):
+            return extract_cifar10(archive, trust)
+        ignoring(archive, f"{why} and it is not the official archive (MD5)")
+    elif folder.is_dir() and (trust or not files.distrust(folder)):
         missing = [name for name in BATCH_FILES if not (folder / name).exists()]
         raise DataError(f"incomplete CIFAR-10 in {folder}: missing {', '.join(missing)}; put "
                         f"cifar-10-python.tar.gz beside it to re-extract (or delete the folder to download it again)")
     if download:
-        return extract_cifar10(fetch_archive(data_dir))
+        return extract_cifar10(fetch_archive(download_home(data_dir, trust)), trust)
     raise DataMissing(f"no CIFAR-10 found in {data_dir.resolve()}: expected cifar-10-batches-py/ "
                       f"(data_batch_1..5, test_batch) or cifar-10-python.tar.gz there; drop --no-download "
                       f"to fetch it, or point --data-dir elsewhere")
+
+
+def download_home(data_dir: Path, trust: bool) -> Path:
+    """Where the download goes: --data-dir, unless another user could replace files there (or
+    already holds the archive's name); then this user's cache, said in one line."""
+    if trust or not (files.distrust(data_dir) or files.distrust(data_dir / cifar_download.ARCHIVE)):
+        return data_dir
+    home = user_cache(data_dir, "download")
+    print(f"[dist_cifar] {data_dir} is shared ({files.distrust(data_dir) or files.distrust(data_dir / cifar_download.ARCHIVE)}): "
+          f"downloading into {home} instead", flush=True)
+    return home
 
 
 def fetch_archive(data_dir: Path) -> Path:
@@ -275,13 +312,18 @@ def fetch_archive(data_dir: Path) -> Path:
                              f"--data-dir <your image tree>") from None
 
 
-def extract_cifar10(archive: Path) -> Path:
+def extract_cifar10(archive: Path, trust: bool = False) -> Path:
     """Extract into a temporary folder and rename the batches folder into place only when it is
     complete, so a truncated or foreign archive never leaves a half folder behind. Beside the
-    archive when that folder is writable, else in the user cache."""
-    parent = archive.parent if writable(archive.parent) else user_cache(archive, "cifar10")
+    archive when that folder is writable and no other user can replace files there (nor already
+    holds the batches folder's name), else in the user cache."""
+    parent = archive.parent
+    if not writable(parent) or (not trust and (files.distrust(parent) or files.distrust(parent / "cifar-10-batches-py"))):
+        parent = user_cache(archive, "cifar10")
     parent.mkdir(parents=True, exist_ok=True)
     target = parent / "cifar-10-batches-py"
+    if complete(target) and (trust or not batches_problem(target)):
+        return target  # extracted before (the user cache, for a read-only or shared --data-dir)
     for stale in parent.glob(".tmp-extract-*"):  # extractions killed midway; never a live one, never a link
         if stale.is_dir() and not stale.is_symlink() and time.time() - stale.stat().st_mtime > STALE_TEMP_S:
             shutil.rmtree(stale, ignore_errors=True)
@@ -316,12 +358,12 @@ def extract_cifar10(archive: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_cifar10(data_dir: Path, download: bool = False) -> RawData:
-    folder = find_cifar10(data_dir, download)
-    files = [folder / name for name in BATCH_FILES]
+def load_cifar10(data_dir: Path, download: bool = False, trust: bool = False) -> RawData:
+    folder = find_cifar10(data_dir, download, trust)
+    batch_files = [folder / name for name in BATCH_FILES]
 
     def build() -> RawData:
-        parts = [read_batch(f) for f in files]
+        parts = [read_batch(f) for f in batch_files]
         train_x = np.concatenate([p[0] for p in parts[:5]])
         train_y = np.concatenate([p[1] for p in parts[:5]])
         classes = CLASSES
@@ -340,7 +382,7 @@ def load_cifar10(data_dir: Path, download: bool = False) -> RawData:
                        test_x=torch.from_numpy(parts[5][0]), test_y=torch.from_numpy(parts[5][1]),
                        classes=classes, source=f"cifar10:{folder}")
 
-    return load_cached(cache_path_for(folder, "cifar10"), fingerprint(files), build)
+    return load_cached(cache_path_for(folder, "cifar10"), fingerprint(batch_files), build)
 
 
 # ---------------------------------------------------------------------------- image folders
@@ -405,8 +447,12 @@ def split_member(path: str) -> Optional[tuple[str, str, str]]:
     return None
 
 
-def load_imagefolder(data_dir: Path) -> RawData:
-    found = data_dir if data_dir.is_file() else local_image_set(data_dir)
+def load_imagefolder(data_dir: Path, trust: bool = False) -> RawData:
+    found = data_dir if data_dir.is_file() else local_image_set(data_dir, trust)
+    why = "" if trust or found is None else files.distrust(found)
+    if why:
+        raise DataError(f"--data-dir {found}: {why}, so another user could have planted its images: copy it into a "
+                        f"folder of your own, or pass --trust-shared to read it")
     if found is None:
         raise DataMissing(f"no image folder at {data_dir.resolve()}: expected train/<class>/*.jpg and "
                           f"test/<class>/*.jpg, or one .tar.gz of that tree (pass it as --data-dir)")
@@ -435,7 +481,7 @@ def load_imagefolder(data_dir: Path) -> RawData:
             return collect(entries)
         return load_cached(cache_path_for(archive, "imagefolder"), fingerprint([archive]), build)
 
-    files = [p for p in data_dir.glob("*/*/*") if p.is_file() and split_member(str(p))]
+    image_files = [p for p in data_dir.glob("*/*/*") if p.is_file() and split_member(str(p))]
     for split in ("train", "test"):
         for folder in sorted((data_dir / split).glob("*")) if (data_dir / split).is_dir() else []:
             if folder.is_dir() and not any(split_member(str(p)) for p in folder.iterdir() if p.is_file()):
@@ -448,9 +494,9 @@ def load_imagefolder(data_dir: Path) -> RawData:
                   f"{deeper[0]}", flush=True)
 
     def build_tree() -> RawData:
-        return collect([(*split_member(str(p)), p.read_bytes) for p in files])
+        return collect([(*split_member(str(p)), p.read_bytes) for p in image_files])
 
-    return load_cached(cache_path_for(data_dir, "imagefolder"), fingerprint(files), build_tree)
+    return load_cached(cache_path_for(data_dir, "imagefolder"), fingerprint(image_files), build_tree)
 
 
 # ---------------------------------------------------------------------------- synthetic
@@ -487,46 +533,59 @@ def make_synthetic(n_train: int, seed: int = 1234) -> RawData:
 # ---------------------------------------------------------------------------- entry points
 
 
-def local_image_set(root: Path) -> Optional[Path]:
-    """An image tree (train/) or the one image tarball in `root` (not the official archive)."""
+def local_image_set(root: Path, trust: bool = False) -> Optional[Path]:
+    """An image tree (train/) or the one image tarball in `root` (not the official archive); one
+    another user could have put there is passed over (said once) unless `trust`."""
     if not root.is_dir():
         return None
-    if (root / "train").is_dir():
+    trees = [root] if (root / "train").is_dir() else []
+    tars = [p for p in sorted(root.glob("*.tar.gz")) + sorted(root.glob("*.tgz")) if p.name != cifar_download.ARCHIVE]
+    usable = []
+    for found in trees + tars:
+        why = "" if trust else (files.distrust(found / "train") or files.distrust(found) if found in trees
+                                else files.distrust(found))
+        if why:
+            ignoring(found, why)
+        else:
+            usable.append(found)
+    if trees and trees[0] in usable:
         return root
-    tars = [p for p in sorted(root.glob("*.tar.gz")) + sorted(root.glob("*.tgz")) if p.name != "cifar-10-python.tar.gz"]
+    tars = [p for p in usable if p in tars]
     return tars[0] if len(tars) == 1 else None
 
 
-def load_local_or_download(root: Path, download: bool) -> RawData:
+def load_local_or_download(root: Path, download: bool, trust: bool = False) -> RawData:
     """The official files (or archive) in `root`, else a CIFAR image tree or tarball already there
     (said once), else, when allowed, the official download. Data that is there but broken is an
     error, never a fallback; with nothing there, the official loader's one line says what to do."""
     try:
-        return load_cifar10(root, False)
+        return load_cifar10(root, False, trust)
     except DataMissing as missing:
         official = missing
-    images = local_image_set(root)
+    images = local_image_set(root, trust)
     if images is None:
         if not download:
             raise official from None
-        return load_cifar10(root, True)
+        return load_cifar10(root, True, trust)
     if os.environ.get("RANK", "0") == "0":
         print(f"[dist_cifar] no official CIFAR-10 files in {root}; reading the image set {images} instead "
               f"(--dataset imagefolder --data-dir {images} says so explicitly)", flush=True)
-    return load_imagefolder(images)
+    return load_imagefolder(images, trust)
 
 
-def load_source(dataset: str, data_dir: str, download: bool = False, synthetic_size: int = 2000) -> RawData:
+def load_source(dataset: str, data_dir: str, download: bool = False, synthetic_size: int = 2000,
+                trust: bool = False) -> RawData:
+    """`trust`: read data another user could have placed (--trust-shared; files.distrust)."""
     root = Path(data_dir)
     if dataset == "cifar10":
-        return load_local_or_download(root, download)
+        return load_local_or_download(root, download, trust)
     if dataset == "imagefolder":
-        return load_imagefolder(root)
+        return load_imagefolder(root, trust)
     if dataset == "synthetic":
         return make_synthetic(synthetic_size)
     if dataset == "auto":  # an image tarball given as the path, else what cifar10 reads, then (loudly) synthetic
         try:
-            return load_imagefolder(root) if root.is_file() else load_local_or_download(root, download)
+            return load_imagefolder(root, trust) if root.is_file() else load_local_or_download(root, download, trust)
         except DataMissing as exc:
             last = exc
         banner = "!" * 78

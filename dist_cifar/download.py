@@ -13,6 +13,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from . import files
+
 ARCHIVE = "cifar-10-python.tar.gz"
 DEFAULT_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 DEFAULT_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -42,15 +44,24 @@ def transfer_limits() -> tuple[float, float]:
     return (float(os.environ.get(DEADLINE_ENV) or DEFAULT_DEADLINE_S), MIN_RATE_BYTES_S)
 
 
-def fetch_to(url: str, part: Path) -> None:
-    """Stream `url` into `part`. Each read waits at most SOCKET_TIMEOUT_S; the whole transfer is
-    bounded by the deadline and a minimum rate, so a mirror trickling a byte every few seconds
-    (which no per-read timeout catches) fails too; a short body is called truncated."""
+# The official archive is 170,498,071 bytes; a mirror that announces or sends far more is not it,
+# and must not fill the disk first.
+MAX_BYTES = 1 << 30
+
+
+def fetch_to(url: str, f) -> None:
+    """Stream `url` into the open binary file `f`. Each read waits at most SOCKET_TIMEOUT_S; the
+    whole transfer is bounded by the deadline and a minimum rate, so a mirror trickling a byte
+    every few seconds (which no per-read timeout catches) fails too; a short body is called
+    truncated, a body over MAX_BYTES is cut."""
     deadline_s, min_rate = transfer_limits()
     started = time.monotonic()
     request = urllib.request.Request(url, headers={"User-Agent": "dist_cifar"})
-    with urllib.request.urlopen(request, timeout=SOCKET_TIMEOUT_S) as response, open(part, "wb") as f:
+    with urllib.request.urlopen(request, timeout=SOCKET_TIMEOUT_S) as response:
         total = int(response.headers.get("Content-Length") or 0)
+        if total > MAX_BYTES:
+            raise DownloadFailed(f"the server announces {total:,} bytes, more than the {MAX_BYTES:,} a CIFAR-10 "
+                                 f"archive can be: not the archive")
         got = 0
         while True:
             chunk = response.read1(1 << 20)  # returns what has arrived: the checks below run on time
@@ -58,6 +69,8 @@ def fetch_to(url: str, part: Path) -> None:
                 break
             f.write(chunk)
             got += len(chunk)
+            if got > MAX_BYTES:
+                raise DownloadFailed(f"more than {MAX_BYTES:,} bytes arrived: not the CIFAR-10 archive")
             elapsed = time.monotonic() - started
             if elapsed > deadline_s:
                 raise DownloadFailed(f"not finished after {deadline_s:.0f} s ({got:,} of {total or '?'} bytes; "
@@ -74,15 +87,17 @@ def download_archive(data_dir: Path) -> Path:
 
     url, md5 = source()
     data_dir.mkdir(parents=True, exist_ok=True)
-    part = data_dir / f".{ARCHIVE}.part-{os.getpid()}"
-    for stale in data_dir.glob(f".{ARCHIVE}.part-*"):
-        # a download killed midway; one written to in the last 10 minutes may be another node's
-        if stale != part and time.time() - stale.stat().st_mtime > 600:
-            stale.unlink(missing_ok=True)
+    archive = data_dir / ARCHIVE
+    remove_stale_parts(data_dir)
+    # an unpredictable, exclusively created name: a link planted in a shared folder is never written through
+    fd, part = files.create_temp(archive)
     print(f"[dist_cifar] no CIFAR-10 in {data_dir}: downloading {url} (--no-download to skip)", flush=True)
     try:
         try:
-            fetch_to(url, part)
+            with os.fdopen(fd, "wb") as f:
+                fetch_to(url, f)
+                f.flush()
+                os.fsync(f.fileno())
         except DownloadFailed:
             raise
         except Exception as exc:  # URLError, timeouts, HTTP errors: all mean "not fetched"
@@ -90,9 +105,20 @@ def download_archive(data_dir: Path) -> Path:
         got = calculate_md5(part)
         if got != md5:
             raise ChecksumMismatch(f"{url} gave a file with MD5 {got}, expected {md5}")
-        archive = data_dir / ARCHIVE
-        os.replace(part, archive)
+        files.publish(part, archive)
         print(f"[dist_cifar] downloaded {archive} ({archive.stat().st_size:,} bytes, MD5 checked)", flush=True)
         return archive
     finally:
         part.unlink(missing_ok=True)
+
+
+def remove_stale_parts(data_dir: Path) -> None:
+    """Part files of downloads killed midway: this user's own, untouched for 10 minutes (a fresher
+    one may be another node's download in progress); never a link, never another user's."""
+    for stale in data_dir.glob(f"{files.TMP_PREFIX}{ARCHIVE}-*"):
+        try:
+            st = stale.lstat()
+        except OSError:
+            continue
+        if stale.is_file() and not stale.is_symlink() and st.st_uid == os.getuid() and time.time() - st.st_mtime > 600:
+            stale.unlink(missing_ok=True)

@@ -169,12 +169,14 @@ class StepHealth:
 
     @staticmethod
     def error(epoch: int, first_bad: int, checked_at: Optional[int], guard_every: int, *,
-              before_save_at: Optional[int] = None) -> NonFiniteLoss:
+              before_save_at: Optional[int] = None, ranks: Optional[list[int]] = None) -> NonFiniteLoss:
         """`checked_at`: the guarded step whose check saw it (before its optimizer step); None: the
         check before a mid-epoch checkpoint (after step `before_save_at` - 1) or at the epoch's end."""
         kept = "the newest committed checkpoint, if there is one, is kept"
+        where_rank = (f"on rank {ranks[0]}" if len(ranks) == 1 else f"on ranks {', '.join(map(str, ranks))}") \
+            if ranks else "on some rank"
         if checked_at is not None and first_bad == checked_at:
-            return NonFiniteLoss(f"non-finite loss at epoch {epoch} step {first_bad} on some rank; stopped before "
+            return NonFiniteLoss(f"non-finite loss at epoch {epoch} step {first_bad} {where_rank}; stopped before "
                                  f"its optimizer step (lower --lr, or try fp32); {kept}")
         if checked_at is not None:
             last, where = checked_at - 1, f"the check at step {checked_at}"
@@ -183,7 +185,7 @@ class StepHealth:
         else:
             last, where = "the epoch end", "the end-of-epoch check"
         return NonFiniteLoss(
-            f"non-finite loss first at epoch {epoch} step {first_bad} on some rank; the optimizer applied steps "
+            f"non-finite loss first at epoch {epoch} step {first_bad} {where_rank}; the optimizer applied steps "
             f"{first_bad}..{last} before {where} (--guard-every {guard_every}), so the weights may be non-finite; "
             f"no checkpoint was written after them and {kept} (lower --lr, or try fp32)")
 
@@ -236,7 +238,11 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
         """One all-reduce: raise if any rank saw a non-finite loss; return whether any wants to stop."""
         first_bad, stop = D.agree(info, health.first_bad, hooks.should_stop())
         if first_bad is not None:
-            raise StepHealth.error(epoch, first_bad, checked_at, hooks.guard_every, before_save_at=before_save_at)
+            # the error path only: one more gather says which ranks saw it (each rank's own first bad step)
+            seen = D.all_gather_objects(info, int(health.first_bad.item()))
+            ranks = [rank for rank, step in enumerate(seen) if step == first_bad]
+            raise StepHealth.error(epoch, first_bad, checked_at, hooks.guard_every, before_save_at=before_save_at,
+                                   ranks=ranks)
         return stop
 
     after_first_step, cpu_after_first_step = 0.0, 0.0

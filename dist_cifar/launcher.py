@@ -85,7 +85,9 @@ def say(message: str) -> None:
 
 
 def run_agent(argv: list[str]) -> int:
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
     args = parse_args(argv)
@@ -99,14 +101,22 @@ def run_agent(argv: list[str]) -> int:
     try:
         run(args)
     except ChildFailedError as exc:
-        codes = sorted({failure.exitcode for failure in exc.failures.values()})
+        codes = {failure.exitcode for failure in exc.failures.values()}
         if stops.count >= 2:
             return EXIT_INTERRUPTED
-        if codes == [EXIT_PREEMPTED]:
+        # once one worker has exited 75, torchrun SIGTERMs the others, and one still tearing down
+        # (its handlers gone) dies of it: the checkpoint was committed by all before any exited
+        if EXIT_PREEMPTED in codes and codes <= {EXIT_PREEMPTED, -signal.SIGTERM}:
             say(f"preempted: the workers checkpointed and exited {EXIT_PREEMPTED}; run the same command again "
                 f"to resume")
             return EXIT_PREEMPTED
         raise
+    except (RendezvousError, DistError) as exc:  # a node that never came, a wrong endpoint: one line, no traceback
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        say(f"the rendezvous failed ({type(exc).__name__}: {first}): start every node with the same endpoint "
+            f"(--rdzv-endpoint {args.rdzv_endpoint or '?'}) and id within the join timeout, and check that the "
+            f"first node is reachable on that port")
+        return 1
     except SignalException as exc:  # a torch without TORCHELASTIC_SIGNALS_TO_HANDLE
         say(f"torchrun got {exc.sigval.name} and stopped its workers (asked to checkpoint first)")
         return EXIT_PREEMPTED

@@ -49,7 +49,7 @@ def loss_curves(records: list[dict], path: Path, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path)
     plt.close(fig)
     return path
 
@@ -72,7 +72,7 @@ def confusion_matrix(matrix, classes: Sequence[str], path: Path, title: str = ""
     ax.set_title(title or "confusion matrix (test)")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path)
     plt.close(fig)
     return path
 
@@ -100,7 +100,7 @@ def overlay(runs: dict[str, list[dict]], path: Path, title: str = "") -> Path:
         ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path)
     plt.close(fig)
     return path
 
@@ -121,7 +121,7 @@ def loss_overlay(runs: dict[str, list[dict]], path: Path, title: str = "") -> Pa
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save(fig, path)
     plt.close(fig)
     return path
 
@@ -155,3 +155,9 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def save(fig, path: Path) -> None:
+    """PNG through files.atomic_writer: never half a picture, never through a planted link."""
+    with files.atomic_writer(Path(path)) as f:
+        fig.savefig(f, dpi=110, format="png")

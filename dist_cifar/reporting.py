@@ -231,18 +231,30 @@ def summary_table(summary: dict[str, Any], per_class: list[tuple[str, float]]):
     return table
 
 
+def saved_run_id(out_dir: Path) -> str:
+    """wandb_run_id.txt as text, whatever bytes it holds ('' when there is none)."""
+    try:
+        return (out_dir / files.WANDB_ID).read_bytes().decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
+def usable_run_id(run_id: str, note: Callable[[str], None]) -> str:
+    """`run_id`, or '' (with a note) when wandb would refuse it (a '/', binary junk): then a new
+    W&B run starts and its id replaces the file, instead of W&B failing on every resume."""
+    if run_id and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
+        note(f"ignoring the W&B run id {run_id[:40]!r} (letters, digits, - and _ only): starting a new W&B run")
+        return ""
+    return run_id
+
+
 def start_wandb(out_dir: Path, mode: str, run_config: dict[str, Any], run_id: str = "", *,
                 note: Callable[[str], None], project: str = "dist_cifar", entity: str = "", group: str = "",
                 name: str = "", tags: str = "", job_type: str = "train", init_timeout: float = 25.0):
     """(run, mode actually used). An online start that fails or outlasts `init_timeout` (a compute
     node with no route out) logs offline instead, so training never waits on W&B."""
     import wandb
-    if not run_id and (out_dir / files.WANDB_ID).exists():
-        run_id = (out_dir / files.WANDB_ID).read_text().strip()
-    if run_id and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):  # wandb refuses '/', and so every resume
-        note(f"ignoring the W&B run id {run_id[:40]!r} (letters, digits, - and _ only): starting a new W&B run")
-        run_id = ""
-    run_id = run_id or secrets.token_hex(4)
+    run_id = usable_run_id(run_id or saved_run_id(out_dir), note) or secrets.token_hex(4)
 
     def init(as_mode: str):
         return wandb.init(

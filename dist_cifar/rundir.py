@@ -34,29 +34,46 @@ def check_writable(out: Path) -> None:
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"--out-dir {out}: {probe} is not a writable folder; choose another --out-dir")
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        files.make_dirs(out)  # ours alone whatever the umask (002 is common on clusters): see `check_trusted`
         with tempfile.NamedTemporaryFile(dir=out, prefix=files.TMP_PREFIX + "probe-"):
             pass
     except OSError as exc:
         raise ConfigError(f"--out-dir {out} is not writable ({exc.strerror}); choose another --out-dir") from None
 
 
+def check_trusted(out: Path, cfg: TrainConfig) -> None:
+    """An out dir another user owns or could write into could hold their links (written through)
+    and forged checkpoints (resumed): refused with one line unless --trust-shared."""
+    why = files.distrust(out)
+    if why and not cfg.trust_shared:
+        raise ConfigError(f"--out-dir {out}: {why}, so another user could plant links or forged checkpoints in "
+                          f"it: choose a folder of your own, or pass --trust-shared")
+
+
 def lock(out: Path) -> None:
     """An exclusive lock on the out dir for this process's life: a second run into the same folder
-    gets one line instead of mixing its files with this one's."""
-    handle = open(out / LOCK, "a+")
+    gets one line instead of mixing its files with this one's. Opened without following a link
+    and emptied only once the lock is held."""
+    try:
+        handle = os.fdopen(files.open_no_follow(out / LOCK, os.O_RDWR | os.O_CREAT), "r+")
+    except OSError as exc:
+        raise ConfigError(f"--out-dir {out}: cannot open its lock file {out / LOCK} ({exc.strerror}; a link there "
+                          f"is refused): remove it, or choose another --out-dir") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.seek(0)
-        holder = handle.read().strip() or "another process"
+        holder = handle.read(200).strip() or "another process"
         handle.close()
         raise ConfigError(f"--out-dir {out} is in use by a running job ({holder}): wait for it to end, or "
                           f"choose another --out-dir") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    handle.flush()
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+    except OSError as exc:  # a full disk: the lock is held all the same; its note is a courtesy
+        print(f"[dist_cifar] could not write who holds {out / LOCK} ({exc.strerror})", flush=True)
     _held_locks.append(handle)
 
 
@@ -78,7 +95,10 @@ def prepare(cfg: TrainConfig) -> tuple[Path, Optional[Path]]:
     out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out-dir {out} exists and is not a folder")
+    if out.exists():
+        check_trusted(out, cfg)  # before anything is written into it
     check_writable(out)
+    check_trusted(out, cfg)  # made now: its parent must not let others replace it either
     lock(out)
     if cfg.resume not in ("auto", "none"):
         return out, explicit_resume(cfg, out)
@@ -125,6 +145,10 @@ def explicit_resume(cfg: TrainConfig, out: Path) -> Path:
     path = Path(cfg.resume)
     if not path.is_file():
         raise ConfigError(f"--resume {path}: no such checkpoint file")
+    why = files.distrust(path) or files.distrust(path.parent)
+    if why and not cfg.trust_shared:
+        raise ConfigError(f"--resume {path}: {why}, so another user could have forged it: copy it into a folder of "
+                          f"your own, or pass --trust-shared")
     if ckpt.marker_path(path).exists() and not ckpt.verify(path):
         raise ConfigError(f"--resume {path}: the file does not match its commit marker (corrupt or torn); "
                           f"resume from another checkpoint, or --resume auto to take the newest intact one")

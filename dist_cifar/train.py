@@ -76,11 +76,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     except OSError as exc:  # a full disk or an unwritable file at the epoch's end: one line, not a traceback
         if exc.filename is None:
             raise
-        return fail(f"writing {exc.filename} failed ({exc.strerror}): free space or fix the folder; the "
-                    f"newest committed checkpoint is kept, rerun to resume", EXIT_USAGE)
+        return fail(f"writing {exc.filename} failed ({exc.strerror}): {os_error_fix(exc)}; the newest committed "
+                    f"checkpoint is kept, rerun to resume", EXIT_USAGE)
     finally:
         flag.uninstall()
         rundir.release_locks()
+
+
+def os_error_fix(exc: OSError) -> str:
+    """The fix an OSError calls for: space only when space is what ran out."""
+    import errno
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space"
+    if exc.errno == errno.ENAMETOOLONG:
+        return "choose a shorter --out-dir (or XDG_CACHE_HOME / DIST_CIFAR_CACHE_DIR path)"
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return "a file is in the way of a folder (check --out-dir and XDG_CACHE_HOME)"
+    return "fix the folder's permissions (or choose another --out-dir / XDG_CACHE_HOME)"
 
 
 def fail(exc: object, code: int) -> int:
@@ -256,7 +268,7 @@ def prepare_out_dir(cfg: TrainConfig, info: D.DistInfo) -> tuple[Path, Optional[
 def load_data(cfg: TrainConfig, info: D.DistInfo) -> Splits:
     """The first process of each node decodes and caches; the others then read the cache."""
     def load():
-        raw = load_source(cfg.dataset, cfg.data_dir, cfg.download, cfg.synthetic_size)
+        raw = load_source(cfg.dataset, cfg.data_dir, cfg.download, cfg.synthetic_size, trust=cfg.trust_shared)
         return make_splits(raw, cfg.split, cfg.val_size, cfg.max_train)
     splits = agreed(info, lambda: load() if info.is_local_main else None)
     return agreed(info, lambda: splits if splits is not None else load())

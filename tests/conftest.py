@@ -1,6 +1,9 @@
 """Shared test helpers: run the real trainer as a subprocess, alone or under real torchrun."""
 from __future__ import annotations
 
+import functools
+import hashlib
+import http.server
 import json
 import os
 import pickle
@@ -8,6 +11,7 @@ import socket
 import subprocess
 import tarfile
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -128,18 +132,19 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def write_official_cifar(folder: Path, per_batch: int = 20, n_test: int = 20, seed: int = 0) -> Path:
+def write_official_cifar(folder: Path, per_batch: int = 20, n_test: int = 20, seed: int = 0, zero: bool = False) -> Path:
     """Write a small CIFAR-10 in the exact official layout: cifar-10-batches-py/ with
     data_batch_1..5 and test_batch (pickled dicts with bytes keys b'data' (N, 3072) uint8 and
-    b'labels' list) and batches.meta (b'label_names')."""
+    b'labels' list) and batches.meta (b'label_names'). `zero`: every image black, every label 0
+    (what an attacker plants)."""
     rng = np.random.default_rng(seed)
     root = folder / "cifar-10-batches-py"
     root.mkdir(parents=True, exist_ok=True)
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     for name in names:
         n = n_test if name == "test_batch" else per_batch
-        batch = {b"batch_label": f"{name} of 5".encode(), b"labels": rng.integers(0, 10, n).tolist(),
-                 b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        batch = {b"batch_label": f"{name} of 5".encode(), b"labels": [0] * n if zero else rng.integers(0, 10, n).tolist(),
+                 b"data": np.zeros((n, 3072), np.uint8) if zero else rng.integers(0, 256, (n, 3072), dtype=np.uint8),
                  b"filenames": [f"img_{i}.png".encode() for i in range(n)]}
         with open(root / name, "wb") as f:
             pickle.dump(batch, f, protocol=2)
@@ -230,3 +235,27 @@ def real_cifar() -> Path:
     if found is None:
         pytest.skip("no real CIFAR-10: put cifar10-jpeg.tar.gz in data/ or name it with DIST_CIFAR_DATA")
     return found
+
+
+@pytest.fixture
+def cifar_mirror(tmp_path):
+    """An archive in the official format (py2-style pickles under cifar-10-batches-py/) served by
+    http.server on 127.0.0.1; yields (url, md5)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    src = write_official_cifar(tmp_path / "src", per_batch=40, n_test=40)
+    archive = site / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname="cifar-10-batches-py")
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    handler = functools.partial(Quiet, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield (f"http://127.0.0.1:{server.server_address[1]}/cifar-10-python.tar.gz",
+               hashlib.md5(archive.read_bytes()).hexdigest())
+    finally:
+        server.shutdown()

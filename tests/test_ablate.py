@@ -136,6 +136,9 @@ def test_ablate_validates_locks_reruns_torn_variants_and_stops_its_trainer(tmp_p
     (done / "metrics.jsonl").write_text("")
     (done / "summary.json").write_text('{"test_accuracy": 5')  # torn
     assert study.variants[0] in ablate.pending(study, folder, args)
+    for wrong in ('[1, 2]', '{"best_test_accuracy": "high", "best_train_accuracy": 1, "total_time_s": 1, "best_epoch": 0}'):
+        (done / "summary.json").write_text(wrong)  # parses, but not what the trainer writes: run it again
+        assert study.variants[0] in ablate.pending(study, folder, args)
 
     ablate.lock_study(folder)  # this process holds the study
     try:

@@ -15,10 +15,17 @@ def test_the_run_states_its_budget_and_refuses_checkpoints_that_cannot_fit(tmp_p
     forecast = next(l for l in ok.stdout.splitlines() if "an epoch here:" in l)
     assert "ms/step measured x 8 steps" in forecast and "GFLOP per training image" in forecast
     # --keep-last so large that the checkpoints cannot fit on any disk: one line before any training
-    huge = run_train(smoke_args(tmp_path / "huge", ["--wandb", "off", "--keep-last", "100000000"]))
+    huge = run_train(smoke_args(tmp_path / "huge", ["--wandb", "off", "--keep-last", "100000000",
+                                                    "--checkpoint-every-steps", "1"]))
     lines = huge.stderr.strip().splitlines()
     assert huge.returncode == 2 and len(lines) == 1 and "lower --keep-last" in lines[0], huge.stderr
     assert not list((tmp_path / "huge").glob("ckpt-*")) and not (tmp_path / "huge" / "metrics.jsonl").exists()
+    # a one-epoch run writes one checkpoint: it is not charged for --keep-last + 1
+    from dist_cifar.budget import plan
+    from dist_cifar.config import make_config
+    few = plan(make_config(epochs=1, keep_last=50, checkpoint_interval_min=0), out_dir=tmp_path, local_world_size=1,
+               on_cuda=False)
+    assert few.disk_needed == few.checkpoint_bytes + 2 * few.weights_bytes
 
 
 @pytest.mark.quick
@@ -35,3 +42,43 @@ def test_the_budget_counts_what_a_checkpoint_holds():
                       on_cuda=True)
     assert sgd.checkpoint_bytes == sgd.params * 4 * 2 and sgd.memory_needed == sgd.checkpoint_bytes
     assert "host memory" in budget.Budget(**{**adam.__dict__, "memory_have": 1}).problem()
+
+
+def test_a_cgroup_v1_memory_limit_refuses_vgg16_with_one_line(tmp_path):
+    """A 4 GB cgroup-v1 memory limit (what many SLURM clusters set): available_memory used to
+    report the machine's free memory, and vgg16_cifar was OOM-killed without a line. Run inside
+    a v1 memory cgroup made for the test (root, v1 only), the budget refuses it before any model
+    is built."""
+    import os
+    import secrets
+    import subprocess
+    import sys
+    from pathlib import Path
+    from conftest import base_env, ROOT
+    v1 = Path("/sys/fs/cgroup/memory")
+    if os.getuid() != 0 or not (v1 / "memory.limit_in_bytes").exists():
+        pytest.skip("needs root and a cgroup-v1 memory hierarchy")
+    group = v1 / f"dist_cifar_test_{secrets.token_hex(3)}"
+    try:
+        group.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot make a v1 memory cgroup here ({exc.strerror})")
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(4 * 10**9))
+        script = ('echo $$ > "$1/cgroup.procs" && shift && exec "$@"')
+        proc = subprocess.run(["sh", "-c", script, "sh", str(group), sys.executable, "-m", "dist_cifar.train",
+                               "--model", "vgg16_cifar", "--dataset", "synthetic", "--out-dir", str(tmp_path / "o")],
+                              cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=120)
+    finally:
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                import time
+                time.sleep(0.1)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "host memory" in lines[0] and "is available" in lines[0], lines
+    available = float(lines[0].split(" of host memory and ")[1].split(" GB")[0])
+    assert available <= 4.0, lines[0]

@@ -312,3 +312,50 @@ def test_strays_are_cleaned_and_unmarked_checkpoints_named(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"ignoring checkpoint {unmarked.name}: it has no commit marker" in proc.stdout
     assert not (out / ".tmp-best.pt-999999").exists() and not older.exists()
+
+
+def test_damaged_records_markers_and_foreign_files_are_one_line_each(tmp_path):
+    """Reliability pass 3's minor list, on one finished run: a corrupt middle line and a
+    non-object last line of metrics.jsonl do not block the rerun; a best.pt with a valid marker
+    but another model's weights, a checkpoint without its model, hostile markers and a
+    checkpoint renamed ahead of its content are each one line or ignored, never a traceback or a
+    silent fresh start."""
+    import shutil
+    out = tmp_path / "run"
+    args = smoke_args(out, ["--epochs", "1", "--wandb", "off"])
+    assert run_train(args).returncode == 0
+    good = read_jsonl(out / "metrics.jsonl")
+    (out / "metrics.jsonl").write_text(json.dumps(good[0]) + "\n{not json\n[1, 2]\n")
+    again = run_train(args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [0]
+    latest = ckpt.find_latest(out)
+    # a checkpoint renamed ahead of its content (marker copied along), then hostile markers: ignored
+    ahead = out / "ckpt-e0009-s0000000.pt"
+    shutil.copy(latest, ahead)
+    shutil.copy(ckpt.marker_path(latest), ckpt.marker_path(ahead))
+    assert ckpt.find_latest(out) == latest
+    for hostile in ("[1, 2]", '{"file": "ckpt-e0009-s0000000.pt", "size": "big", "sha256": 5, "epoch": 9, "step": 0}'):
+        ckpt.marker_path(ahead).write_text(hostile)
+        assert ckpt.find_latest(out) == latest
+    ahead.unlink()
+    ckpt.marker_path(ahead).unlink()
+    # best.pt with a valid marker but another model's weights: one line, the summary kept
+    summary = (out / "summary.json").read_text()
+    best = torch.load(out / "best.pt", weights_only=True)
+    best["state_dict"] = {"fc.weight": torch.zeros(3, 3)}
+    size, sha = ckpt.write_torch(out / "best.pt", best)
+    ckpt.marker_path(out / "best.pt").write_text(json.dumps({"file": "best.pt", "size": size, "sha256": sha,
+                                                             "epoch": best["epoch"]}))
+    proc = run_train(args)
+    assert proc.returncode == 2 and "does not hold this model's weights" in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and (out / "summary.json").read_text() == summary
+    # a committed checkpoint without its model entry: refused, not a fresh start
+    blob = ckpt.load(latest)
+    del blob["model"]
+    size, sha = ckpt.write_torch(latest, blob)
+    marker = json.loads(ckpt.marker_path(latest).read_text())
+    ckpt.marker_path(latest).write_text(json.dumps({**marker, "size": size, "sha256": sha}))
+    ckpt._VERIFIED.clear()
+    proc = run_train(smoke_args(out, ["--epochs", "2", "--wandb", "off"]))
+    assert proc.returncode == 2 and "lacks its model state" in proc.stderr, proc.stderr[-2000:]

@@ -183,6 +183,7 @@ def test_odd_folders_and_flags_are_said_not_guessed(tmp_path):
 
 BAD_FLAGS = [
     (["--epochs", "-1"], "--epochs"),
+    (["--epochs", "100000000000000000000"], "--epochs must be at most 1,000,000"),
     (["--batch-size", "0"], "--batch-size"),
     (["--lr", "0"], "--lr"),
     (["--preset", "report", "--dataset", "synthetic", "--synthetic-size", "100"], "--split"),
@@ -216,7 +217,7 @@ def test_bad_flags_are_refused_naming_the_flag(flags, named):
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("flags,named", [BAD_FLAGS[6], BAD_FLAGS[10], BAD_FLAGS[16]])
+@pytest.mark.parametrize("flags,named", [BAD_FLAGS[7], BAD_FLAGS[11], BAD_FLAGS[17]])
 def test_bad_flags_fail_fast_with_one_line(tmp_path, flags, named):
     """The same through the real entry point: exit 2, one line on stderr, nothing created."""
     proc = run_train([*flags, "--out-dir", str(tmp_path / "o")], timeout=60)

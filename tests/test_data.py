@@ -350,3 +350,20 @@ def test_sixteen_bit_images_are_scaled_and_odd_batches_refused(tmp_path):
             pickle.dump({b"data": bad, b"labels": [0] * 20}, f, protocol=2)
         with pytest.raises(DataError, match="not uint8 0..255"):
             D.read_batch(root / "data_batch_1")
+
+
+@pytest.mark.quick
+def test_a_cache_with_wrong_shapes_is_rebuilt_not_blamed_on_the_batch_size(tmp_path, capsys):
+    """Minor item of reliability pass 3: a cache whose arrays are not 32x32x3 images (with the
+    right fingerprint) surfaced later as a batch-size error."""
+    import torch
+    from dist_cifar import data as D
+    tree = make_tree(tmp_path / "tree")
+    D.load_imagefolder(tree)
+    cache = D.cache_path_for(tree, "imagefolder")
+    blob = torch.load(cache, weights_only=True)
+    blob["train_x"] = torch.zeros(2, 8, dtype=torch.uint8)
+    torch.save(blob, cache)
+    raw = D.load_imagefolder(tree)
+    assert tuple(raw.train_x.shape) == (9, 32, 32, 3)
+    assert "holds train images of shape (2, 8) and 9 labels, not decoded images; rebuilding it" in capsys.readouterr().out

@@ -185,7 +185,7 @@ def test_nan_on_one_rank_stops_all_ranks_before_the_step(two_ranks):
     out = work / "nan"
     for r in both_ranks(results, "nan", code=3):  # both ranks, one line each
         lines = r["stderr"].strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: non-finite loss at epoch 0 step 5"), r["stderr"]
+        assert len(lines) == 1 and lines[0].startswith("error: non-finite loss at epoch 0 step 5 on rank 1;"), r["stderr"]
     last = ckpt.find_latest(out)
     assert last.name == "ckpt-e0000-s0000004.pt"
     weights = ckpt.load(last)["model"]

@@ -1,44 +1,15 @@
 """dist_cifar/download.py and fetch.py: the CIFAR-10 download from a local mirror (MD5, deadline, minimum rate) and its one-line failures."""
 from __future__ import annotations
 
-import functools
-import hashlib
-import http.server
 import json
 import subprocess
 import sys
-import tarfile
-import threading
 import time
 
 import pytest
 
-from conftest import base_env, free_port, read_jsonl, ROOT, run_train, write_official_cifar
+from conftest import base_env, free_port, read_jsonl, ROOT, run_train
 from dist_cifar.data import DataError, DataMissing, load_source
-
-
-@pytest.fixture
-def cifar_mirror(tmp_path):
-    """An archive in the official format (py2-style pickles under cifar-10-batches-py/) served by
-    http.server on 127.0.0.1; yields (url, md5)."""
-    site = tmp_path / "site"
-    site.mkdir()
-    src = write_official_cifar(tmp_path / "src", per_batch=40, n_test=40)
-    archive = site / "cifar-10-python.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(src, arcname="cifar-10-batches-py")
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-    handler = functools.partial(Quiet, directory=str(site))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield (f"http://127.0.0.1:{server.server_address[1]}/cifar-10-python.tar.gz",
-               hashlib.md5(archive.read_bytes()).hexdigest())
-    finally:
-        server.shutdown()
 
 
 @pytest.mark.quick

@@ -222,3 +222,16 @@ def test_wandb_online_without_wandb_installed_is_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "--wandb" in lines[0] and "pip install wandb" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.quick
+def test_a_binary_wandb_run_id_starts_a_new_run_instead_of_turning_wandb_off(tmp_path):
+    """Minor item of reliability pass 3: binary bytes in wandb_run_id.txt raised UnicodeDecodeError
+    inside the W&B start, which turned W&B off for every later resume."""
+    from dist_cifar.reporting import saved_run_id, usable_run_id
+    (tmp_path / "wandb_run_id.txt").write_bytes(b"\xff\xfe\x00junk")
+    notes = []
+    assert usable_run_id(saved_run_id(tmp_path), notes.append) == "" and "ignoring the W&B run id" in notes[0]
+    (tmp_path / "wandb_run_id.txt").write_text("abc_123\n")
+    assert usable_run_id(saved_run_id(tmp_path), notes.append) == "abc_123" and len(notes) == 1
+    assert saved_run_id(tmp_path / "absent") == ""

@@ -71,3 +71,12 @@ def test_refuses_to_overwrite_out_dir(tmp_path):
     proc = run_train(smoke_args(out, ["--overwrite"]), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "precious.txt").exists()  # --overwrite replaces the run's files, not yours
+
+
+@pytest.mark.quick
+def test_a_too_long_out_dir_is_named_as_such_not_as_a_full_disk(tmp_path):
+    """Minor item of reliability pass 3: ENAMETOOLONG was reported as 'free space'."""
+    proc = run_train(smoke_args(tmp_path / ("x" * 300)))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "File name too long" in lines[0] and "shorter --out-dir" in lines[0] and "free space" not in lines[0]

@@ -114,11 +114,11 @@ def wait_for(log, text: str, after: int, timeout: float) -> int:
         time.sleep(0.2)
 
 
-def requeued(job: str, restarts: int) -> None:
+def requeued(job: str, restarts: int, log) -> None:
     """Wait until the job is requeued for the `restarts`-th time, then let it start at once."""
     deadline = time.monotonic() + 90
     while job_field(job, "Restarts") != str(restarts) or job_field(job, "JobState") != "PENDING":
-        assert time.monotonic() < deadline, "job was not requeued"
+        assert time.monotonic() < deadline, f"job was not requeued ({job_field(job, 'JobState')}):\n{diagnosis(log)}"
         time.sleep(0.5)
     # SLURM holds a requeued job ~2 min (BeginTime) so the old steps can finish; skipping that wait
     # is only safe once slurmd's step daemons of the first run are gone (else: credential revoked)
@@ -139,12 +139,12 @@ def test_preempted_twice_keeps_every_record(uninterrupted, tmp_path):
                  NPROC_PER_NODE="2", WANDB_MODE="offline")
     seen = wait_for(log, "epoch   0", 0, 180)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=10)
-    requeued(job, 1)
+    requeued(job, 1, log)
     seen = wait_for(log, "(restart 1)", seen, 120)
     seen = wait_for(log, "epoch   3", seen, 180)
     time.sleep(1.0)  # into the final evaluation of the training split
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=10)
-    requeued(job, 2)
+    requeued(job, 2, log)
     assert wait_done(job, 300) == "COMPLETED", diagnosis(log)
     text = log.read_text()
     assert "got USR1" in text and "(restart 2)" in text and "Traceback" not in text, diagnosis(log)
