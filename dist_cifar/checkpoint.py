@@ -115,7 +115,7 @@ def write_torch(path: Path, blob: dict[str, Any], *, before_publish=None) -> tup
             torch.save(blob, writer)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:  # a full disk: the partial file would keep it full
+    except OSError:  # a full disk: the partial file would keep it full (a kill leaves it: pruned later)
         tmp.unlink(missing_ok=True)
         raise
     if before_publish is not None:
@@ -201,7 +201,8 @@ def verify(path: Path) -> bool:
         # claims a later epoch than it holds, would otherwise stay "newest" for ever
         m = NAME.match(path.name)
         ok = (bool(marker) and marker.get("file", path.name) == path.name
-              and (m is None or (marker.get("epoch"), marker.get("step")) == (int(m.group(1)), int(m.group(2))))
+              and (m is None or (marker.get("epoch", int(m.group(1))), marker.get("step", int(m.group(2))))
+                   == (int(m.group(1)), int(m.group(2))))
               and marker["size"] == path.stat().st_size and marker["sha256"] == sha256_file(path))
     except (OSError, KeyError, TypeError, ValueError):  # a hostile marker: wrong types, not an object
         return False

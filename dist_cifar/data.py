@@ -134,7 +134,8 @@ def remove_stale_temps(cache: Path) -> None:
     """Temp files of cache writes that were killed midway: this user's, another process's,
     untouched for an hour (a live writer of a large cache touches its file far more often)."""
     mine = f"{files.TMP_PREFIX}{cache.name}-{os.getpid()}-"
-    for stray in cache.parent.glob(f"{files.TMP_PREFIX}{cache.name}-*"):
+    earlier = list(cache.parent.glob(cache.name + ".tmp*"))  # the names dist_cifar 0.x used
+    for stray in earlier + list(cache.parent.glob(f"{files.TMP_PREFIX}{cache.name}-*")):
         try:
             st = stray.lstat()
         except OSError:

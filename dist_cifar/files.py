@@ -142,8 +142,8 @@ def distrust(path: Path) -> str:
     path = Path(path)
     try:
         st = path.lstat()
-    except FileNotFoundError:
-        return ""
+    except (FileNotFoundError, NotADirectoryError):
+        return ""  # nothing there to distrust
     if stat.S_ISLNK(st.st_mode):
         return f"{path} is a symbolic link"
     if st.st_uid not in (os.getuid(), 0):

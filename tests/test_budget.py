@@ -82,3 +82,20 @@ def test_a_cgroup_v1_memory_limit_refuses_vgg16_with_one_line(tmp_path):
     assert len(lines) == 1 and "host memory" in lines[0] and "is available" in lines[0], lines
     available = float(lines[0].split(" of host memory and ")[1].split(" GB")[0])
     assert available <= 4.0, lines[0]
+
+
+@pytest.mark.quick
+def test_forecast_counts_steps_left_and_the_stop_is_weighed_against_the_grace(monkeypatch):
+    """Pass of #29: after a world-size change the forecast said '1 epoch(s) left' with 53 steps
+    left; vgg16_cifar on CPU printed '0 images/s'; nothing said that a 4 GB stop outlasts
+    torchrun's 30 s grace."""
+    from dist_cifar import budget
+    line = budget.forecast(22.0, steps_per_epoch=40, steps_left=53, images_per_step=16, train_flops_per_image=1e9)
+    assert "0.73 images/s" in line and "53 step(s) left (1.3 epoch(s)): ~19 min" in line
+    monkeypatch.delenv("DIST_CIFAR_LAUNCHER", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.delenv("DIST_CIFAR_STOP_GRACE_S", raising=False)
+    slow = budget.stop_line(22.0, guard_every=1, checkpoint_bytes=4 * 10**9)
+    assert slow.startswith("warning: a stop takes up to ~54 s") and "torchrun's --shutdown-timeout, 30 s" in slow
+    monkeypatch.setenv("DIST_CIFAR_STOP_GRACE_S", "90")
+    assert budget.stop_line(22.0, guard_every=1, checkpoint_bytes=4 * 10**9).endswith("(DIST_CIFAR_STOP_GRACE_S) is 90 s")

@@ -123,9 +123,9 @@ def other_user():
         subprocess.run(["userdel", name], timeout=30)
 
 
-def as_other(user, *cmd: str) -> None:
+def as_other(user, cmd: list[str]) -> None:
     uid, gid = user
-    subprocess.run(list(cmd), user=uid, group=gid, extra_groups=[], cwd="/", check=True, timeout=30,
+    subprocess.run(cmd, user=uid, group=gid, extra_groups=[], cwd="/", check=True, timeout=30,
                    capture_output=True)
 
 
@@ -156,10 +156,10 @@ def plant_links(user, folder: Path, names: list[str], target: Path) -> None:
     system_python = shutil.which("python3", path="/usr/bin:/bin")
     paths = [str(folder / n) for n in names]
     if system_python:
-        as_other(user, system_python, "-c", "import os, sys\nfor n in sys.argv[2:]: os.symlink(sys.argv[1], n)",
-                 str(target), *paths)
+        as_other(user, [system_python, "-c", "import os, sys\nfor n in sys.argv[2:]: os.symlink(sys.argv[1], n)",
+                        str(target), *paths])
     else:
-        as_other(user, "bash", "-c", 't=$1; shift; for n; do ln -s "$t" "$n"; done', "plant", str(target), *paths)
+        as_other(user, ["bash", "-c", 't=$1; shift; for n; do ln -s "$t" "$n"; done', "plant", str(target), *paths])
 
 
 def test_attack_1_no_cache_written_through_a_planted_link(other_user, shared, capsys):
@@ -195,9 +195,9 @@ def test_attack_3_a_planted_batches_folder_is_not_trained_on(other_user, shared,
     shutil.rmtree(archive.parent.parent)
     planted = write_official_cifar(Path(tempfile.mkdtemp(dir="/tmp", prefix="dc-plant-")), zero=True)
     os.chmod(planted.parent, 0o755)
-    as_other(other_user, "mkdir", str(folder / "cifar-10-batches-py"))
+    as_other(other_user, ["mkdir", str(folder / "cifar-10-batches-py")])
     for batch in planted.iterdir():  # the other user's files: every image zero, every label 0
-        as_other(other_user, "cp", str(batch), str(folder / "cifar-10-batches-py" / batch.name))
+        as_other(other_user, ["cp", str(batch), str(folder / "cifar-10-batches-py" / batch.name)])
     shutil.rmtree(planted.parent)
     raw = D.load_cifar10(folder)
     assert len(set(raw.train_y.tolist())) > 1 and raw.train_x.float().std() > 0  # the real archive's images
@@ -214,7 +214,7 @@ def test_attack_4_a_planted_image_set_is_not_read_instead_of_the_download(other_
     monkeypatch.setenv("DIST_CIFAR_CIFAR10_MD5", md5)
     evil = write_image_tarball(Path(tempfile.mkdtemp(dir="/tmp", prefix="dc-plant-")) / "evil.tar.gz")
     os.chmod(evil.parent, 0o755)
-    as_other(other_user, "cp", str(evil), str(folder / "evil.tar.gz"))
+    as_other(other_user, ["cp", str(evil), str(folder / "evil.tar.gz")])
     shutil.rmtree(evil.parent)
     raw = D.load_local_or_download(folder, download=True)
     assert raw.source.startswith("cifar10") and len(raw.train_y) == 200  # the mirror's archive, not evil.tar.gz
@@ -224,7 +224,7 @@ def test_attack_4_a_planted_image_set_is_not_read_instead_of_the_download(other_
 def test_attack_5_an_out_dir_made_by_another_user_is_refused(other_user, shared, tmp_path):
     folder, victim = shared
     run_dir = folder / "run"
-    as_other(other_user, "mkdir", "-m", "777", str(run_dir))
+    as_other(other_user, ["mkdir", "-m", "777", str(run_dir)])
     plant_links(other_user, run_dir, [".lock", "summary.json", f".tmp-summary.json-{os.getpid()}"], victim)
     for extra in ([], ["--overwrite"]):
         proc = run_train(smoke_args(run_dir, extra))
@@ -238,8 +238,8 @@ def test_attack_5_an_out_dir_made_by_another_user_is_refused(other_user, shared,
     assert proc.returncode == 2 and "other users may write to" in proc.stderr
     # ablate's study folder, planted the same way
     study = folder / "abl"
-    as_other(other_user, "mkdir", "-m", "777", str(study))
-    as_other(other_user, "mkdir", "-m", "777", str(study / "batchnorm"))
+    as_other(other_user, ["mkdir", "-m", "777", str(study)])
+    as_other(other_user, ["mkdir", "-m", "777", str(study / "batchnorm")])
     plant_links(other_user, study / "batchnorm", [".ablate.lock", "report.md"], victim)
     proc = subprocess.run([sys.executable, "-m", "dist_cifar.ablate", "batchnorm", "--dataset", "synthetic",
                            "--out", str(study), "--max-train", "32"], cwd=tmp_path, capture_output=True, text=True,
