@@ -10,6 +10,9 @@ job; the assembler builds the plain model with the run's seed and hands it over.
 """
 from __future__ import annotations
 
+import functools
+import math
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -55,9 +58,21 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_pe
         # sits at `total`; a schedule of exactly `total` steps would extrapolate a negative lr there
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total + 1,
                                                    pct_start=0.25, anneal_strategy="linear")
-    if cfg.schedule == "cosine":
+    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total)
+    if cfg.schedule == "cosine" and not warmup:
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        warmup_factor, warmup=warmup, total=total, start=cfg.warmup_lr / cfg.lr, cosine=cfg.schedule == "cosine"))
+
+
+def warmup_factor(step: int, *, warmup: int, total: int, start: float, cosine: bool) -> float:
+    """The lr multiplier at optimizer step `step`: linear from `start` to 1 over `warmup` steps,
+    then constant, or a cosine from 1 to 0 at `total` (what CosineAnnealingLR does without warm-up)."""
+    if step < warmup:
+        return start + (1.0 - start) * step / warmup
+    if not cosine:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
 @dataclass(kw_only=True)
@@ -88,8 +103,10 @@ class TrainingRun:
     def step_parts(self) -> StepParts:
         # FSDP2 has no buckets: its reduce-scatter assigns fresh gradients, so they are freed
         bucket_views = self.info.distributed and self.cfg.ddp_grad_as_bucket_view and self.model.plan.name != "fsdp"
+        clip = (functools.partial(self.model.plan.clip_gradients, self.model.module, self.cfg.clip_grad_norm)
+                if self.cfg.clip_grad_norm else None)
         return StepParts(self.model.train_model, self.optimizer, self.scheduler, self.precision,
-                         label_smoothing=self.cfg.label_smoothing, grads_to_none=not bucket_views)
+                         label_smoothing=self.cfg.label_smoothing, grads_to_none=not bucket_views, clip=clip)
 
     def shards(self, split: Split) -> EvalShards:
         """This rank's exact slice of an evaluation split, normalised like training (in lockstep

@@ -55,7 +55,8 @@ NAME = re.compile(r"^ckpt-e(\d+)-s(\d+)\.pt$")
 # schedule) may change; anything else is another run and is refused.
 RUN_IDENTITY = ("model", "batchnorm", "dropout", "pooling", "sync_bn", "dataset", "data_dir", "split", "val_size",
                 "max_train", "synthetic_size", "normalize", "augment", "optimizer", "lr", "weight_decay", "momentum",
-                "schedule", "label_smoothing", "seed")
+                "schedule", "label_smoothing", "seed", "warmup_epochs", "warmup_lr",
+                "clip_grad_norm")
 SCHEDULED = ("onecycle", "cosine")  # schedules whose shape depends on --epochs
 
 

@@ -11,10 +11,12 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import json
 import math
 import re
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from .data import REPORT_TRAIN, report_split_problem
@@ -81,6 +83,12 @@ class TrainConfig:
     """sgd: Nesterov momentum."""
     schedule: str = "constant"
     """LR schedule per step: constant, onecycle (warm-up then anneal) or cosine."""
+    warmup_epochs: float = 0.0
+    """constant and cosine: raise the lr linearly from --warmup-lr to --lr over this many epochs of optimizer steps (fractions allowed), then hold it (constant) or anneal it to 0 (cosine); 0: no warm-up (onecycle has its own)."""
+    warmup_lr: float = 0.0
+    """The lr of the first warm-up step (--warmup-epochs)."""
+    clip_grad_norm: float = 0.0
+    """Clip the global L2 norm of all gradients to this before each optimizer step (0: off): over every parameter of the plain model under every design (the hybrid's head slices and FSDP2's shards are summed over the ranks). The pre-clip norm is logged per epoch (grad_norm_mean, grad_norm_max)."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
     tta_flip: bool = False
@@ -309,17 +317,105 @@ def build_parser(prog: str = "python -m dist_cifar.train") -> argparse.ArgumentP
                 kwargs["choices"] = CHOICES[f.name]
                 kwargs.pop("metavar")
         sections[title].add_argument(flag_name(f.name), **kwargs)
+    parser.add_argument("--config", default="", metavar="FILE",
+                        help="read flags from a TOML or JSON file (a run's own config.json reruns it); precedence: "
+                             "defaults < --preset < this file < flags on the command line")
     parser.add_argument("--print-config", action="store_true", default=False,
-                        help="print the resolved config as JSON and exit")
+                        help="print the resolved config and exit (--config reads it back)")
+    parser.add_argument("--format", choices=("json", "toml"), default="json", help="--print-config's format")
     return parser
 
 
-def parse_command(argv: Optional[list[str]] = None) -> tuple[TrainConfig, bool]:
-    """CLI -> (validated TrainConfig, whether --print-config was given). Raises ConfigError (one
-    line) on bad input. Resolving the auto values is runtime.py's job (it imports this module)."""
+# What config.json holds besides the fields: what only the running job knew (train.describe).
+# A config file may carry them (a run's own config.json); they are not settings and are skipped.
+RUN_FACTS = ("world_size", "device_name", "torch_version", "git_commit", "dist_cifar_version", "num_params",
+             "parallel_resolved", "wire_predicted", "precision_resolved", "backend_resolved", "data_source",
+             "steps_per_epoch_resolved", "split_sizes")
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The fields a TOML or JSON file sets (a [train] table, or top-level keys). An unknown key, a
+    value of the wrong type or an unreadable file is one line naming it."""
+    import tomllib
+    where = Path(path)
+    try:
+        text = where.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror})") from None
+    try:
+        if where.suffix == ".json" or text.lstrip()[:1] == b"{":
+            values = json.loads(text)
+        else:
+            values = tomllib.loads(text.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path} is neither valid TOML nor JSON ({str(exc).splitlines()[0][:120]})") from None
+    if isinstance(values, dict) and isinstance(values.get("train"), dict) and len(values) == 1:
+        values = values["train"]
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path} must hold a table (TOML) or an object (JSON) of settings")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    settings = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name in RUN_FACTS:
+            continue
+        if name not in fields:
+            close = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.6)
+            raise ConfigError(f"--config {path}: unknown setting {key!r}" + (f" (did you mean {close[0]!r}?)" if close
+                                                                               else "") + "; see --help for the fields")
+        settings[name] = coerce(path, name, str(fields[name].type), value)
+    return settings
+
+
+def coerce(path: str, name: str, kind: str, value: Any) -> Any:
+    """A file's value as the field's type (TOML/JSON ints are fine where a float is due)."""
+    if value is None and kind.startswith("Optional"):
+        return None
+    ok = {"bool": isinstance(value, bool), "Optional[bool]": isinstance(value, bool),
+          "int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "str": isinstance(value, str)}.get(kind, False)
+    if not ok:
+        raise ConfigError(f"--config {path}: {name} = {value!r} is not a {kind.replace('Optional[', '').rstrip(']')}")
+    return float(value) if kind == "float" else value
+
+
+def config_from_args(args: dict[str, Any]) -> TrainConfig:
+    """Parsed flags (only those given) over the --config file over the preset over the defaults."""
+    args = dict(args)
+    args.pop("print_config", None)
+    args.pop("format", None)
+    path = args.pop("config", "")
+    values = {**(read_config_file(path) if path else {}), **args}
+    return make_config(**values)
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """The config as TOML that --config reads back to the same config (None, an auto value, is left
+    out: the default)."""
+    lines = [f"# dist_cifar config: python -m dist_cifar.train --config THIS_FILE [flags that win]"]
+    for key, value in cfg.to_dict().items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, float):
+            text = repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf" if value < 0 else "nan")
+        elif isinstance(value, int):
+            text = str(value)
+        else:
+            text = json.dumps(value)  # a TOML basic string: the same escapes
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_command(argv: Optional[list[str]] = None) -> tuple[TrainConfig, str]:
+    """CLI -> (validated TrainConfig, --print-config's format or '' when not given). Raises
+    ConfigError (one line) on bad input. Resolving the auto values is runtime.py's job (it imports
+    this module)."""
     args = vars(build_parser().parse_args(argv))
-    print_config = args.pop("print_config", False)
-    return make_config(**args), print_config
+    print_format = args.get("format", "json") if args.get("print_config") else ""
+    return config_from_args(args), print_format
 
 
 def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
@@ -331,9 +427,7 @@ def flag_problem(argv: list[str]) -> Optional[str]:
     """The one-line error the trainer would give for these flags, or None: launchers check before
     starting torchrun, whose failure report would bury the line under 40 others."""
     try:
-        args = vars(build_parser().parse_args(argv))
-        args.pop("print_config", None)
-        make_config(**args)
+        config_from_args(vars(build_parser().parse_args(argv)))
     except ConfigError as exc:
         return str(exc)
     return None
@@ -390,6 +484,15 @@ def validate(cfg: TrainConfig) -> None:
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{flag_name(name)} must be >= 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.warmup_epochs <= cfg.epochs or not math.isfinite(cfg.warmup_epochs):
+        raise ConfigError(f"--warmup-epochs must be in 0..--epochs ({cfg.epochs}), got {cfg.warmup_epochs}")
+    if cfg.warmup_epochs and cfg.schedule == "onecycle":
+        raise ConfigError("--warmup-epochs with --schedule onecycle: onecycle warms up by itself (its first quarter); "
+                          "choose constant or cosine, or drop --warmup-epochs")
+    if not (0 <= cfg.clip_grad_norm < math.inf):
+        raise ConfigError(f"--clip-grad-norm must be a finite number >= 0 (0: off), got {cfg.clip_grad_norm}")
+    if not 0 <= cfg.warmup_lr <= 1e4:
+        raise ConfigError(f"--warmup-lr must be in [0, 1e4], got {cfg.warmup_lr}")
     if cfg.val_size < -1:
         raise ConfigError(f"--val-size must be >= 0 (or -1 for the default), got {cfg.val_size}")
     if not cfg.lr > 0:

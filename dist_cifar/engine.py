@@ -115,6 +115,8 @@ class StepParts:
     # False under DDP with gradient_as_bucket_view: freed gradients would make DDP re-point them
     # into its buckets with a copy every step; zeroing them in place keeps the aliasing.
     grads_to_none: bool = True
+    # --clip-grad-norm: scales the gradients to the global norm bound, returns the pre-clip norm
+    clip: Optional[Callable[[], torch.Tensor]] = None
 
 
 class StepHealth:
@@ -213,6 +215,8 @@ class EpochResult:
     step_losses: list = field(default_factory=list)
     skipped_steps: Optional[int] = None       # fp16: steps this rank's GradScaler skipped in this call
     first_skipped_step: Optional[int] = None
+    grad_norm_mean: Optional[float] = None    # --clip-grad-norm: pre-clip global norm over this call's steps
+    grad_norm_max: Optional[float] = None
 
 
 def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
@@ -246,6 +250,7 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
         return stop
 
     after_first_step, cpu_after_first_step = 0.0, 0.0
+    norms = torch.zeros(2, dtype=torch.float64, device=dev) if parts.clip is not None else None  # sum, max
     while step < total:
         t_wait = time.perf_counter()
         x, y = next(batches)
@@ -270,6 +275,7 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
             scaler.scale(loss).backward()
             hooks.faults.after_backward(info.rank, global_step)
             scaler.unscale_(optimizer)  # explicit, so an AgreedGradScaler agrees for fused optimizers too
+            clip_gradients(parts, norms)
             scaler.step(optimizer)
             scale_before = health.scale_before_update()
             scaler.update()
@@ -277,6 +283,7 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
         else:
             loss.backward()
             hooks.faults.after_backward(info.rank, global_step)
+            clip_gradients(parts, norms)
             optimizer.step()
         scheduler.step()
         hooks.faults.after_step(info.rank, global_step)
@@ -316,8 +323,21 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
     result.end_step = step
     flush(result, loss_sum, correct, losses)
     result.skipped_steps, result.first_skipped_step = health.skipped_steps()
+    if norms is not None and result.steps:
+        total_norm, max_norm = norms.tolist()
+        result.grad_norm_mean, result.grad_norm_max = total_norm / result.steps, max_norm
     result.wall_s = watch.stop()
     return result
+
+
+def clip_gradients(parts: StepParts, norms: Optional[torch.Tensor]) -> None:
+    """--clip-grad-norm between the (unscaled) backward and the optimizer step; the pre-clip norm
+    joins the epoch's sum and max on the device (read once, at the epoch's end)."""
+    if parts.clip is None:
+        return
+    norm = parts.clip().detach().double()
+    norms[0] += norm
+    norms[1] = torch.maximum(norms[1], norm)
 
 
 def flush(result: EpochResult, loss_sum: torch.Tensor, correct: torch.Tensor, losses: list) -> None:

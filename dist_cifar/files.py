@@ -157,6 +157,10 @@ def distrust(path: Path) -> str:
     return ""
 
 
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The records of a JSON Lines file ([] when it does not exist). A last line that does not
     parse is an append cut short (a kill, a full disk) and is dropped; a bad line elsewhere raises."""

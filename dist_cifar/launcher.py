@@ -84,7 +84,31 @@ def say(message: str) -> None:
     print(f"[launch] {message}", file=sys.stderr, flush=True)
 
 
+def workers_exit_codes(folder: Path) -> list[int]:
+    """What this node's workers wrote as their exit codes (train.main does, under this launcher)."""
+    codes = []
+    for entry in folder.glob("rank-*"):
+        try:
+            codes.append(int(entry.read_text().strip()))
+        except (OSError, ValueError):
+            continue
+    return codes
+
+
 def run_agent(argv: list[str]) -> int:
+    """torchrun in this process; the workers' own exit codes decide where torchrun's do not (a
+    peer node's agent may have gone with its store once its workers exited 75)."""
+    import shutil
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="dist_cifar-launch-"))  # private (0700), unpredictable
+    os.environ["DIST_CIFAR_EXIT_DIR"] = str(folder)
+    try:
+        return agent(argv, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def agent(argv: list[str], folder: Path) -> int:
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.rendezvous.api import RendezvousError
@@ -98,6 +122,10 @@ def run_agent(argv: list[str]) -> int:
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGQUIT"
     os.environ["DIST_CIFAR_LAUNCHER"] = "1"  # the workers: no torchrun grace applies to their stop
     stops = Stops().install()
+    def checkpointed() -> bool:
+        codes = workers_exit_codes(folder)
+        return bool(codes) and all(code == EXIT_PREEMPTED for code in codes)
+
     try:
         run(args)
     except ChildFailedError as exc:
@@ -106,12 +134,16 @@ def run_agent(argv: list[str]) -> int:
             return EXIT_INTERRUPTED
         # once one worker has exited 75, torchrun SIGTERMs the others, and one still tearing down
         # (its handlers gone) dies of it: the checkpoint was committed by all before any exited
-        if EXIT_PREEMPTED in codes and codes <= {EXIT_PREEMPTED, -signal.SIGTERM}:
+        if (EXIT_PREEMPTED in codes and codes <= {EXIT_PREEMPTED, -signal.SIGTERM}) or checkpointed():
             say(f"preempted: the workers checkpointed and exited {EXIT_PREEMPTED}; run the same command again "
                 f"to resume")
             return EXIT_PREEMPTED
         raise
     except (RendezvousError, DistError) as exc:  # a node that never came, a wrong endpoint: one line, no traceback
+        if checkpointed():  # the node holding the store has gone, after its workers (and ours) exited 75
+            say(f"preempted: the workers checkpointed and exited {EXIT_PREEMPTED}; run the same command again "
+                f"to resume")
+            return EXIT_PREEMPTED
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         say(f"the rendezvous failed ({type(exc).__name__}: {first}): start every node with the same endpoint "
             f"(--rdzv-endpoint {args.rdzv_endpoint or '?'}) and id within the join timeout, and check that the "

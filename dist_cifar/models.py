@@ -116,6 +116,22 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+BUILT_IN = tuple(MODELS)
+
+
+def register(name: str, builder: Callable[[], nn.Module]) -> None:
+    """Add a model of one's own: `builder()` returns a fresh nn.Module taking (N, 3, 32, 32) images
+    and returning (N, 10) logits. Then --model NAME (or dist_cifar.run(model=NAME)) trains it in
+    this process under every design it allows: ddp and fsdp take any model; the hybrid refuses,
+    with one line, a classifier it cannot shard (it needs two Linear layers joined by elementwise
+    ops). The report's models cannot be replaced."""
+    if name in BUILT_IN:
+        raise ValueError(f"{name!r} is one of the report's models; register yours under another name")
+    if not callable(builder):
+        raise TypeError("register(name, builder): builder must be callable, returning an nn.Module")
+    MODELS[name] = builder
+
+
 def build_model(name: str, batchnorm: bool = True, dropout: bool = True, pooling: bool = True) -> nn.Module:
     """A registered model (config validation has already refused unknown names)."""
     if name == "small_cnn":

@@ -170,6 +170,12 @@ class Plan:
                                   state: dict[str, Any]) -> None:
         optimizer.load_state_dict(state)
 
+    def clip_gradients(self, module: nn.Module, max_norm: float) -> torch.Tensor:
+        """Scale every gradient so that the global L2 norm over all parameters is at most
+        `max_norm`; returns the norm before clipping (a device scalar, the same on every rank).
+        DDP's gradients are already averaged and identical on every rank."""
+        return torch.nn.utils.clip_grad_norm_(list(module.parameters()), max_norm)
+
     def replicated_parameters(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
         """The parameters every rank holds in full (and must hold identically)."""
         shards = getattr(self, "shards", {})
@@ -427,6 +433,21 @@ class HybridPlan(ShardedPlan):
             self.shards[f"{first_name}.bias"] = Shard(0, sizes)
         self.layers = (first_name, second_name, sizes)
 
+    def clip_gradients(self, module: nn.Module, max_norm: float) -> torch.Tensor:
+        """The replicated parameters' squared norm (identical on every rank) plus every rank's
+        head slices' squared norms, summed over the ranks in one tiny all-reduce: one global norm
+        and one coefficient everywhere. Clipping each rank by its own slices would give the ranks
+        different coefficients and split the replicas."""
+        grads = [(name, p.grad) for name, p in module.named_parameters() if p.grad is not None]
+        zero = torch.zeros((), dtype=torch.float32, device=self.info.device)
+        sliced = sum((g.float().pow(2).sum() for name, g in grads if name in self.shards), zero)
+        whole = sum((g.float().pow(2).sum() for name, g in grads if name not in self.shards), zero)
+        D.all_reduce_sum(self.info, sliced)
+        total = (whole + sliced).sqrt()
+        coefficient = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_([g for _, g in grads], coefficient)
+        return total
+
     def describe(self) -> str:
         first, second, sizes = self.layers
         spread = f"{sizes[0]}" if len(set(sizes)) == 1 else "/".join(map(str, sizes))
@@ -459,6 +480,12 @@ class FSDPPlan(ShardedPlan):
 
     def replicated_parameters(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return []  # every parameter is a shard
+
+    def clip_gradients(self, module: nn.Module, max_norm: float) -> torch.Tensor:
+        """torch's own clipping over the DTensor gradients: it sums the shards' squared norms
+        over the mesh, so every rank scales by the same global coefficient."""
+        total = torch.nn.utils.clip_grad_norm_(list(module.parameters()), max_norm)
+        return total.full_tensor() if hasattr(total, "full_tensor") else total
 
     def wire(self) -> Wire:
         # Computed from the shapes FSDP2 shards (dim 0 padded to the world size) by the function

@@ -153,11 +153,12 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def save(fig, path: Path) -> None:
     """PNG through files.atomic_writer: never half a picture, never through a planted link."""
     with files.atomic_writer(Path(path)) as f:
         fig.savefig(f, dpi=110, format="png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -40,6 +40,8 @@ EPOCH_KEYS = {
     "checkpoint_blocked_s": "time the step loop stood still for checkpoints and best.pt this epoch (device-to-host copy, RNG gather, waiting for a previous write)",
     "checkpoint_write_s": "background time of the checkpoint / best.pt writes that finished during this epoch",
     "steps": "optimizer steps in the epoch (a resumed epoch counts the steps before the stop too)",
+    "grad_norm_mean": "--clip-grad-norm: the global gradient norm before clipping, mean over the epoch's steps (of this process's run of the epoch); null without clipping",
+    "grad_norm_max": "--clip-grad-norm: its largest value in the epoch; null without clipping",
     "partial": "true only when the epoch was resumed on another global batch at a position it does not divide: a few samples were trained (and counted) twice; absent otherwise",
     "world_size": "number of processes",
     "wire_bytes_per_step": "bytes each rank sent per training step (ring accounting of the collectives' sizes; parallel.py)",

@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,7 +35,7 @@ from . import distributed as D
 from . import __version__, budget, cost, files, plot, rundir
 from .assembly import TrainingRun, assemble
 from .checkpoint import CheckpointManager, RunState
-from .config import ConfigError, TrainConfig, flag_name, parse_command
+from .config import ConfigError, TrainConfig, flag_name, parse_command, to_toml
 from .data import DataError, Splits, load_source, make_splits
 from .engine import EpochSums, EvalResult, NonFiniteLoss, StepHooks, evaluate, global_mean, global_sums, train_epoch
 from .faults import FaultInjector
@@ -51,19 +52,51 @@ EXIT_OK, EXIT_USAGE, EXIT_NONFINITE, EXIT_DRIFT, EXIT_INTERRUPTED = 0, 2, 3, 4, 
 @record
 def main(argv: Optional[list[str]] = None) -> int:
     try:
-        cfg, print_only = parse_command(argv)
+        cfg, print_format = parse_command(argv)
         cfg, notes = resolve(cfg)
     except ConfigError as exc:
         return fail(exc, EXIT_USAGE)
-    if print_only:  # what this host would run: every auto value resolved
+    if print_format:  # what this host would run: every auto value resolved (--config reads it back)
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
-        print(json.dumps(cfg.to_dict(), indent=2))
+        print(to_toml(cfg) if print_format == "toml" else json.dumps(cfg.to_dict(), indent=2), end="" if
+              print_format == "toml" else "\n")
         return EXIT_OK
+    return tell_launcher(run_resolved(cfg, notes).code)
+
+
+def tell_launcher(code: int) -> int:
+    """Under dist_cifar.launcher, this worker's exit code in its private folder: torchrun's agent
+    can fail for its own reasons (the node holding its store gone) after the workers checkpointed."""
+    folder = os.environ.get("DIST_CIFAR_EXIT_DIR")
+    if folder and Path(folder).is_dir():
+        try:
+            files.atomic_write_text(Path(folder) / f"rank-{os.environ.get('LOCAL_RANK', '0')}", str(code))
+        except OSError:
+            pass
+    return code
+
+
+@dataclass
+class Outcome:
+    """What a run ended with: its exit code, and its out dir once one was chosen."""
+    code: int = EXIT_OK
+    out_dir: Optional[Path] = None
+
+
+def run_resolved(cfg: TrainConfig, notes: tuple[str, ...] = ()) -> Outcome:
+    """Train a resolved config (runtime.resolve); every failure with an exit code is returned as
+    that code with its one line on stderr, never raised (dist_cifar.run builds on this)."""
+    outcome = Outcome()
+    outcome.code = guarded(cfg, notes, outcome)
+    return outcome
+
+
+def guarded(cfg: TrainConfig, notes: tuple[str, ...], outcome: Outcome) -> int:
     flag = PreemptionFlag().install()
     try:
         with D.session(cfg.device, cfg.backend, cfg.dist_timeout) as info:
-            return train(cfg, notes, info, flag)
+            return train(cfg, notes, info, flag, outcome)
     except (ConfigError, DataError, ckpt.CheckpointError) as exc:
         return fail(exc, EXIT_USAGE)
     except NonFiniteLoss as exc:
@@ -100,10 +133,11 @@ def fail(exc: object, code: int) -> int:
     return code
 
 
-def train(cfg: TrainConfig, notes: tuple[str, ...], info: D.DistInfo, flag: PreemptionFlag) -> int:
+def train(cfg: TrainConfig, notes: tuple[str, ...], info: D.DistInfo, flag: PreemptionFlag, outcome: Outcome) -> int:
     same_config_everywhere(cfg, info)
     configure_backends(cfg, info)
     out_dir, resume_path = prepare_out_dir(cfg, info)
+    outcome.out_dir = out_dir
     needs = agreed(info, lambda: budget.check(cfg, out_dir=out_dir, local_world_size=info.local_world_size,
                                               world_size=info.world_size, on_cuda=info.device.type == "cuda"))
     splits = load_data(cfg, info)
@@ -406,6 +440,7 @@ def epoch_record(run: TrainingRun, result, val: Optional[EvalResult], *, eval_s:
         "steps": result.end_step, "world_size": info.world_size, "partial": True if partial else None,
         "wire_bytes_per_step": run.model.plan.wire().total() if info.distributed and result.steps else None,
         "skipped_steps": max(n for n, _ in skips) if skips else None,
+        "grad_norm_mean": result.grad_norm_mean, "grad_norm_max": result.grad_norm_max,
         "checkpoint_blocked_s": None, "checkpoint_write_s": None,  # filled in after the epoch's saves
     }
 

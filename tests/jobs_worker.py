@@ -2,7 +2,8 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/jobs_worker.py JOBS.json OUT_DIR
 
-JOBS.json is a list of {"name", "argv", "env"}: each job is `dist_cifar.train.main(argv)` with `env`
+JOBS.json is a list of {"name", "argv", "env"[, "entry"]}: each job is `dist_cifar.train.main(argv)`
+(or `dist_cifar.<entry>.main`, e.g. evaluate) with `env`
 set for its duration (DIST_CIFAR_FAULT, ...), its stdout and stderr captured. Every rank writes
 OUT_DIR/rank<R>.json: [{"name", "code", "stdout", "stderr", "seconds"}], one entry per job.
 
@@ -24,8 +25,9 @@ from pathlib import Path
 
 
 def run_job(job: dict) -> dict:
+    import importlib
     import torch._dynamo
-    from dist_cifar.train import main
+    main = importlib.import_module(f"dist_cifar.{job.get('entry', 'train')}").main  # train, or evaluate
     torch._dynamo.reset()  # each job compiles its own model (and stays under dynamo's cache limit)
     saved = {key: os.environ.get(key) for key in job.get("env", {})}
     os.environ.update(job.get("env", {}))

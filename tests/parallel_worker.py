@@ -3,7 +3,8 @@ gradients, updated weights and optimizer state (rank 0). Run alone (the referenc
 
     python tests/parallel_worker.py OUT DESIGN[,DESIGN...] [--load STATE.pt]
 
-Writes OUT-DESIGN.pt per design (one process group serves them all, one launch). With --load, the
+Writes OUT-DESIGN.pt per design (one process group serves them all, one launch). DESIGN:clip clips
+the gradients' global norm to CLIP (--clip-grad-norm's code) before the step. With --load, the
 plain state in STATE.pt (model + optimizer, as a checkpoint holds them) is then also loaded
 through the layout and consolidated again (key "round_trip"): resharding."""
 import sys
@@ -18,6 +19,7 @@ from dist_cifar.parallel import ConsolidatedModel, ConsolidatedOptimizer, parall
 
 
 GLOBAL_BATCH = 12  # divides over 1, 2, 3 and 4 ranks
+CLIP = 0.05  # well below this model's first-step gradient norm: the clip acts
 
 
 def plain_grads(wrapped, info) -> dict:
@@ -33,12 +35,16 @@ def plain_grads(wrapped, info) -> dict:
     return grads
 
 
-def one_step(design: str, info: D.DistInfo) -> dict:
+def one_step(spec: str, info: D.DistInfo) -> dict:
+    design, _, variant = spec.partition(":")
     cfg = make_config(model="small_cnn", batchnorm=False, dropout=False, parallel=design, device="cpu",
                       precision="fp32", channels_last=False, compile=False)
     torch.manual_seed(cfg.seed)
     wrapped = parallelize(build_model(cfg.model, batchnorm=False, dropout=False), cfg, info)
-    optimizer = torch.optim.Adam(wrapped.module.parameters(), lr=1e-2)
+    # the clipped step uses plain SGD: Adam's first step divides by |g|, and clipped gradients of
+    # ~1e-8 per element sit at its eps, where float32 summation order decides the update
+    optimizer = (torch.optim.SGD(wrapped.module.parameters(), lr=1.0) if variant == "clip" else
+                 torch.optim.Adam(wrapped.module.parameters(), lr=1e-2))
     model_state = ConsolidatedModel(wrapped.plan, wrapped.module)
     optim_state = ConsolidatedOptimizer(wrapped.plan, optimizer, wrapped.module)
     g = torch.Generator().manual_seed(123)
@@ -48,10 +54,12 @@ def one_step(design: str, info: D.DistInfo) -> dict:
     mine = slice(info.rank * b, (info.rank + 1) * b)
     loss = F.cross_entropy(wrapped.train_model(x[mine]), y[mine])
     loss.backward()
+    norm = wrapped.plan.clip_gradients(wrapped.module, CLIP).item() if variant == "clip" else None
     grads = plain_grads(wrapped, info)
     optimizer.step()
-    result = {"grads": grads, "weights": model_state.state_dict(), "optimizer": optim_state.state_dict()}
-    if "--load" in sys.argv:
+    result = {"grads": grads, "weights": model_state.state_dict(), "optimizer": optim_state.state_dict(),
+              "norm": norm}
+    if "--load" in sys.argv and not variant:  # the reference state is an Adam one
         saved = torch.load(sys.argv[sys.argv.index("--load") + 1], weights_only=True)
         model_state.load_state_dict(saved["weights"])
         optim_state.load_state_dict(saved["optimizer"])

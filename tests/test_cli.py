@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import pickle
 import subprocess
@@ -42,6 +43,37 @@ def test_config_json_records_resolved_values(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert (config["device"], config["precision"], config["channels_last"], config["compile"],
             config["guard_every"], config["backend"]) == ("cpu", "fp32", False, False, 1, "gloo")
+    # the run's own config.json, passed back with --config, resolves to the same config
+    from dist_cifar.config import RUN_FACTS, TrainConfig, parse_command
+    again, _ = resolve(parse_command(["--config", str(out / "config.json")])[0])
+    fields = set(TrainConfig.__dataclass_fields__)
+    assert set(config) <= fields | set(RUN_FACTS), set(config) - fields - set(RUN_FACTS)
+    assert again.to_dict() == {k: v for k, v in config.items() if k in fields}
+
+
+@pytest.mark.quick
+def test_config_files_round_trip_and_rank_between_preset_and_flags(tmp_path, capsys):
+    """--config (TOML or JSON): defaults < --preset < the file < flags; --print-config --format toml
+    writes a file that --config reads back to the same resolved config; an unknown key or a value
+    of the wrong type is one line naming it."""
+    from dist_cifar.config import parse_command
+    from dist_cifar.train import main
+    assert main(["--preset", "fast", "--print-config", "--format", "toml"]) == 0
+    (tmp_path / "fast.toml").write_text(capsys.readouterr().out)
+    assert main(["--config", str(tmp_path / "fast.toml"), "--print-config"]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    assert main(["--preset", "fast", "--print-config"]) == 0
+    assert from_file == json.loads(capsys.readouterr().out)
+    (tmp_path / "mine.toml").write_text('preset = "report"\nepochs = 3\nlr = 1\n')
+    cfg = parse_command(["--config", str(tmp_path / "mine.toml"), "--epochs", "5"])[0]
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.split) == (5, 1.0, 32, "report")  # flag > file > preset
+    (tmp_path / "mine.json").write_text(json.dumps({"train": {"weight-decay": 0.5}}))
+    assert parse_command(["--config", str(tmp_path / "mine.json")])[0].weight_decay == 0.5
+    for text, named in (("epoch = 3\n", "unknown setting 'epoch' (did you mean 'epochs'?)"),
+                        ('epochs = "3"\n', "epochs = '3' is not a int"), ("epochs = \n", "neither valid TOML nor JSON")):
+        (tmp_path / "bad.toml").write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(named)):
+            parse_command(["--config", str(tmp_path / "bad.toml")])
 
 
 @pytest.mark.quick
@@ -321,3 +353,28 @@ def test_threads_follow_the_usable_cpus_and_the_load(monkeypatch):
     warning = budget.cpu_starved(0.5, 0.3, threads=2, local_world_size=1)
     assert warning and "--threads 1" in warning and "got 0.6 of the 2" in warning
     assert budget.cpu_starved(0.5, 0.95, threads=2, local_world_size=1) is None
+
+
+@pytest.mark.quick
+def test_warmup_ramps_then_holds_or_anneals(tmp_path):
+    """--warmup-epochs / --warmup-lr (#31): linear from the warm-up lr to --lr over the warm-up
+    steps, then constant or cosine to 0; refused with onecycle; part of the run's identity."""
+    import torch
+    from dist_cifar.assembly import build_scheduler
+    from dist_cifar.checkpoint import RUN_IDENTITY
+    for schedule, at_end in (("constant", 0.1), ("cosine", 0.0)):
+        cfg = make_config(lr=0.1, warmup_epochs=1.5, warmup_lr=0.01, schedule=schedule, epochs=3)
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+        scheduler = build_scheduler(cfg, optimizer, 10)
+        lrs = []
+        for _ in range(31):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        assert lrs[0] == pytest.approx(0.01) and lrs[15] == pytest.approx(0.1)  # 1.5 epochs x 10 steps
+        assert lrs[5] == pytest.approx(0.01 + 0.09 * 5 / 15) and lrs[30] == pytest.approx(at_end, abs=1e-9)
+    with pytest.raises(ConfigError, match="onecycle warms up by itself"):
+        make_config(schedule="onecycle", warmup_epochs=1)
+    with pytest.raises(ConfigError, match="--warmup-epochs must be in 0..--epochs"):
+        make_config(epochs=2, warmup_epochs=3)
+    assert {"warmup_epochs", "warmup_lr"} <= set(RUN_IDENTITY)

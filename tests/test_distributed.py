@@ -43,7 +43,11 @@ def two_ranks(tmp_path_factory):
         ("no_data", ["--dataset", "cifar10", "--data-dir", str(work / "nodata"), "--out-dir", str(work / "o"),
                      "--dist-timeout", "60"], {}),
     ]
-    results = torchrun_jobs(2, [{"name": n, "argv": a, "env": e} for n, a, e in jobs], work, timeout=600)
+    specs = [{"name": n, "argv": a, "env": e} for n, a, e in jobs]
+    # python -m dist_cifar.evaluate on a finished run, under torchrun (the exact distributed evaluation)
+    specs.append({"name": "evaluate", "entry": "evaluate", "env": {},
+                  "argv": [str(work / "global_batch"), "--json", str(work / "evaluate.json")]})
+    results = torchrun_jobs(2, specs, work, timeout=600)
     return work, results
 
 
@@ -200,6 +204,25 @@ def test_global_batch_under_torchrun(two_ranks):
     assert (config["batch_size"], config["global_batch_size"], config["world_size"]) == (32, 64, 2)
     assert "batch 32 per process = global batch 64" in rank0["stdout"]
     assert read_jsonl(out / "metrics.jsonl")[0]["steps"] == 256 // 64
+
+
+def test_evaluate_under_torchrun_gives_the_runs_own_test_accuracy(two_ranks, tmp_path):
+    """python -m dist_cifar.evaluate (#31): the run's best.pt on its test split, on two ranks and
+    on one process, equals summary.json's best_test_accuracy (and loss to float32 summation)."""
+    from dist_cifar.evaluate import main as evaluate_main
+    work, results = two_ranks
+    rank0, rank1 = both_ranks(results, "evaluate")
+    summary = json.loads((work / "global_batch" / "summary.json").read_text())
+    measured = json.loads((work / "evaluate.json").read_text())
+    assert measured["world_size"] == 2 and measured["split"] == "test" and rank1["stdout"] == ""
+    assert measured["accuracy"] == summary["best_test_accuracy"], (measured["accuracy"], summary)
+    assert abs(measured["loss"] - summary["best_test_loss"]) < 1e-5
+    assert measured["per_class_accuracy"] == summary["per_class_test_accuracy"]
+    assert evaluate_main([str(work / "global_batch"), "--json", str(tmp_path / "one.json")]) == 0
+    alone = json.loads((tmp_path / "one.json").read_text())
+    assert alone["accuracy"] == summary["best_test_accuracy"] and alone["world_size"] == 1
+    assert alone["confusion_matrix"] == summary["confusion_matrix"]
+    assert evaluate_main([str(tmp_path)]) == 2  # no weights: one line
 
 
 def test_setup_error_reaches_every_rank_as_one_line(two_ranks):

@@ -103,3 +103,16 @@ def test_compiled_matches_eager():
     x = torch.randn(16, 3, 32, 32)
     compiled = torch.compile(model, dynamic=False)
     assert torch.allclose(model(x), compiled(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.quick
+def test_clipping_logs_the_pre_clip_norm_per_epoch(tmp_path):
+    """--clip-grad-norm (#31): every step clips; the epoch records the pre-clip norm's mean and
+    max (read once per epoch), null without clipping."""
+    from conftest import read_jsonl, run_train, smoke_args
+    clipped = run_train(smoke_args(tmp_path / "clip", ["--clip-grad-norm", "0.01", "--epochs", "2"]))
+    assert clipped.returncode == 0, clipped.stderr[-2000:]
+    rows = read_jsonl(tmp_path / "clip" / "metrics.jsonl")
+    assert all(0.01 < r["grad_norm_mean"] <= r["grad_norm_max"] for r in rows), rows
+    plain = run_train(smoke_args(tmp_path / "plain"))
+    assert plain.returncode == 0 and "grad_norm_mean" not in read_jsonl(tmp_path / "plain" / "metrics.jsonl")[0]

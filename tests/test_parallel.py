@@ -41,9 +41,10 @@ def one_steps(tmp_path_factory):
     """One step as one process (ddp), and of hybrid and fsdp at 2 and at 3 ranks (3 also loading the
     single process's state and consolidating it again): three launches serve both designs."""
     work = tmp_path_factory.mktemp("one_step")
-    ref = worker(work / "one", ["ddp"], 1)["ddp"]
-    two = worker(work / "two", ["hybrid", "fsdp"], 2)
-    three = worker(work / "three", ["hybrid", "fsdp"], 3, "--load", work / "one-ddp.pt")
+    clipped = ["ddp:clip", "hybrid:clip", "fsdp:clip"]
+    ref = worker(work / "one", ["ddp", "ddp:clip"], 1)
+    two = worker(work / "two", ["hybrid", "fsdp", *clipped], 2)
+    three = worker(work / "three", ["hybrid", "fsdp", *clipped], 3, "--load", work / "one-ddp.pt")
     return ref, {2: two, 3: three}
 
 
@@ -52,7 +53,8 @@ def test_one_step_equals_one_process_and_reshards_exactly(one_steps, design):
     """fp32, no dropout or BatchNorm: one step on 2 and 3 ranks (3 splits FC1's 64 neurons
     22/21/21) gives the single process's gradients and Adam-updated weights; a plain state loaded
     at 3 ranks and consolidated again is bit-identical."""
-    ref, by_world = one_steps
+    refs, by_world = one_steps
+    ref = refs["ddp"]
     for world in (2, 3):
         got = by_world[world][design]
         assert sorted(got["grads"]) == sorted(ref["grads"])
@@ -64,6 +66,24 @@ def test_one_step_equals_one_process_and_reshards_exactly(one_steps, design):
     again = got["round_trip"]
     assert all(torch.equal(again["weights"][k], ref["weights"][k]) for k in ref["weights"])
     assert plain(again["optimizer"]) == plain(ref["optimizer"])
+
+
+@pytest.mark.parametrize("design", ["ddp", "hybrid", "fsdp"])
+def test_gradient_clipping_equals_one_process(one_steps, design):
+    """--clip-grad-norm (#31): the global norm over all parameters, whatever the layout (the
+    hybrid sums its head slices' squared norms over the ranks, FSDP2 its shards'), so one clipped
+    step at 2 and 3 ranks gives the single process's norm, clipped gradients and weights."""
+    refs, by_world = one_steps
+    ref = refs["ddp:clip"]
+    assert ref["norm"] > 0.05 * 2  # the clip acted
+    clipped_norm = sum(g.double().pow(2).sum() for g in ref["grads"].values()).sqrt().item()
+    assert abs(clipped_norm - 0.05) < 1e-6
+    for world in (2, 3):
+        got = by_world[world][f"{design}:clip"]
+        assert abs(got["norm"] - ref["norm"]) <= 1e-5 * ref["norm"], (world, got["norm"], ref["norm"])
+        for name in ref["grads"]:
+            assert relative(got["grads"][name], ref["grads"][name]) <= 1e-5, (world, name)
+            assert relative(got["weights"][name], ref["weights"][name]) <= 1e-5, (world, name)
 
 
 TWENTY = ["--dataset", "synthetic", "--synthetic-size", "512", "--model", "small_cnn", "--batch-size", "16",

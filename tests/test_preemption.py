@@ -12,6 +12,38 @@ from conftest import base_env, read_jsonl, ROOT, run_train, smoke_args, torchrun
 from dist_cifar import checkpoint as ckpt
 
 
+def signalled_after_epoch_0(args: list[str], sig: int) -> tuple[int, str]:
+    """The trainer as its own process, sent `sig` once its first epoch line is out; (exit code, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "dist_cifar.train", *args], cwd=ROOT, env=base_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch   0"):
+                proc.send_signal(sig)
+                break
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    return code, proc.stderr.read()
+
+
+def test_ctrl_c_is_a_stop_and_twice_stops_at_once(tmp_path):
+    """Ctrl-C was a KeyboardInterrupt traceback with no checkpoint. Now the first SIGINT is a
+    preemption (checkpoint, exit 75, one line); a second one while the first stop is still being
+    handled ends at once with exit 130 and one line, the newest committed checkpoint kept."""
+    out = tmp_path / "run"
+    args = ["--dataset", "synthetic", "--synthetic-size", "4096", "--batch-size", "32", "--epochs", "4",
+            "--out-dir", str(out), "--wandb", "off"]
+    code, err = signalled_after_epoch_0(args, signal.SIGINT)
+    assert code == 75 and "preempted (SIGINT)" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    from dist_cifar import preemption
+    flag = preemption.PreemptionFlag()
+    flag._handle(signal.SIGINT, None)
+    assert flag()  # the first: a stop
+    with pytest.raises(preemption.StopNow):  # the second: out at once (train.main: exit 130, one line)
+        flag._handle(signal.SIGINT, None)
+
+
 def test_elastic_restart_resumes_and_finishes(tmp_path):
     out = tmp_path / "run"
     args = smoke_args(out, ["--epochs", "3", "--checkpoint-every-steps", "2", "--synthetic-size", "512"])
@@ -30,17 +62,8 @@ def test_sigusr1_preempts_single_process_then_resumes(tmp_path):
     out = tmp_path / "run"
     args = ["--dataset", "synthetic", "--synthetic-size", "4096", "--batch-size", "32", "--epochs", "4",
             "--out-dir", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "dist_cifar.train", *args], cwd=ROOT, env=base_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("epoch   0"):
-                proc.send_signal(signal.SIGUSR1)
-                break
-        assert proc.wait(timeout=60) == 75
-    finally:
-        proc.kill()
-    assert "preempted (SIGUSR1)" in proc.stderr.read()
+    code, err = signalled_after_epoch_0(args, signal.SIGUSR1)
+    assert code == 75 and "preempted (SIGUSR1)" in err
     done = run_train(args)
     assert done.returncode == 0, done.stderr[-2000:]
     assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1, 2, 3]

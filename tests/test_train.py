@@ -54,3 +54,21 @@ def test_each_design_trains_end_to_end_at_two_ranks(tmp_path):
         config = json.loads((out / "config.json").read_text())
         assert (config["parallel_resolved"], config["world_size"]) == (design, 2)
         assert 0 <= json.loads((out / "summary.json").read_text())["best_test_accuracy"] <= 100
+
+
+def test_the_readme_python_api_example_runs_as_written(tmp_path):
+    """#31: dist_cifar.run and models.register, through the README's own example (extracted from
+    README.md, run as a script in an empty folder)."""
+    import re
+    import subprocess
+    import sys
+    from conftest import base_env, ROOT
+    readme = (ROOT / "README.md").read_text()
+    example = re.search(r"\*\*Python API\.\*\*.*?```python\n(.*?)```", readme, flags=re.S).group(1)
+    (tmp_path / "example.py").write_text(example)
+    proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=base_env(), capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out_dir, accuracy = proc.stdout.strip().splitlines()[-1].split()[:2]
+    assert (tmp_path / out_dir / "summary.json").exists() and 0 <= float(accuracy) <= 100
+    assert "error: --epochs must be > 0, got -1" in proc.stderr
