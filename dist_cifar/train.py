@@ -556,5 +556,17 @@ def finish(run: TrainingRun, state: RunState, reporter, *, checkpoints: Checkpoi
     return EXIT_OK
 
 
+def cli() -> None:
+    """The command line's entry (python -m dist_cifar.train, dist-cifar-train): main, then out
+    without interpreter finalization. gloo's worker threads can still hold finished work when the
+    interpreter tears down, and destroying it then aborts the process (SIGABRT) after a run that
+    completed and saved everything; by this point every file is closed, W&B finished and the
+    process group destroyed."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import base_env, make_tree, ROOT, run_torchrun, run_train, smoke_args, write_official_cifar
+from conftest import base_env, make_tree, read_jsonl, ROOT, run_torchrun, run_train, smoke_args, write_official_cifar
 from dist_cifar import data as D
 from dist_cifar.config import build_parser, CHOICES, ConfigError, field_docs, make_config, parse_config, TrainConfig
 from dist_cifar.runtime import resolve, settle
@@ -358,23 +358,20 @@ def test_threads_follow_the_usable_cpus_and_the_load(monkeypatch):
 @pytest.mark.quick
 def test_warmup_ramps_then_holds_or_anneals(tmp_path):
     """--warmup-epochs / --warmup-lr (#31): linear from the warm-up lr to --lr over the warm-up
-    steps, then constant or cosine to 0; refused with onecycle; part of the run's identity."""
-    import torch
-    from dist_cifar.assembly import build_scheduler
+    steps, then constant or cosine to 0; refused with onecycle; part of the run's identity; a
+    real run's lr at the end of its first epoch is halfway up a two-epoch warm-up."""
+    from dist_cifar.assembly import warmup_factor
     from dist_cifar.checkpoint import RUN_IDENTITY
-    for schedule, at_end in (("constant", 0.1), ("cosine", 0.0)):
-        cfg = make_config(lr=0.1, warmup_epochs=1.5, warmup_lr=0.01, schedule=schedule, epochs=3)
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-        scheduler = build_scheduler(cfg, optimizer, 10)
-        lrs = []
-        for _ in range(31):
-            lrs.append(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            scheduler.step()
-        assert lrs[0] == pytest.approx(0.01) and lrs[15] == pytest.approx(0.1)  # 1.5 epochs x 10 steps
-        assert lrs[5] == pytest.approx(0.01 + 0.09 * 5 / 15) and lrs[30] == pytest.approx(at_end, abs=1e-9)
+    for cosine, at_end in ((False, 1.0), (True, 0.0)):
+        factor = [warmup_factor(t, warmup=15, total=30, start=0.1, cosine=cosine) for t in range(31)]
+        assert factor[0] == pytest.approx(0.1) and factor[15] == pytest.approx(1.0)
+        assert factor[5] == pytest.approx(0.1 + 0.9 * 5 / 15) and factor[30] == pytest.approx(at_end, abs=1e-9)
     with pytest.raises(ConfigError, match="onecycle warms up by itself"):
         make_config(schedule="onecycle", warmup_epochs=1)
     with pytest.raises(ConfigError, match="--warmup-epochs must be in 0..--epochs"):
         make_config(epochs=2, warmup_epochs=3)
     assert {"warmup_epochs", "warmup_lr"} <= set(RUN_IDENTITY)
+    proc = run_train(smoke_args(tmp_path / "run", ["--epochs", "2", "--warmup-epochs", "2", "--lr", "0.002"]))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lrs = [r["lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert lrs[0] == pytest.approx(0.001) and lrs[1] == pytest.approx(0.002)
