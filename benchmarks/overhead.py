@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     cfg = make_config(model=args.model, batch_size=args.batch_size, precision="fp32", steps_per_epoch=args.steps,
                       augment=True, seed=0)
     run = assemble(cfg, info, make_splits(raw, "full", val_size=0))
-    model, opt, loader = run.model.module, run.optimizer, run.loader
+    model, opt, loader = run.model.module, run.optimizer, run.loader.micro  # the hand loop's batches
     hooks = StepHooks(progress_every=cfg.progress_every, on_progress=lambda *a: None)
 
     def hand_loop(epoch: int) -> float:
@@ -59,8 +59,8 @@ def main(argv=None) -> int:
         return time.perf_counter() - start
 
     def trainer(epoch: int) -> float:
-        loader.set_epoch(epoch)
-        return train_epoch(run.step_parts, loader, info, EpochStart(epoch), hooks).wall_s
+        run.loader.set_epoch(epoch)
+        return train_epoch(run.step_parts, run.loader, info, EpochStart(epoch), hooks).wall_s
 
     hand_loop(0), trainer(0)  # warm-up
     hand, train = [], []

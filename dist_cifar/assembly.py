@@ -93,7 +93,8 @@ class TrainingRun:
 
     @property
     def global_batch_size(self) -> int:
-        return self.cfg.batch_size * self.info.world_size
+        """Images per optimizer step over all ranks and micro-batches."""
+        return self.cfg.batch_size * self.info.world_size * self.cfg.grad_accum_steps
 
     @property
     def steps_per_epoch(self) -> int:
@@ -106,7 +107,8 @@ class TrainingRun:
         clip = (functools.partial(self.model.plan.clip_gradients, self.model.module, self.cfg.clip_grad_norm)
                 if self.cfg.clip_grad_norm else None)
         return StepParts(self.model.train_model, self.optimizer, self.scheduler, self.precision,
-                         label_smoothing=self.cfg.label_smoothing, grads_to_none=not bucket_views, clip=clip)
+                         label_smoothing=self.cfg.label_smoothing, grads_to_none=not bucket_views, clip=clip,
+                         gradient_sync=self.model.plan.gradient_sync)
 
     def shards(self, split: Split) -> EvalShards:
         """This rank's exact slice of an evaluation split, normalised like training (in lockstep
@@ -122,9 +124,10 @@ def assemble(cfg: TrainConfig, info: D.DistInfo, splits: Splits) -> TrainingRun:
     train_spec = LoaderSpec(cfg.batch_size, seed=cfg.seed, augment=cfg.augment, steps_cap=cfg.steps_per_epoch,
                             num_workers=cfg.num_workers, **shard)
     eval_spec = LoaderSpec(cfg.eval_batch_size, **shard)
-    loader = build_train_loader(cfg.loader, splits.train, info.device, train_spec)
+    loader = build_train_loader(cfg.loader, splits.train, info.device, train_spec, cfg.grad_accum_steps)
     if len(loader) == 0:
-        raise ConfigError(f"--batch-size {cfg.batch_size} x {info.world_size} processes exceeds the "
+        accum = f" x {cfg.grad_accum_steps} micro-batches" if cfg.grad_accum_steps > 1 else ""
+        raise ConfigError(f"--batch-size {cfg.batch_size} x {info.world_size} processes{accum} exceeds the "
                           f"{len(splits.train)} training images: lower --batch-size")
     model = wrap_model(cfg, info)
     # `is not None`, never truthiness: a rank whose shard is empty must still join the all-reduce

@@ -87,6 +87,8 @@ class TrainConfig:
     """constant and cosine: raise the lr linearly from --warmup-lr to --lr over this many epochs of optimizer steps (fractions allowed), then hold it (constant) or anneal it to 0 (cosine); 0: no warm-up (onecycle has its own)."""
     warmup_lr: float = 0.0
     """The lr of the first warm-up step (--warmup-epochs)."""
+    grad_accum_steps: int = 1
+    """Micro-batches of --batch-size per optimizer step, gradients synchronised on the last one only: the global batch is --batch-size x processes x this. The schedule, --steps-per-epoch, checkpoints and the forecast count optimizer steps."""
     clip_grad_norm: float = 0.0
     """Clip the global L2 norm of all gradients to this before each optimizer step (0: off): over every parameter of the plain model under every design (the hybrid's head slices and FSDP2's shards are summed over the ranks). The pre-clip norm is logged per epoch (grad_norm_mean, grad_norm_max)."""
     label_smoothing: float = 0.0
@@ -489,6 +491,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.warmup_epochs and cfg.schedule == "onecycle":
         raise ConfigError("--warmup-epochs with --schedule onecycle: onecycle warms up by itself (its first quarter); "
                           "choose constant or cosine, or drop --warmup-epochs")
+    if not 1 <= cfg.grad_accum_steps <= 1024:
+        raise ConfigError(f"--grad-accum-steps must be in 1..1024, got {cfg.grad_accum_steps}")
     if not (0 <= cfg.clip_grad_norm < math.inf):
         raise ConfigError(f"--clip-grad-norm must be a finite number >= 0 (0: off), got {cfg.clip_grad_norm}")
     if not 0 <= cfg.warmup_lr <= 1e4:

@@ -13,7 +13,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +117,8 @@ class StepParts:
     grads_to_none: bool = True
     # --clip-grad-norm: scales the gradients to the global norm bound, returns the pre-clip norm
     clip: Optional[Callable[[], torch.Tensor]] = None
+    # the layout's switch for a micro-batch's backward: gradient_sync(False) accumulates locally
+    gradient_sync: Callable[[bool], Any] = lambda enabled: contextlib.nullcontext()
 
 
 class StepHealth:
@@ -253,27 +255,36 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
     norms = torch.zeros(2, dtype=torch.float64, device=dev) if parts.clip is not None else None  # sum, max
     while step < total:
         t_wait = time.perf_counter()
-        x, y = next(batches)
+        micro_batches = next(batches)  # one optimizer step's (--grad-accum-steps) micro-batches
         result.data_wait_s += time.perf_counter() - t_wait
         hooks.faults.before_step(info.rank, global_step)
 
-        with precision.autocast():
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=parts.label_smoothing)
-        loss = hooks.faults.corrupt_loss(info.rank, global_step, loss)
-        health.observe_loss(loss, step)
-
-        guarded = (step - start_step) % hooks.guard_every == 0
-        if guarded:
-            # A stop request still finishes this step: its forward already moved BatchNorm
-            # statistics and the RNG, so stopping here keeps the checkpoint a true step boundary.
-            result.stopped = agree(checked_at=step)
-            health.check_overflows(epoch, step)
-
         optimizer.zero_grad(set_to_none=parts.grads_to_none)
+        step_loss = torch.zeros((), dtype=torch.float32, device=dev)
+        for k, (x, y) in enumerate(micro_batches):
+            last = k == len(micro_batches) - 1
+            # DDP / FSDP2 reduce the gradients once, in the last micro-batch's backward
+            with parts.gradient_sync(last) if len(micro_batches) > 1 else contextlib.nullcontext():
+                with precision.autocast():
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y, label_smoothing=parts.label_smoothing)
+                loss = hooks.faults.corrupt_loss(info.rank, global_step, loss)
+                health.observe_loss(loss, step)
+                if last and (step - start_step) % hooks.guard_every == 0:
+                    # A stop request still finishes this step: its forwards already moved BatchNorm
+                    # statistics and the RNG, so stopping here keeps the checkpoint a true step boundary.
+                    result.stopped = agree(checked_at=step)
+                    health.check_overflows(epoch, step)
+                # the mean of K micro-batch means: the gradient of the step's whole batch
+                scaled = loss / len(micro_batches)
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            n = y.shape[0]
+            loss_sum += loss.detach().double() * n
+            correct += (logits.detach().argmax(1) == y).sum()
+            step_loss += loss.detach().float() / len(micro_batches)
+            result.sums.count += n
+        hooks.faults.after_backward(info.rank, global_step)
         if scaler is not None:
-            scaler.scale(loss).backward()
-            hooks.faults.after_backward(info.rank, global_step)
             scaler.unscale_(optimizer)  # explicit, so an AgreedGradScaler agrees for fused optimizers too
             clip_gradients(parts, norms)
             scaler.step(optimizer)
@@ -281,19 +292,13 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
             scaler.update()
             health.observe_update(scale_before, step)
         else:
-            loss.backward()
-            hooks.faults.after_backward(info.rank, global_step)
             clip_gradients(parts, norms)
             optimizer.step()
         scheduler.step()
         hooks.faults.after_step(info.rank, global_step)
 
-        n = y.shape[0]
-        loss_sum += loss.detach().double() * n
-        correct += (logits.detach().argmax(1) == y).sum()
         if hooks.record_step_losses:
-            losses.append(loss.detach().float())
-        result.sums.count += n
+            losses.append(step_loss)
         result.steps += 1
         step += 1
         global_step += 1

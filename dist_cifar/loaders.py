@@ -6,6 +6,7 @@ loaders see the same images in the same order. Both yield normalised float NCHW 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import Iterator
@@ -211,6 +212,29 @@ class EvalShards:
             yield self.normalize(images), self.y[start:start + self.batch_size]
 
 
-def build_train_loader(kind: str, split: Split, device: torch.device, spec: LoaderSpec):
-    """`tensor`: the device-resident loader; `torch`: torchvision transforms + DataLoader."""
-    return (TensorLoader if kind == "tensor" else TorchLoader)(split, device, spec)
+def build_train_loader(kind: str, split: Split, device: torch.device, spec: LoaderSpec, accum: int = 1):
+    """`tensor`: the device-resident loader; `torch`: torchvision transforms + DataLoader; both
+    yield one optimizer step's micro-batches at a time (`accum` of them)."""
+    micro = dataclasses.replace(spec, steps_cap=spec.steps_cap * accum)  # the cap counts optimizer steps
+    return StepBatches((TensorLoader if kind == "tensor" else TorchLoader)(split, device, micro), accum)
+
+
+class StepBatches:
+    """A loader's batches grouped `accum` at a time: one optimizer step's micro-batches. Its
+    length and positions count optimizer steps; a micro-batch of B images after B x `accum`
+    consecutive ones of the sampler is what a batch of B x `accum` would hold."""
+
+    def __init__(self, micro, accum: int):
+        self.micro, self.accum = micro, accum
+        self.batch_size = micro.batch_size * accum  # images per rank per optimizer step
+
+    def set_epoch(self, epoch: int) -> None:
+        self.micro.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.micro) // self.accum
+
+    def batches(self, start_step: int = 0) -> Iterator[list[Batch]]:
+        micro = self.micro.batches(start_step * self.accum)
+        for _ in range(start_step, len(self)):
+            yield [next(micro) for _ in range(self.accum)]

@@ -41,6 +41,8 @@ the reduce-scatter really sends twice its ring share; the accounting is the ring
 """
 from __future__ import annotations
 
+import contextlib
+
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -169,6 +171,12 @@ class Plan:
     def load_full_optimizer_state(self, optimizer: torch.optim.Optimizer, module: nn.Module,
                                   state: dict[str, Any]) -> None:
         optimizer.load_state_dict(state)
+
+    def gradient_sync(self, enabled: bool):
+        """A context for one micro-batch's backward: DDP's no_sync when `enabled` is False (the
+        gradients accumulate locally until the last micro-batch of the step). The hybrid's head
+        collectives move activations, not gradients: they run every micro-batch."""
+        return self.ddp.no_sync() if self.ddp is not None and not enabled else contextlib.nullcontext()
 
     def clip_gradients(self, module: nn.Module, max_norm: float) -> torch.Tensor:
         """Scale every gradient so that the global L2 norm over all parameters is at most
@@ -480,6 +488,12 @@ class FSDPPlan(ShardedPlan):
 
     def replicated_parameters(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return []  # every parameter is a shard
+
+    def gradient_sync(self, enabled: bool):
+        """FSDP2's own switch: without sync, each micro-batch's gradients accumulate unsharded and
+        the reduce-scatter runs once, in the last micro-batch's backward."""
+        self.module.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
 
     def clip_gradients(self, module: nn.Module, max_norm: float) -> torch.Tensor:
         """torch's own clipping over the DTensor gradients: it sums the shards' squared norms

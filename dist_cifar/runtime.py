@@ -99,10 +99,10 @@ def settle(cfg: TrainConfig, device_type: str, world: int) -> TrainConfig:
     the same values. `device` stays the device the run uses."""
     policy = policy_device(cfg, device_type)
     on_gpu = policy == "cuda"
-    batch = resolve_batch(cfg.batch_size, cfg.global_batch_size, world)
+    batch = resolve_batch(cfg.batch_size, cfg.global_batch_size, world, cfg.grad_accum_steps)
     return dataclasses.replace(
         cfg, device=device_type, precision=resolve_precision(cfg.precision, policy),
-        batch_size=batch, global_batch_size=batch * world,
+        batch_size=batch, global_batch_size=batch * world * cfg.grad_accum_steps,
         channels_last=on_gpu if cfg.channels_last is None else cfg.channels_last,
         compile=on_gpu if cfg.compile is None else cfg.compile,
         optimizer_kernel=resolve_optimizer_kernel(cfg, policy),
@@ -120,17 +120,19 @@ def resolve_optimizer_kernel(cfg: TrainConfig, policy: str) -> str:
     return "foreach" if cfg.parallel == "fsdp" and cfg.optimizer == "sgd" else "fused"
 
 
-def resolve_batch(batch_size: int, global_batch_size: int, world: int) -> int:
-    """The per-process batch: --batch-size, or --global-batch-size divided over the processes."""
+def resolve_batch(batch_size: int, global_batch_size: int, world: int, accum: int = 1) -> int:
+    """The per-process (micro-)batch: --batch-size, or --global-batch-size (the samples of one
+    optimizer step) divided over the processes and the --grad-accum-steps micro-batches."""
     if not global_batch_size:
         return batch_size
-    if global_batch_size % world:
-        raise ConfigError(f"--global-batch-size {global_batch_size} does not divide over {world} processes: "
-                          f"use a multiple of {world}")
-    if batch_size and batch_size * world != global_batch_size:
-        raise ConfigError(f"--batch-size {batch_size} x {world} processes = {batch_size * world} disagrees with "
+    parts, what = world * accum, f"{world} processes" + (f" x {accum} micro-batches" if accum > 1 else "")
+    if global_batch_size % parts:
+        raise ConfigError(f"--global-batch-size {global_batch_size} does not divide over {what}: "
+                          f"use a multiple of {parts}")
+    if batch_size and batch_size * parts != global_batch_size:
+        raise ConfigError(f"--batch-size {batch_size} x {what} = {batch_size * parts} disagrees with "
                           f"--global-batch-size {global_batch_size}: give only one of them")
-    return global_batch_size // world
+    return global_batch_size // parts
 
 
 def visible_nvidia_gpus() -> int:

@@ -562,10 +562,10 @@ def cli() -> None:
     interpreter tears down, and destroying it then aborts the process (SIGABRT) after a run that
     completed and saved everything; by this point every file is closed, W&B finished and the
     process group destroyed."""
-    code = main()
+    code = main()  # None after --help / --version (torch's @record turns their SystemExit(0) into a return)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    os._exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

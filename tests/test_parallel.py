@@ -110,7 +110,47 @@ def two_ranks(tmp_path_factory):
              ("resume_b_again", exact(work / "resume_b", 2, "--parallel", "hybrid"), {})]
     jobs += [(f"hook_{h}", smoke_args(work / f"hook_{h}", ["--epochs", "3", "--synthetic-size", "512",
                                                             "--ddp-comm-hook", h]), {}) for h in ("fp16", "bf16")]
+    jobs += [(f"accum_{d}_{k}", accumulation(work / f"accum_{d}_{k}", k, "--parallel", d), {})
+             for d in ("ddp", "hybrid", "fsdp") for k in (1, 2)]
     return work, torchrun_jobs(2, [{"name": n, "argv": a, "env": e} for n, a, e in jobs], work, timeout=900)
+
+
+def accumulation(out, accum: int, *extra) -> list[str]:
+    """Four SGD steps of 16 images per rank: as one batch, or (accum=2) as two micro-batches of 8.
+    No BatchNorm (its statistics depend on the batch), no dropout or augmentation (their random
+    draws per micro-batch differ), plain SGD (the update is linear in the gradient)."""
+    return ["--dataset", "synthetic", "--synthetic-size", "256", "--model", "small_cnn", "--no-batchnorm",
+            "--no-dropout", "--optimizer", "sgd", "--momentum", "0", "--lr", "0.1", "--epochs", "1",
+            "--steps-per-epoch", "4", "--batch-size", str(16 // accum), "--grad-accum-steps", str(accum),
+            "--record-step-losses", "--quiet", "--out-dir", str(out), *extra]
+
+
+def final_weights(out) -> dict:
+    return ckpt.load(ckpt.find_latest(out))["model"]
+
+
+@pytest.mark.parametrize("design", ["ddp", "hybrid", "fsdp"])
+def test_gradient_accumulation_equals_the_whole_batch(two_ranks, tmp_path, design):
+    """--grad-accum-steps 2 at batch 8 = one batch of 16 (#31): the same step losses and weights
+    after four steps, at two ranks under every design (gradients synchronised once per step: DDP's
+    no_sync, FSDP2's requires_gradient_sync, the hybrid's head collectives every micro-batch) and
+    on one process; the global batch, steps and schedule count optimizer steps."""
+    work, results = two_ranks
+    runs = {k: work / f"accum_{design}_{k}" for k in (1, 2)}
+    for k, out in runs.items():
+        rank0(results, f"accum_{design}_{k}")
+        config = json.loads((out / "config.json").read_text())
+        assert (config["global_batch_size"], config["steps_per_epoch_resolved"]) == (32, 4)
+    if design == "ddp":  # and the same on one process
+        for k in (1, 2):
+            assert run_train(accumulation(tmp_path / f"one_{k}", k)).returncode == 0
+        runs.update({f"one_{k}": tmp_path / f"one_{k}" for k in (1, 2)})
+    for whole, split in ((1, 2), ("one_1", "one_2")) if design == "ddp" else ((1, 2),):
+        a = [r["loss"] for r in read_jsonl(runs[whole] / "step_losses.jsonl")]
+        b = [r["loss"] for r in read_jsonl(runs[split] / "step_losses.jsonl")]
+        assert len(a) == len(b) == 4 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
+        wa, wb = final_weights(runs[whole]), final_weights(runs[split])
+        assert all(relative(wb[k], wa[k]) <= 1e-5 for k in wa), design
 
 
 def rank0(results: dict, name: str, code: int = 0) -> dict:
