@@ -172,7 +172,7 @@ def train_args(study: Study, variant: Variant, args, out_dir: Path) -> list[str]
     cmd = ["--preset", "report", "--model", study.model, "--dataset", args.dataset,
            "--data-dir", str(Path(args.data_dir).resolve()),
            "--out-dir", str(out_dir), "--job-type", "ablation", "--wandb-group", study.name,
-           "--wandb-name", f"{study.name}/{variant.name}", "--quiet"]
+           "--wandb-name", f"{study.name}/{variant.name}"]
     if args.dataset == "synthetic":
         cmd += ["--synthetic-size", str(args.synthetic_size), "--split", "full"]
     if args.max_train:
@@ -219,15 +219,22 @@ _study_locks: list = []
 def run_local(study: Study, folder: Path, args) -> dict[str, str]:
     """Run the unfinished variants one after another; name -> 'ok' | 'failed (...)'."""
     status = {}
-    for variant in pending(study, folder, args):
+    todo = pending(study, folder, args)
+    for variant in chosen(study, args):
+        if variant not in todo:
+            print(f"[ablate] {study.name}/{variant.name}: done, skipped (its {files.SUMMARY} is there; delete "
+                  f"{folder / variant.name} to run it again)", flush=True)
+    for variant in todo:
         out_dir = folder / variant.name
         files.make_dirs(out_dir.parent)
         cmd = [sys.executable, "-m", "dist_cifar.train", *train_args(study, variant, args, out_dir)]
         print(f"[ablate] {study.name}/{variant.name}: {shlex.join(cmd[3:])}", flush=True)
         t0 = time.time()
         with files.open_log(out_dir.parent / f"{variant.name}.log") as log:
-            trainer = subprocess.Popen(cmd, env=trainer_env(), stdout=log, stderr=subprocess.STDOUT)
+            trainer = subprocess.Popen(cmd, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True)
             try:
+                watch_trainer(trainer, log, f"{study.name}/{variant.name}")
                 code = trainer.wait()
             finally:  # SIGTERM/Ctrl-C to ablate: the trainer checkpoints and stops too, never runs on alone
                 if trainer.poll() is None:
@@ -236,6 +243,16 @@ def run_local(study: Study, folder: Path, args) -> dict[str, str]:
         status[variant.name] = "ok" if code == 0 else f"failed (exit {code}, see {variant.name}.log)"
         print(f"[ablate] {study.name}/{variant.name}: {status[variant.name]} in {time.time() - t0:.0f}s", flush=True)
     return status
+
+
+def watch_trainer(trainer: subprocess.Popen, log, name: str) -> None:
+    """Everything the trainer prints goes to the variant's log; its forecast (the ETA) and one line
+    per epoch also come here, so a study that runs for hours says where it is."""
+    for line in trainer.stdout:
+        log.write(line)
+        log.flush()
+        if line.startswith("epoch ") or "an epoch here:" in line:
+            print(f"[ablate] {name}: {line.strip().removeprefix('[dist_cifar] ')}", flush=True)
 
 
 def trainer_env(**extra: str) -> dict[str, str]:
@@ -369,12 +386,14 @@ def write_report(study: Study, folder: Path, status: dict[str, str], args) -> Pa
     recipe = ("recipe overrides for every variant: " + ", ".join(f"`{OVERRIDES[k][1]} {v}`" for k, v in given.items())
               if given else "no recipe overrides (the report preset as is)")
     wd = "per variant" if study.name == "weight_decay" else cfg.get("weight_decay", "?")
-    lines = [f"# Ablation: {folder.name}", "", study.question, "",
-             f"Model `{study.model}`, report preset, {recipe}. As run: optimizer {cfg.get('optimizer', '?')}, "
-             f"lr {cfg.get('lr', '?')}, weight decay {wd}, batch {cfg.get('batch_size', '?')}, mean/std 0.5, "
-             f"seed {cfg.get('seed', '?')}; data: {cfg.get('data_source', '?')}, split {cfg.get('split_sizes', '?')}, "
-             f"{cfg.get('epochs', '?')} epochs unless the variant sets them. Accuracies are the best-validation-loss "
-             f"weights' (the report's compute_accuracy); losses are the last epoch's.", ""]
+    as_run = (f"As run: optimizer {cfg['optimizer']}, lr {cfg['lr']}, weight decay {wd}, batch {cfg['batch_size']}, "
+              f"mean/std 0.5, seed {cfg['seed']}; data: {cfg['data_source']}, split {cfg['split_sizes']}, "
+              f"{cfg['epochs']} epochs unless the variant sets them. Accuracies are the best-validation-loss "
+              f"weights' (the report's compute_accuracy); losses are the last epoch's." if done else
+              "No variant has finished yet: the settings, numbers and curves appear once one has (the failures "
+              "and their logs are named below).")
+    lines = [f"# Ablation: {folder.name}", "", study.question, "", f"Model `{study.model}`, report preset, {recipe}. "
+             f"{as_run}", ""]
     lines += study_table(study, runs, status)
     if study.report_note:
         lines += ["", f"Report: {study.report_note}."]

@@ -78,6 +78,7 @@ class RunState:
     time_to_best_s: float = 0.0
     train_time_s: float = 0.0         # summed over restarts
     wandb_id: str = ""
+    target: dict = field(default_factory=dict)  # --target-accuracy: {"time_s", "epoch", "step"} once reached
     history: list = field(default_factory=list)  # per-epoch records, for metrics.jsonl and W&B
 
     def epoch_start(self) -> EpochStart:

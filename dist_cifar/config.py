@@ -87,6 +87,8 @@ class TrainConfig:
     """constant and cosine: raise the lr linearly from --warmup-lr to --lr over this many epochs of optimizer steps (fractions allowed), then hold it (constant) or anneal it to 0 (cosine); 0: no warm-up (onecycle has its own)."""
     warmup_lr: float = 0.0
     """The lr of the first warm-up step (--warmup-epochs)."""
+    target_accuracy: float = 0.0
+    """Record when validation accuracy (%) first reaches this: the training time, epoch and optimizer step, in summary.json and W&B (time_to_target_s, target_epoch, target_step); 0: off. Airbench's figure of merit."""
     grad_accum_steps: int = 1
     """Micro-batches of --batch-size per optimizer step, gradients synchronised on the last one only: the global batch is --batch-size x processes x this. The schedule, --steps-per-epoch, checkpoints and the forecast count optimizer steps."""
     clip_grad_norm: float = 0.0
@@ -491,6 +493,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.warmup_epochs and cfg.schedule == "onecycle":
         raise ConfigError("--warmup-epochs with --schedule onecycle: onecycle warms up by itself (its first quarter); "
                           "choose constant or cosine, or drop --warmup-epochs")
+    if not 0 <= cfg.target_accuracy <= 100:
+        raise ConfigError(f"--target-accuracy is a validation accuracy in % (0..100; 0: off), got {cfg.target_accuracy}")
     if not 1 <= cfg.grad_accum_steps <= 1024:
         raise ConfigError(f"--grad-accum-steps must be in 1..1024, got {cfg.grad_accum_steps}")
     if not (0 <= cfg.clip_grad_norm < math.inf):

@@ -230,6 +230,7 @@ def epoch_loop(run: TrainingRun, state: RunState, checkpoints: CheckpointManager
         if start.epoch == first_epoch:
             check_wire(run, record, reporter)
         track_best(state, record, checkpoints, save=cfg.save_best)
+        track_target(state, record, cfg.target_accuracy, reporter)
         state.epoch, state.step, state.sums, state.partial = start.epoch + 1, 0, EpochSums(), False
         last = state.epoch == cfg.epochs
         due = checkpoint_due(cfg, checkpoints, state.epoch)  # once: it broadcasts rank 0's clock
@@ -303,6 +304,11 @@ def load_data(cfg: TrainConfig, info: D.DistInfo) -> Splits:
     """The first process of each node decodes and caches; the others then read the cache."""
     def load():
         raw = load_source(cfg.dataset, cfg.data_dir, cfg.download, cfg.synthetic_size, trust=cfg.trust_shared)
+        if cfg.dataset == "auto" and cfg.split == "report" and raw.source.startswith("synthetic"):
+            # the report's split is CIFAR-10's own images: its study on synthetic stand-ins is no study
+            raise DataError(f"no CIFAR-10 in {cfg.data_dir} (nor an image set, nor a download): the report's split "
+                            f"needs the real data: put cifar-10-python.tar.gz or the image tarball there (python -m "
+                            f"dist_cifar.fetch {cfg.data_dir}), or pass --dataset synthetic --split full for a trial run")
         return make_splits(raw, cfg.split, cfg.val_size, cfg.max_train)
     splits = agreed(info, lambda: load() if info.is_local_main else None)
     return agreed(info, lambda: splits if splits is not None else load())
@@ -487,6 +493,24 @@ def track_best(state: RunState, record: dict, checkpoints: CheckpointManager, *,
             checkpoints.save_best(epoch=record["epoch"], val_loss=record["val_loss"])
 
 
+def track_target(state: RunState, record: dict, target: float, reporter) -> None:
+    """--target-accuracy: the first epoch whose validation accuracy reaches it, with the training
+    time (summed over restarts, evaluation excluded) and the optimizer steps taken by then."""
+    accuracy = record["val_accuracy"]
+    if target and not state.target and accuracy is not None and accuracy >= target:
+        state.target = {"time_s": state.train_time_s, "epoch": record["epoch"], "step": state.global_step}
+        reporter.note(f"validation accuracy {accuracy:.2f}% reached the target {target:g}% at epoch {record['epoch']} "
+                      f"(step {state.global_step}) after {state.train_time_s:.1f} s of training")
+
+
+def target_fields(cfg: TrainConfig, state: RunState) -> dict:
+    """The time-to-accuracy keys of the summary (None where the target was not reached)."""
+    if not cfg.target_accuracy:
+        return {}
+    return {"target_accuracy": cfg.target_accuracy, "time_to_target_s": state.target.get("time_s"),
+            "target_epoch": state.target.get("epoch"), "target_step": state.target.get("step")}
+
+
 # ------------------------------------------------------------------------------ end of run
 
 
@@ -510,7 +534,8 @@ def finish(run: TrainingRun, state: RunState, reporter, *, checkpoints: Checkpoi
     timing = {"epochs_run": len(state.history), "total_time_s": state.train_time_s,
               "mean_epoch_time_s": sum(r["epoch_time_s"] for r in state.history) / max(len(state.history), 1),
               "steady_epoch_time_s": steady_epoch_time(state.history), "last_train_loss": last.get("train_loss"),
-              "world_size": info.world_size, "global_batch_size": run.global_batch_size}
+              "world_size": info.world_size, "global_batch_size": run.global_batch_size,
+              **target_fields(cfg, state)}
     if not cfg.final_eval:
         if info.is_main:
             reporter.finish({"model": cfg.model, "out_dir": str(out_dir), "num_params": run_config["num_params"],

@@ -106,6 +106,12 @@ def test_failed_variant_is_reported_then_rerun(tmp_path):
     assert fixed.returncode == 0, fixed.stdout[-2000:]
     assert "with_bn: ok" in fixed.stdout and "without_bn: ok" in fixed.stdout
     assert len([r for r in table_rows((out / "batchnorm-e1" / "report.md").read_text()) if "failed" not in r]) == 2
+    # what a user watches (#31): the forecast and one line per epoch per variant, then "done, skipped"
+    assert "[ablate] batchnorm/with_bn: epoch   0  train_loss" in fixed.stdout
+    assert "[ablate] batchnorm/without_bn: an epoch here:" in fixed.stdout
+    again = ablate(args)
+    assert again.returncode == 0 and "batchnorm/with_bn: done, skipped" in again.stdout
+    assert "epoch   0" not in again.stdout
 
 
 @pytest.mark.quick
@@ -162,3 +168,16 @@ def test_ablate_validates_locks_reruns_torn_variants_and_stops_its_trainer(tmp_p
     assert running.returncode != 0
     time.sleep(1)
     assert subprocess.run(["kill", "-0", str(trainer)], capture_output=True).returncode != 0  # not left running
+
+
+def test_without_data_the_study_says_no_cifar10_and_no_question_marks(tmp_path):
+    """#31 item 10: with no data (and no download), each variant's one line says there is no
+    CIFAR-10 (not "use --split full", which would run the report's study on synthetic data), and
+    the report says that nothing finished instead of a header of "?"."""
+    out = tmp_path / "abl"
+    proc = ablate(["batchnorm", "--data-dir", str(tmp_path / "empty"), "--out", str(out), "--variants", "with_bn"])
+    log = (out / "batchnorm" / "with_bn.log").read_text()
+    assert "error: no CIFAR-10 in" in log and "use --split full" not in log, log[-2000:]
+    report = (out / "batchnorm" / "report.md").read_text()
+    assert " ?" not in report.split("\n", 3)[3] and "No variant has finished yet" in report  # after the question
+    assert proc.returncode == 1

@@ -72,3 +72,21 @@ def test_the_readme_python_api_example_runs_as_written(tmp_path):
     out_dir, accuracy = proc.stdout.strip().splitlines()[-1].split()[:2]
     assert (tmp_path / out_dir / "summary.json").exists() and 0 <= float(accuracy) <= 100
     assert "error: --epochs must be > 0, got -1" in proc.stderr
+
+
+@pytest.mark.quick
+def test_time_to_target_accuracy_is_recorded(tmp_path):
+    """--target-accuracy P (#31): the training time, epoch and optimizer step at which validation
+    accuracy first reaches P, in summary.json (null when never reached)."""
+    import json
+    from conftest import read_jsonl, run_train, smoke_args
+    reached = run_train(smoke_args(tmp_path / "low", ["--epochs", "2", "--target-accuracy", "1"]))
+    assert reached.returncode == 0, reached.stderr[-2000:]
+    summary = json.loads((tmp_path / "low" / "summary.json").read_text())
+    first = read_jsonl(tmp_path / "low" / "metrics.jsonl")[0]
+    assert (summary["target_epoch"], summary["target_step"]) == (0, first["steps"])
+    assert 0 < summary["time_to_target_s"] <= summary["total_time_s"] and "reached the target 1%" in reached.stdout
+    never = run_train(smoke_args(tmp_path / "high", ["--target-accuracy", "100"]))  # ~30% after one epoch
+    summary = json.loads((tmp_path / "high" / "summary.json").read_text())
+    assert never.returncode == 0 and summary["target_accuracy"] == 100
+    assert summary["time_to_target_s"] is None and summary["target_epoch"] is None
