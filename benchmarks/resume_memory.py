@@ -17,7 +17,6 @@ checkpoint's size to each rank's peak.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

@@ -397,7 +397,7 @@ def config_from_args(args: dict[str, Any]) -> TrainConfig:
 def to_toml(cfg: TrainConfig) -> str:
     """The config as TOML that --config reads back to the same config (None, an auto value, is left
     out: the default)."""
-    lines = [f"# dist_cifar config: python -m dist_cifar.train --config THIS_FILE [flags that win]"]
+    lines = ["# dist_cifar config: python -m dist_cifar.train --config THIS_FILE [flags that win]"]
     for key, value in cfg.to_dict().items():
         if value is None:
             continue

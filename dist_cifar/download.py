@@ -8,7 +8,6 @@ the mirror's file differs) at it.
 from __future__ import annotations
 
 import os
-import sys
 import time
 import urllib.request
 from pathlib import Path

@@ -84,6 +84,11 @@ def say(message: str) -> None:
     print(f"[launch] {message}", file=sys.stderr, flush=True)
 
 
+def preempted() -> int:
+    say(f"preempted: the workers checkpointed and exited {EXIT_PREEMPTED}; run the same command again to resume")
+    return EXIT_PREEMPTED
+
+
 def workers_exit_codes(folder: Path) -> list[int]:
     """What this node's workers wrote as their exit codes (train.main does, under this launcher)."""
     codes = []
@@ -122,6 +127,7 @@ def agent(argv: list[str], folder: Path) -> int:
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGQUIT"
     os.environ["DIST_CIFAR_LAUNCHER"] = "1"  # the workers: no torchrun grace applies to their stop
     stops = Stops().install()
+
     def checkpointed() -> bool:
         codes = workers_exit_codes(folder)
         return bool(codes) and all(code == EXIT_PREEMPTED for code in codes)
@@ -135,15 +141,11 @@ def agent(argv: list[str], folder: Path) -> int:
         # once one worker has exited 75, torchrun SIGTERMs the others, and one still tearing down
         # (its handlers gone) dies of it: the checkpoint was committed by all before any exited
         if (EXIT_PREEMPTED in codes and codes <= {EXIT_PREEMPTED, -signal.SIGTERM}) or checkpointed():
-            say(f"preempted: the workers checkpointed and exited {EXIT_PREEMPTED}; run the same command again "
-                f"to resume")
-            return EXIT_PREEMPTED
+            return preempted()
         raise
     except (RendezvousError, DistError) as exc:  # a node that never came, a wrong endpoint: one line, no traceback
         if checkpointed():  # the node holding the store has gone, after its workers (and ours) exited 75
-            say(f"preempted: the workers checkpointed and exited {EXIT_PREEMPTED}; run the same command again "
-                f"to resume")
-            return EXIT_PREEMPTED
+            return preempted()
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         say(f"the rendezvous failed ({type(exc).__name__}: {first}): start every node with the same endpoint "
             f"(--rdzv-endpoint {args.rdzv_endpoint or '?'}) and id within the join timeout, and check that the "
