@@ -25,7 +25,8 @@ from .data import Split, Splits, normalization
 from .engine import Precision, StepParts
 from .loaders import EvalShards, LoaderSpec, build_train_loader
 from .models import build_model
-from .parallel import WrappedModel, parallelize
+from .ema import EMA
+from .parallel import ConsolidatedModel, WrappedModel, parallelize
 from .runtime import settle
 
 
@@ -90,6 +91,7 @@ class TrainingRun:
     optimizer: torch.optim.Optimizer
     scheduler: object
     precision: Precision
+    ema: Optional[EMA] = None               # --ema
 
     @property
     def global_batch_size(self) -> int:
@@ -108,7 +110,7 @@ class TrainingRun:
                 if self.cfg.clip_grad_norm else None)
         return StepParts(self.model.train_model, self.optimizer, self.scheduler, self.precision,
                          label_smoothing=self.cfg.label_smoothing, grads_to_none=not bucket_views, clip=clip,
-                         gradient_sync=self.model.plan.gradient_sync)
+                         gradient_sync=self.model.plan.gradient_sync, ema=self.ema)
 
     def shards(self, split: Split) -> EvalShards:
         """This rank's exact slice of an evaluation split, normalised like training (in lockstep
@@ -138,5 +140,7 @@ def assemble(cfg: TrainConfig, info: D.DistInfo, splits: Splits) -> TrainingRun:
     # the hybrid's head slices are not all-reduced: an fp16 overflow in one must skip the step everywhere
     policy = Precision.build(cfg.precision, info.device,
                              agree_overflows=model.plan.name == "hybrid" and info.world_size > 1)
+    ema = EMA(model.module, cfg.ema, ConsolidatedModel(model.plan, model.module)) if cfg.ema else None
     return TrainingRun(cfg=cfg, info=info, splits=splits, train_spec=train_spec, eval_spec=eval_spec, loader=loader,
-                       val_shards=val_shards, model=model, optimizer=optimizer, scheduler=scheduler, precision=policy)
+                       val_shards=val_shards, model=model, optimizer=optimizer, scheduler=scheduler, precision=policy,
+                       ema=ema)

@@ -56,7 +56,7 @@ NAME = re.compile(r"^ckpt-e(\d+)-s(\d+)\.pt$")
 RUN_IDENTITY = ("model", "batchnorm", "dropout", "pooling", "sync_bn", "dataset", "data_dir", "split", "val_size",
                 "max_train", "synthetic_size", "normalize", "augment", "optimizer", "lr", "weight_decay", "momentum",
                 "schedule", "label_smoothing", "seed", "warmup_epochs", "warmup_lr",
-                "clip_grad_norm")
+                "clip_grad_norm", "ema")
 SCHEDULED = ("onecycle", "cosine")  # schedules whose shape depends on --epochs
 
 
@@ -581,6 +581,8 @@ class CheckpointManager:
         if missing:  # resuming would silently start from fresh weights or a fresh optimizer
             raise CheckpointError(f"checkpoint {path.name} lacks its {', '.join(missing)} state: resume from another "
                                   f"checkpoint (--resume PATH), or --overwrite to train again")
+        if "ema" in self.parts and not blob.get("ema"):  # --ema added on resume: average from here
+            self.parts["ema"].reset()
         for name, part in self.parts.items():
             if blob.get(name) and (name != "scheduler" or same_sharding):
                 try:

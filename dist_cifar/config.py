@@ -87,6 +87,10 @@ class TrainConfig:
     """constant and cosine: raise the lr linearly from --warmup-lr to --lr over this many epochs of optimizer steps (fractions allowed), then hold it (constant) or anneal it to 0 (cosine); 0: no warm-up (onecycle has its own)."""
     warmup_lr: float = 0.0
     """The lr of the first warm-up step (--warmup-epochs)."""
+    ema: float = 0.0
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.999; 0: off), warmed up as timm's (min(DECAY, (1+n)/(10+n)) at update n); evaluated each epoch (ema_val_loss, ema_val_accuracy), checkpointed and resumed; under hybrid and fsdp each rank averages its own shard."""
+    eval_weights: str = "model"
+    """Which weights pick best.pt and take the final evaluation: model (the trained ones) or ema (the average; needs --ema)."""
     target_accuracy: float = 0.0
     """Record when validation accuracy (%) first reaches this: the training time, epoch and optimizer step, in summary.json and W&B (time_to_target_s, target_epoch, target_step); 0: off. Airbench's figure of merit."""
     grad_accum_steps: int = 1
@@ -211,6 +215,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "optimizer_kernel": ("auto", "fused", "foreach", "loop"),
     "resolve_as": ("auto", "cpu", "cuda"),
+    "eval_weights": ("model", "ema"),
     "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "backend": ("auto", "nccl", "gloo"),
     "ddp_comm_hook": ("none", "allreduce", "fp16", "bf16"),
@@ -493,6 +498,10 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.warmup_epochs and cfg.schedule == "onecycle":
         raise ConfigError("--warmup-epochs with --schedule onecycle: onecycle warms up by itself (its first quarter); "
                           "choose constant or cosine, or drop --warmup-epochs")
+    if not 0 <= cfg.ema < 1:
+        raise ConfigError(f"--ema is a decay in [0, 1) (0: off; e.g. 0.999), got {cfg.ema}")
+    if cfg.eval_weights == "ema" and not cfg.ema:
+        raise ConfigError("--eval-weights ema needs --ema DECAY (the average to evaluate)")
     if not 0 <= cfg.target_accuracy <= 100:
         raise ConfigError(f"--target-accuracy is a validation accuracy in % (0..100; 0: off), got {cfg.target_accuracy}")
     if not 1 <= cfg.grad_accum_steps <= 1024:

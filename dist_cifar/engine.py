@@ -119,6 +119,7 @@ class StepParts:
     clip: Optional[Callable[[], torch.Tensor]] = None
     # the layout's switch for a micro-batch's backward: gradient_sync(False) accumulates locally
     gradient_sync: Callable[[bool], Any] = lambda enabled: contextlib.nullcontext()
+    ema: Optional[Any] = None  # --ema: updated after every optimizer step
 
 
 class StepHealth:
@@ -295,6 +296,8 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
             clip_gradients(parts, norms)
             optimizer.step()
         scheduler.step()
+        if parts.ema is not None:
+            parts.ema.update()
         hooks.faults.after_step(info.rank, global_step)
 
         if hooks.record_step_losses:

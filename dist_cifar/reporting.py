@@ -27,6 +27,8 @@ EPOCH_KEYS = {
     "val_loss": "validation loss (exact over ranks: every sample counted once)",
     "val_accuracy": "validation accuracy (%)",
     "lr": "learning rate at the end of the epoch",
+    "ema_val_loss": "--ema: validation loss of the weights' moving average; null without --ema",
+    "ema_val_accuracy": "--ema: validation accuracy (%) of the moving average; null without --ema",
     "epoch_time_s": "wall time of the training pass, after a device sync (excludes evaluation)",
     "images_per_s": "global training throughput: images of all ranks / epoch_time_s",
     "data_wait_s": "time rank 0 waited for its next batch inside the step loop",

@@ -18,6 +18,7 @@ diverged across ranks (one line naming the parameter; last good checkpoint kept)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -223,13 +224,17 @@ def epoch_loop(run: TrainingRun, state: RunState, checkpoints: CheckpointManager
         t_eval = time.perf_counter()
         D.broadcast_buffers(info, run.model.module)  # every rank evaluates rank 0's BatchNorm statistics
         val = evaluate(run.model.eval_model, run.val_shards, run.precision, info) if run.val_shards is not None else None
-        record = epoch_record(run, result, val, eval_s=time.perf_counter() - t_eval, partial=state.partial,
+        ema_val = None
+        if run.ema is not None and run.val_shards is not None:
+            with run.ema.swapped_in():
+                ema_val = evaluate(run.model.eval_model, run.val_shards, run.precision, info)
+        record = epoch_record(run, result, (val, ema_val), eval_s=time.perf_counter() - t_eval, partial=state.partial,
                               compile_s=result.first_step_s if start.epoch == first_epoch else None,
                               reporter=reporter)
         state.history.append(record)
         if start.epoch == first_epoch:
             check_wire(run, record, reporter)
-        track_best(state, record, checkpoints, save=cfg.save_best)
+        track_best(state, record, checkpoints, save=cfg.save_best, ema=run.ema if cfg.eval_weights == "ema" else None)
         track_target(state, record, cfg.target_accuracy, reporter)
         state.epoch, state.step, state.sums, state.partial = start.epoch + 1, 0, EpochSums(), False
         last = state.epoch == cfg.epochs
@@ -344,6 +349,8 @@ def stateful_parts(run: TrainingRun) -> dict[str, Any]:
              "scheduler": run.scheduler}
     if run.precision.scaler is not None:
         parts["scaler"] = run.precision.scaler
+    if run.ema is not None:
+        parts["ema"] = run.ema
     return parts
 
 
@@ -426,8 +433,10 @@ def start_line(run: TrainingRun, run_config: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------ per epoch
 
 
-def epoch_record(run: TrainingRun, result, val: Optional[EvalResult], *, eval_s: float, partial: bool,
+def epoch_record(run: TrainingRun, result, evals, *, eval_s: float, partial: bool,
                  compile_s: Optional[float], reporter) -> dict:
+    """`evals`: the validation of the model, or (model's, the --ema average's), each None without one."""
+    val, ema_val = evals if isinstance(evals, tuple) else (evals, None)
     info = run.info
     train_loss, train_acc, _ = global_mean(info, result)
     compute = result.wall_s - result.data_wait_s
@@ -439,6 +448,7 @@ def epoch_record(run: TrainingRun, result, val: Optional[EvalResult], *, eval_s:
         "epoch": result.epoch, "train_loss": train_loss, "train_accuracy": train_acc,
         "val_loss": val.loss if val else None, "val_accuracy": val.accuracy if val else None,
         "lr": run.optimizer.param_groups[0]["lr"], "epoch_time_s": result.wall_s,
+        "ema_val_loss": ema_val.loss if ema_val else None, "ema_val_accuracy": ema_val.accuracy if ema_val else None,
         "images_per_s": images / max(result.wall_s, 1e-9), "data_wait_s": result.data_wait_s,
         "compute_s": compute, "comm_s": run.model.comm.take() if run.model.comm else None,
         "rank_time_min_s": min(rank_times), "rank_time_max_s": max(rank_times),
@@ -482,15 +492,18 @@ def check_wire(run: TrainingRun, record: dict, reporter) -> None:
                       f"predicted {predicted:,}")
 
 
-def track_best(state: RunState, record: dict, checkpoints: CheckpointManager, *, save: bool) -> None:
+def track_best(state: RunState, record: dict, checkpoints: CheckpointManager, *, save: bool, ema=None) -> None:
     """Keep the weights with the lowest validation loss, as the report does (last epoch when
-    there is no validation split)."""
-    val_loss = record["val_loss"] if record["val_loss"] is not None else -float(record["epoch"])
+    there is no validation split); with --eval-weights ema, the average's loss picks, and best.pt
+    holds the average."""
+    key = "ema_val_loss" if ema is not None else "val_loss"
+    val_loss = record[key] if record[key] is not None else -float(record["epoch"])
     if val_loss < state.best_val_loss:
         state.best_val_loss, state.best_epoch = val_loss, record["epoch"]
         state.time_to_best_s = state.train_time_s
         if save:
-            checkpoints.save_best(epoch=record["epoch"], val_loss=record["val_loss"])
+            with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+                checkpoints.save_best(epoch=record["epoch"], val_loss=record[key])
 
 
 def track_target(state: RunState, record: dict, target: float, reporter) -> None:
@@ -552,12 +565,16 @@ def finish(run: TrainingRun, state: RunState, reporter, *, checkpoints: Checkpoi
 
     if preempted():
         return EXIT_PREEMPTED
-    train_eval = evaluate(model.eval_model, run.shards(splits.train), run.precision, info)
-    if preempted():
-        return EXIT_PREEMPTED
-    val_eval = evaluate(model.eval_model, run.shards(splits.val), run.precision, info) if splits.val is not None else None
-    test_eval = evaluate(model.eval_model, run.shards(splits.test), run.precision, info,
-                         num_classes=len(splits.classes), confusion=True)
+    with contextlib.ExitStack() as weights:
+        if cfg.eval_weights == "ema" and not (cfg.save_best and state.best_epoch >= 0):
+            weights.enter_context(run.ema.swapped_in())  # the last average (best.pt holds the best one)
+        train_eval = evaluate(model.eval_model, run.shards(splits.train), run.precision, info)
+        if preempted():
+            return EXIT_PREEMPTED
+        val_eval = evaluate(model.eval_model, run.shards(splits.val), run.precision, info) \
+            if splits.val is not None else None
+        test_eval = evaluate(model.eval_model, run.shards(splits.test), run.precision, info,
+                             num_classes=len(splits.classes), confusion=True)
     if not info.is_main:
         return EXIT_OK
     cm = test_eval.confusion

@@ -116,3 +116,31 @@ def test_clipping_logs_the_pre_clip_norm_per_epoch(tmp_path):
     assert all(0.01 < r["grad_norm_mean"] <= r["grad_norm_max"] for r in rows), rows
     plain = run_train(smoke_args(tmp_path / "plain"))
     assert plain.returncode == 0 and "grad_norm_mean" not in read_jsonl(tmp_path / "plain" / "metrics.jsonl")[0]
+
+
+@pytest.mark.quick
+def test_ema_follows_timm_warm_up_swaps_and_round_trips():
+    """dist_cifar/ema.py: shadow = d*shadow + (1-d)*w with d = min(DECAY, (1+n)/(10+n)); the
+    average goes into the model only inside swapped_in(); its checkpoint view round-trips."""
+    from dist_cifar import distributed as D
+    from dist_cifar.ema import EMA
+    from dist_cifar.parallel import ConsolidatedModel, Plan
+    module = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.constant_(module.weight, 1.0)
+    ema = EMA(module, 0.99, ConsolidatedModel(Plan(D.DistInfo()), module))
+    expected = 1.0
+    for n, w in enumerate((3.0, 5.0, 7.0)):
+        with torch.no_grad():
+            module.weight.fill_(w)
+        d = min(0.99, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * w
+        ema.update()
+    assert torch.allclose(ema.shadow[0], torch.full((1, 2), expected))
+    with ema.swapped_in():
+        assert torch.allclose(module.weight, torch.full((1, 2), expected))
+    assert torch.equal(module.weight, torch.full((1, 2), 7.0))  # the trained weights are back
+    state = ema.state_dict()
+    other = EMA(module, 0.99, ConsolidatedModel(Plan(D.DistInfo()), module))
+    other.load_state_dict(state)
+    assert other.updates == 3 and torch.allclose(other.shadow[0], ema.shadow[0])
+    assert torch.equal(module.weight, torch.full((1, 2), 7.0))

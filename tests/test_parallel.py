@@ -112,6 +112,10 @@ def two_ranks(tmp_path_factory):
                                                             "--ddp-comm-hook", h]), {}) for h in ("fp16", "bf16")]
     jobs += [(f"accum_{d}_{k}", accumulation(work / f"accum_{d}_{k}", k, "--parallel", d), {})
              for d in ("ddp", "hybrid", "fsdp") for k in (1, 2)]
+    jobs += [(f"ema_{d}", accumulation(work / f"ema_{d}", 1, "--parallel", d, *EMA_FLAGS), {})
+             for d in ("ddp", "hybrid", "fsdp")]
+    jobs += [("ema_stop", accumulation(work / "ema_resumed", 1, *EMA_FLAGS), {"DIST_CIFAR_FAULT": "preempt:rank=0:step=1"}),
+             ("ema_again", accumulation(work / "ema_resumed", 1, *EMA_FLAGS), {})]
     return work, torchrun_jobs(2, [{"name": n, "argv": a, "env": e} for n, a, e in jobs], work, timeout=900)
 
 
@@ -151,6 +155,36 @@ def test_gradient_accumulation_equals_the_whole_batch(two_ranks, tmp_path, desig
         assert len(a) == len(b) == 4 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
         wa, wb = final_weights(runs[whole]), final_weights(runs[split])
         assert all(relative(wb[k], wa[k]) <= 1e-5 for k in wa), design
+
+
+EMA_FLAGS = ("--ema", "0.5", "--eval-weights", "ema")
+
+
+def test_ema_is_the_same_average_under_every_design_and_across_a_resume(two_ranks):
+    """--ema (#31): each rank averages what it holds (the hybrid's slices, FSDP2's shards); the
+    checkpoint's consolidated average equals DDP's under hybrid and fsdp at two ranks, and a run
+    preempted after step 1 and resumed ends with the uninterrupted run's average; each epoch logs
+    the average's validation figures, and best.pt holds the average (--eval-weights ema)."""
+    work, results = two_ranks
+    averages = {}
+    for name in ("ema_ddp", "ema_hybrid", "ema_fsdp", "ema_again"):
+        rank0(results, name)
+        out = work / ("ema_resumed" if name == "ema_again" else name)
+        blob = ckpt.load(ckpt.find_latest(out))
+        assert blob["ema"]["updates"] == 4
+        averages[name] = blob["ema"]["weights"]
+        row = read_jsonl(out / "metrics.jsonl")[-1]
+        assert row["ema_val_loss"] > 0 and 0 <= row["ema_val_accuracy"] <= 100
+    assert codes_of(results, "ema_stop") == [75, 75]
+    for name in ("ema_hybrid", "ema_fsdp", "ema_again"):
+        assert all(relative(averages[name][k], averages["ema_ddp"][k]) <= 1e-5 for k in averages["ema_ddp"]), name
+    best = torch.load(work / "ema_ddp" / "best.pt", weights_only=True)["state_dict"]
+    trained = final_weights(work / "ema_ddp")
+    assert any(not torch.equal(best[k], trained[k]) for k in trained)  # the average, not the last weights
+
+
+def codes_of(results: dict, name: str) -> list:
+    return [r["code"] for r in results[name]["ranks"]]
 
 
 def rank0(results: dict, name: str, code: int = 0) -> dict:
