@@ -38,7 +38,7 @@ from .assembly import TrainingRun, assemble
 from .checkpoint import CheckpointManager, RunState
 from .config import ConfigError, TrainConfig, flag_name, parse_command, to_toml
 from .data import DataError, Splits, load_source, make_splits
-from .engine import EpochSums, EvalResult, NonFiniteLoss, StepHooks, evaluate, global_mean, global_sums, train_epoch
+from .engine import EpochSums, NonFiniteLoss, StepHooks, evaluate, global_mean, global_sums, train_epoch
 from .faults import FaultInjector
 from .models import build_model, count_parameters
 from .parallel import ConsolidatedModel, ConsolidatedOptimizer, ReplicaDrift, check_replicas
