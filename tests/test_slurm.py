@@ -125,6 +125,9 @@ def requeued(job: str, restarts: int, log) -> None:
     while subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job}\."], capture_output=True).returncode == 0:
         assert time.monotonic() < deadline, "the previous run's job steps never ended"
         time.sleep(0.5)
+    # slurmd revoked the previous run's credential with a one-second clock: a start within the same
+    # second is "Job credential revoked" and the job ends FAILED (seen once); SLURM's own hold is ~2 min
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=10)
 
 
