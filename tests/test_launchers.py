@@ -1,4 +1,4 @@
-"""launch/*.sh: setup_env.sh on odd hosts, the torchrun wrappers (flags checked first, exit 75 kept), multi-node joins that never come."""
+"""launch/*.sh and dist_cifar/launcher.py: setup_env.sh on odd hosts, Ctrl-C to a launch script (checkpoint, exit 75, no traceback), two_hosts.sh stopped by SIGTERM or a dead link, multi-node joins that never come."""
 from __future__ import annotations
 
 import pytest
