@@ -91,6 +91,8 @@ class TrainConfig:
     """Keep an exponential moving average of the weights with this decay (e.g. 0.999; 0: off), warmed up as timm's (min(DECAY, (1+n)/(10+n)) at update n); evaluated each epoch (ema_val_loss, ema_val_accuracy), checkpointed and resumed; under hybrid and fsdp each rank averages its own shard."""
     eval_weights: str = "model"
     """Which weights pick best.pt and take the final evaluation: model (the trained ones) or ema (the average; needs --ema)."""
+    profile_steps: str = ""
+    """FIRST:END: torch.profiler traces of optimizer steps FIRST..END-1 (counted from the run's start), one Chrome trace per rank in <out>/profile/rank<R>.json (Perfetto), and a per-rank table of step time, data wait, compute and communication at the end of the window; empty: off."""
     target_accuracy: float = 0.0
     """Record when validation accuracy (%) first reaches this: the training time, epoch and optimizer step, in summary.json and W&B (time_to_target_s, target_epoch, target_step); 0: off. Airbench's figure of merit."""
     grad_accum_steps: int = 1
@@ -442,6 +444,16 @@ def flag_problem(argv: list[str]) -> Optional[str]:
     return None
 
 
+def parse_window(spec: str) -> Optional[tuple[int, int]]:
+    """'A:B' -> (A, B) with 0 <= A < B; '' -> None. Raises ValueError naming the problem."""
+    if not spec:
+        return None
+    match = re.fullmatch(r"(\d+):(\d+)", spec.strip())
+    if not match or int(match.group(1)) >= int(match.group(2)):
+        raise ValueError(f"--profile-steps takes FIRST:END optimizer steps with FIRST < END (e.g. 2:4), got {spec!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
 def make_config(**overrides: Any) -> TrainConfig:
     """Defaults, then the named preset, then `overrides`; validated."""
     unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
@@ -498,6 +510,10 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.warmup_epochs and cfg.schedule == "onecycle":
         raise ConfigError("--warmup-epochs with --schedule onecycle: onecycle warms up by itself (its first quarter); "
                           "choose constant or cosine, or drop --warmup-epochs")
+    try:
+        parse_window(cfg.profile_steps)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if not 0 <= cfg.ema < 1:
         raise ConfigError(f"--ema is a decay in [0, 1) (0: off; e.g. 0.999), got {cfg.ema}")
     if cfg.eval_weights == "ema" and not cfg.ema:

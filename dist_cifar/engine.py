@@ -87,6 +87,7 @@ class StepHooks:
     # called once per epoch with the seconds per step over steps 2..FORECAST_STEPS (two extra syncs)
     # and the CPU seconds this process used per step meanwhile (all its threads)
     on_forecast: Optional[Callable[[float, float], None]] = None
+    profiler: Optional[Any] = None  # --profile-steps: profiling.StepProfiler
 
 
 FORECAST_STEPS = 3  # step 1 warms up (allocations, compilation); steps 2-3 are the first steady ones
@@ -255,9 +256,12 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
     after_first_step, cpu_after_first_step = 0.0, 0.0
     norms = torch.zeros(2, dtype=torch.float64, device=dev) if parts.clip is not None else None  # sum, max
     while step < total:
+        if hooks.profiler is not None:
+            hooks.profiler.before_step(global_step)
         t_wait = time.perf_counter()
         micro_batches = next(batches)  # one optimizer step's (--grad-accum-steps) micro-batches
-        result.data_wait_s += time.perf_counter() - t_wait
+        waited = time.perf_counter() - t_wait
+        result.data_wait_s += waited
         hooks.faults.before_step(info.rank, global_step)
 
         optimizer.zero_grad(set_to_none=parts.grads_to_none)
@@ -299,6 +303,8 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
         if parts.ema is not None:
             parts.ema.update()
         hooks.faults.after_step(info.rank, global_step)
+        if hooks.profiler is not None:
+            hooks.profiler.after_step(global_step, waited)
 
         if hooks.record_step_losses:
             losses.append(step_loss)

@@ -36,13 +36,14 @@ from . import distributed as D
 from . import __version__, budget, cost, files, plot, rundir
 from .assembly import TrainingRun, assemble
 from .checkpoint import CheckpointManager, RunState
-from .config import ConfigError, TrainConfig, flag_name, parse_command, to_toml
+from .config import ConfigError, TrainConfig, flag_name, parse_command, parse_window, to_toml
 from .data import DataError, Splits, load_source, make_splits
 from .engine import EpochSums, NonFiniteLoss, StepHooks, evaluate, global_mean, global_sums, train_epoch
 from .faults import FaultInjector
 from .models import build_model, count_parameters
 from .parallel import ConsolidatedModel, ConsolidatedOptimizer, ReplicaDrift, check_replicas
 from .preemption import EXIT_PREEMPTED, PreemptionFlag, StopNow
+from .profiling import StepProfiler
 from .reporting import Reporter, SilentReporter
 from .runtime import resolve
 from .timing import peak_memory_mb, reset_peak_memory
@@ -186,6 +187,9 @@ def epoch_loop(run: TrainingRun, state: RunState, checkpoints: CheckpointManager
         checkpoints.save(state, wait=False)
 
     hooks = step_hooks(cfg, flag, reporter, save_mid_epoch, faults)
+    window = parse_window(cfg.profile_steps)
+    if window is not None:
+        hooks.profiler = StepProfiler(window, checkpoints.out_dir, info, reporter.note)
 
     def say_forecast(step_s: float, cpu_s: float) -> None:  # once, in this process's first epoch
         hooks.on_forecast = None

@@ -216,6 +216,7 @@ def test_odd_folders_and_flags_are_said_not_guessed(tmp_path):
 BAD_FLAGS = [
     (["--epochs", "-1"], "--epochs"),
     (["--epochs", "100000000000000000000"], "--epochs must be at most 1,000,000"),
+    (["--profile-steps", "4:2"], "--profile-steps takes FIRST:END"),
     (["--batch-size", "0"], "--batch-size"),
     (["--lr", "0"], "--lr"),
     (["--preset", "report", "--dataset", "synthetic", "--synthetic-size", "100"], "--split"),
@@ -249,7 +250,7 @@ def test_bad_flags_are_refused_naming_the_flag(flags, named):
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("flags,named", [BAD_FLAGS[7], BAD_FLAGS[11], BAD_FLAGS[17]])
+@pytest.mark.parametrize("flags,named", [BAD_FLAGS[8], BAD_FLAGS[12], BAD_FLAGS[18]])
 def test_bad_flags_fail_fast_with_one_line(tmp_path, flags, named):
     """The same through the real entry point: exit 2, one line on stderr, nothing created."""
     proc = run_train([*flags, "--out-dir", str(tmp_path / "o")], timeout=60)
@@ -277,7 +278,7 @@ def other_value(name: str, default):
     if name in CHOICES:
         value = next(o for o in CHOICES[name] if o and o != default)
         return [flag, value], value
-    special = {"model": "vgg_truncated", "resume": "some/ckpt.pt", "val_size": 7}
+    special = {"model": "vgg_truncated", "resume": "some/ckpt.pt", "val_size": 7, "profile_steps": "2:4"}
     if name in special:
         return [flag, str(special[name])], special[name]
     if isinstance(default, int):

@@ -45,6 +45,8 @@ def two_ranks(tmp_path_factory):
     ]
     specs = [{"name": n, "argv": a, "env": e} for n, a, e in jobs]
     # python -m dist_cifar.evaluate on a finished run, under torchrun (the exact distributed evaluation)
+    specs.append({"name": "profile", "env": {}, "argv": smoke_args(work / "profile", ["--batch-size", "16",
+                                                                                   "--profile-steps", "2:4"])})
     specs.append({"name": "evaluate", "entry": "evaluate", "env": {},
                   "argv": [str(work / "global_batch"), "--json", str(work / "evaluate.json")]})
     results = torchrun_jobs(2, specs, work, timeout=600)
@@ -223,6 +225,21 @@ def test_evaluate_under_torchrun_gives_the_runs_own_test_accuracy(two_ranks, tmp
     assert alone["accuracy"] == summary["best_test_accuracy"] and alone["world_size"] == 1
     assert alone["confusion_matrix"] == summary["confusion_matrix"]
     assert evaluate_main([str(tmp_path)]) == 2  # no weights: one line
+
+
+def test_profile_steps_write_a_trace_per_rank_and_a_table(two_ranks):
+    """--profile-steps 2:4 under 2 ranks (#31): two Chrome traces that load as JSON with the
+    profiled steps as named events, and rank 0's table of every rank's step time, data wait,
+    compute and communication."""
+    work, results = two_ranks
+    rank0, _ = both_ranks(results, "profile")
+    for rank in (0, 1):
+        trace = json.loads((work / "profile" / "profile" / f"rank{rank}.json").read_text())
+        steps = sorted(e["name"] for e in trace["traceEvents"] if str(e.get("name", "")).startswith("step "))
+        assert steps == ["step 2", "step 3"], steps
+    table = rank0["stdout"][rank0["stdout"].index("profile of steps 2..3"):]
+    assert "rank  steps  step ms  data wait ms  compute ms  comm ms" in table
+    assert re.search(r"^\s+0\s+2\s", table, re.M) and re.search(r"^\s+1\s+2\s", table, re.M)
 
 
 def test_setup_error_reaches_every_rank_as_one_line(two_ranks):
