@@ -285,11 +285,11 @@ def find_cifar10(data_dir: Path, download: bool, trust: bool = False) -> Path:
 def download_home(data_dir: Path, trust: bool) -> Path:
     """Where the download goes: --data-dir, unless another user could replace files there (or
     already holds the archive's name); then this user's cache, said in one line."""
-    if trust or not (files.distrust(data_dir) or files.distrust(data_dir / cifar_download.ARCHIVE)):
+    why = "" if trust else files.distrust(data_dir) or files.distrust(data_dir / cifar_download.ARCHIVE)
+    if not why:
         return data_dir
     home = user_cache(data_dir, "download")
-    print(f"[dist_cifar] {data_dir} is shared ({files.distrust(data_dir) or files.distrust(data_dir / cifar_download.ARCHIVE)}): "
-          f"downloading into {home} instead", flush=True)
+    print(f"[dist_cifar] {data_dir} is shared ({why}): downloading into {home} instead", flush=True)
     return home
 
 

@@ -134,13 +134,13 @@ def agent(argv: list[str], folder: Path) -> int:
 
     try:
         run(args)
-    except ChildFailedError as exc:
-        codes = {failure.exitcode for failure in exc.failures.values()}
+    except ChildFailedError:
         if stops.count >= 2:
             return EXIT_INTERRUPTED
-        # once one worker has exited 75, torchrun SIGTERMs the others, and one still tearing down
-        # (its handlers gone) dies of it: the checkpoint was committed by all before any exited
-        if (EXIT_PREEMPTED in codes and codes <= {EXIT_PREEMPTED, -signal.SIGTERM}) or checkpointed():
+        # the workers' own codes, not torchrun's: once one has exited 75, torchrun SIGTERMs the
+        # others, and one still tearing down dies of it (without writing a code) after the
+        # checkpoint every rank committed
+        if checkpointed():
             return preempted()
         raise
     except (RendezvousError, DistError) as exc:  # a node that never came, a wrong endpoint: one line, no traceback
@@ -151,9 +151,9 @@ def agent(argv: list[str], folder: Path) -> int:
             f"(--rdzv-endpoint {args.rdzv_endpoint or '?'}) and id within the join timeout, and check that the "
             f"first node is reachable on that port")
         return 1
-    except SignalException as exc:  # a torch without TORCHELASTIC_SIGNALS_TO_HANDLE
+    except SignalException as exc:  # a torch without --signals-to-handle: its handlers won
         say(f"torchrun got {exc.sigval.name} and stopped its workers (asked to checkpoint first)")
-        return EXIT_PREEMPTED
+        return preempted() if checkpointed() else 1
     return EXIT_INTERRUPTED if stops.count >= 2 else 0
 
 

@@ -38,7 +38,7 @@ from .assembly import TrainingRun, assemble
 from .checkpoint import CheckpointManager, RunState
 from .config import ConfigError, TrainConfig, flag_name, parse_command, parse_window, to_toml
 from .data import DataError, Splits, load_source, make_splits
-from .engine import EpochSums, NonFiniteLoss, StepHooks, evaluate, global_mean, global_sums, train_epoch
+from .engine import EpochSums, EvalResult, NonFiniteLoss, StepHooks, evaluate, global_mean, global_sums, train_epoch
 from .faults import FaultInjector
 from .models import build_model, count_parameters
 from .parallel import ConsolidatedModel, ConsolidatedOptimizer, ReplicaDrift, check_replicas
@@ -232,7 +232,7 @@ def epoch_loop(run: TrainingRun, state: RunState, checkpoints: CheckpointManager
         if run.ema is not None and run.val_shards is not None:
             with run.ema.swapped_in():
                 ema_val = evaluate(run.model.eval_model, run.val_shards, run.precision, info)
-        record = epoch_record(run, result, (val, ema_val), eval_s=time.perf_counter() - t_eval, partial=state.partial,
+        record = epoch_record(run, result, val, ema_val=ema_val, eval_s=time.perf_counter() - t_eval, partial=state.partial,
                               compile_s=result.first_step_s if start.epoch == first_epoch else None,
                               reporter=reporter)
         state.history.append(record)
@@ -437,10 +437,8 @@ def start_line(run: TrainingRun, run_config: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------ per epoch
 
 
-def epoch_record(run: TrainingRun, result, evals, *, eval_s: float, partial: bool,
-                 compile_s: Optional[float], reporter) -> dict:
-    """`evals`: the validation of the model, or (model's, the --ema average's), each None without one."""
-    val, ema_val = evals if isinstance(evals, tuple) else (evals, None)
+def epoch_record(run: TrainingRun, result, val: Optional[EvalResult], *, eval_s: float, partial: bool,
+                 compile_s: Optional[float], reporter, ema_val: Optional[EvalResult] = None) -> dict:
     info = run.info
     train_loss, train_acc, _ = global_mean(info, result)
     compute = result.wall_s - result.data_wait_s
