@@ -159,6 +159,10 @@ class TrainConfig:
     """Print only the end-of-run summary and errors."""
     progress_every: int = 20
     """Read the running loss back from the device every N steps for the progress bar."""
+    log_every_steps: int = 0
+    """Every N optimizer steps, one row of per-step figures (loss, lr, images/s, MFU, gradient norm) to step_metrics.jsonl and W&B; each row costs rank 0 one device sync, the steps between cost none (0: about four rows per epoch; -1: off)."""
+    peak_tflops: float = 0.0
+    """The device's peak TFLOP/s that MFU is measured against (0: the datasheet's dense peak for the resolved precision where the device is known: H200, H100, A100, L40S, V100; otherwise MFU is not reported)."""
     wandb: str = "auto"
     """Weights & Biases: auto (online with credentials or as WANDB_MODE says, offline without, off if wandb is missing), online, offline or off."""
     wandb_init_timeout: float = 25.0
@@ -339,8 +343,8 @@ def build_parser(prog: str = "python -m dist_cifar.train") -> argparse.ArgumentP
 
 # What config.json holds besides the fields: what only the running job knew (train.describe).
 # A config file may carry them (a run's own config.json); they are not settings and are skipped.
-RUN_FACTS = ("world_size", "device_name", "torch_version", "git_commit", "dist_cifar_version", "num_params",
-             "parallel_resolved", "wire_predicted", "precision_resolved", "backend_resolved", "data_source",
+RUN_FACTS = ("world_size", "device_name", "mfu_peak_tflops", "mfu_peak_source", "torch_version", "git_commit",
+             "dist_cifar_version", "num_params", "parallel_resolved", "wire_predicted", "precision_resolved", "backend_resolved", "data_source",
              "steps_per_epoch_resolved", "split_sizes")
 
 
@@ -518,6 +522,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--ema is a decay in [0, 1) (0: off; e.g. 0.999), got {cfg.ema}")
     if cfg.eval_weights == "ema" and not cfg.ema:
         raise ConfigError("--eval-weights ema needs --ema DECAY (the average to evaluate)")
+    if cfg.log_every_steps < -1:
+        raise ConfigError(f"--log-every-steps must be >= -1 (0: about four rows per epoch; -1: off), got {cfg.log_every_steps}")
+    if not 0 <= cfg.peak_tflops <= 1e6:
+        raise ConfigError(f"--peak-tflops is the device's peak in TFLOP/s (0: from the device's datasheet), got {cfg.peak_tflops}")
     if not 0 <= cfg.target_accuracy <= 100:
         raise ConfigError(f"--target-accuracy is a validation accuracy in % (0..100; 0: off), got {cfg.target_accuracy}")
     if not 1 <= cfg.grad_accum_steps <= 1024:

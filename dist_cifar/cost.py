@@ -197,6 +197,31 @@ def hybrid_crossover(model: str, *, world: int, precision: str = "fp32", comm_ho
     return 0
 
 
+# Datasheet dense peaks per GPU in TFLOP/s (no sparsity), by the name torch.cuda reports and the
+# precision the matmuls run in: bf16/fp16 tensor cores, TF32 for fp32 with --tf32, plain fp32 without.
+# The first entry whose key is in the device name counts ("H100 PCIe" before "H100").
+DATASHEET_TFLOPS = {
+    "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2},
+    "H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.1, "fp16": 362.1, "tf32": 183.0, "fp32": 91.6},
+    "V100": {"fp16": 125.0, "fp32": 15.7, "tf32": 15.7},
+}
+
+
+def peak_tflops(device_name: str, precision: str, *, tf32: bool = False, given: float = 0.0) -> tuple[float, str]:
+    """(peak TFLOP/s per device that MFU is measured against, where the number comes from);
+    (0.0, why not) when neither `given` (--peak-tflops) nor the datasheet table knows it."""
+    if given:
+        return given, "--peak-tflops"
+    kind = "tf32" if precision == "fp32" and tf32 else precision
+    for key, peaks in DATASHEET_TFLOPS.items():
+        if key in device_name and kind in peaks:
+            return peaks[kind], f"{key} {kind} dense, datasheet"
+    return 0.0, f"no datasheet peak for {device_name} {kind} (give --peak-tflops)"
+
+
 def floors(cost: ModelCost, *, batch_size: int, gpus: int, peak_tflops: float, link_gbs: float,
            images: int = TRAIN_IMAGES) -> dict[str, float]:
     steps = images // (batch_size * gpus)

@@ -88,6 +88,10 @@ class StepHooks:
     # and the CPU seconds this process used per step meanwhile (all its threads)
     on_forecast: Optional[Callable[[float, float], None]] = None
     profiler: Optional[Any] = None  # --profile-steps: profiling.StepProfiler
+    # --log-every-steps: called every `log_every_steps` optimizer steps (counted over the run) with
+    # the figures of the steps since the previous call (StepWindow.row); one host read each
+    on_step_metrics: Optional[Callable[[dict], None]] = None
+    log_every_steps: int = 0
 
 
 FORECAST_STEPS = 3  # step 1 warms up (allocations, compilation); steps 2-3 are the first steady ones
@@ -121,6 +125,30 @@ class StepParts:
     # the layout's switch for a micro-batch's backward: gradient_sync(False) accumulates locally
     gradient_sync: Callable[[bool], Any] = lambda enabled: contextlib.nullcontext()
     ema: Optional[Any] = None  # --ema: updated after every optimizer step
+
+
+class StepWindow:
+    """Per-step figures over the steps since the previous row, from the sums the loop keeps on the
+    device anyway: one host read per row (which also waits for the queued work, so the time is
+    true), none on the steps between."""
+
+    def __init__(self, sums: EpochSums, world_size: int):
+        self.world_size = world_size
+        self.loss_sum, self.count, self.norm_sum, self.steps = sums.loss_sum, sums.count, 0.0, 0
+        self.t = time.perf_counter()
+
+    def row(self, *, loss_sum: torch.Tensor, norms: Optional[torch.Tensor], count: int, steps: int,
+            lr: float, epoch: int, step: int, global_step: int) -> dict:
+        values = torch.stack([loss_sum, norms[0] if norms is not None else torch.zeros_like(loss_sum)]).tolist()
+        now = time.perf_counter()
+        samples, window_steps = count - self.count, steps - self.steps
+        row = {"global_step": global_step, "epoch": epoch, "step": step,
+               "step_loss": (values[0] - self.loss_sum) / max(samples, 1), "step_lr": float(lr),
+               "step_images_per_s": samples * self.world_size / max(now - self.t, 1e-9),
+               "step_grad_norm": (values[1] - self.norm_sum) / window_steps if norms is not None and window_steps
+               else None}
+        self.loss_sum, self.count, self.norm_sum, self.steps, self.t = values[0], count, values[1], steps, now
+        return row
 
 
 class StepHealth:
@@ -255,6 +283,7 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
 
     after_first_step, cpu_after_first_step = 0.0, 0.0
     norms = torch.zeros(2, dtype=torch.float64, device=dev) if parts.clip is not None else None  # sum, max
+    window = StepWindow(start.sums, info.world_size) if hooks.on_step_metrics else None
     while step < total:
         if hooks.profiler is not None:
             hooks.profiler.before_step(global_step)
@@ -319,6 +348,10 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
             hooks.on_forecast((watch.stop() - after_first_step) / (FORECAST_STEPS - 1),
                               (time.process_time() - cpu_after_first_step) / (FORECAST_STEPS - 1))
 
+        if window is not None and global_step % hooks.log_every_steps == 0:
+            hooks.on_step_metrics(window.row(loss_sum=loss_sum, norms=norms, count=result.sums.count, steps=result.steps,
+                                             lr=optimizer.param_groups[0]["lr"], epoch=epoch, step=step,
+                                             global_step=global_step))
         if hooks.on_progress and (step % hooks.progress_every == 0 or step == total):
             images = (step - start_step) * loader.batch_size * info.world_size
             hooks.on_progress(step, total, float(loss_sum.item()) / max(result.sums.count, 1),

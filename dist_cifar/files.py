@@ -24,6 +24,7 @@ from typing import Any, Iterable, Iterator
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 STEP_LOSSES = "step_losses.jsonl"
+STEP_METRICS = "step_metrics.jsonl"
 SUMMARY = "summary.json"
 BEST = "best.pt"
 BEST_MARKER = "best.pt.commit"
@@ -33,7 +34,7 @@ WANDB_ID = "wandb_run_id.txt"
 WANDB_DIR = "wandb"
 TMP_PREFIX = ".tmp-"
 # What a run writes besides its checkpoints; `--overwrite` removes exactly these.
-ARTEFACTS = (CONFIG, METRICS, STEP_LOSSES, SUMMARY, BEST, BEST_MARKER, LOSS_CURVES, CONFUSION, WANDB_ID)
+ARTEFACTS = (CONFIG, METRICS, STEP_LOSSES, STEP_METRICS, SUMMARY, BEST, BEST_MARKER, LOSS_CURVES, CONFUSION, WANDB_ID)
 
 
 def fsync_dir(path: Path) -> None:

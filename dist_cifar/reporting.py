@@ -1,9 +1,11 @@
 """Where the per-epoch records, notes and the end-of-run summary go: metrics.jsonl,
-summary.json, config.json, W&B and the console.
+step_metrics.jsonl, summary.json, config.json, W&B and the console.
 
 Only rank 0 gets a `Reporter`; every other rank gets `SilentReporter`, whose methods do
 nothing, so the training loop never asks which rank it is before reporting. The same per-epoch
-record (minus keys whose value is None) goes to metrics.jsonl and to W&B, epoch as the step.
+record (minus keys whose value is None) goes to metrics.jsonl and to W&B, drawn against `epoch`;
+each per-step row (STEP_KEYS) goes to step_metrics.jsonl and to W&B, drawn against
+`global_step`. W&B's own `_step` only counts the rows it was sent.
 Not here: errors (train.py prints them to stderr), checkpoints and best.pt (checkpoint.py),
 step_losses.jsonl (rundir.py) and the PNG plots (plot.py; this module only uploads them).
 """
@@ -51,6 +53,21 @@ EPOCH_KEYS = {
 }
 
 
+# What each per-step row means (--log-every-steps); names apart from the epoch keys, since the
+# window differs: the steps since the previous row.
+STEP_KEYS = {
+    "global_step": "optimizer steps since the run began; W&B's x-axis for the step_* figures",
+    "epoch": "epoch index of the row (step_metrics.jsonl only)",
+    "step": "optimizer steps done in that epoch (step_metrics.jsonl only)",
+    "step_loss": "mean training loss of rank 0's samples over the steps since the previous row",
+    "step_lr": "learning rate after the row's step",
+    "step_images_per_s": "global images/s over the steps since the previous row (wall time between rows, after a device sync)",
+    "step_mfu": "model FLOPs utilisation: step_images_per_s x training FLOPs per image (dist_cifar.cost) / (world size x the peak in config.json's mfu_peak_tflops); null when no peak is known",
+    "step_grad_norm": "--clip-grad-norm: mean pre-clip global gradient norm over the steps since the previous row; null without clipping",
+}
+WANDB_ONLY_EPOCH = ("epoch", "step")  # step rows carry these in the file; in W&B `epoch` stays the epoch rows'
+
+
 def drop_none(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if v is not None}
 
@@ -65,6 +82,7 @@ class SilentReporter:
     def epoch_start(self, *a, **k): pass
     def progress(self, *a, **k): pass
     def epoch(self, *a, **k): pass
+    def step_metrics(self, *a, **k): pass
     def note(self, *a, **k): pass
     def restore_history(self, *a, **k): pass
     def finish(self, *a, **k): pass
@@ -86,6 +104,8 @@ class Reporter(SilentReporter):
         self.wandb_mode = wandb_mode
         self.wandb_kwargs = wandb_kwargs or {}
         self.wandb_id = ""
+        self.step_metrics_path = out_dir / files.STEP_METRICS
+        self.wandb_held_step = -1  # step rows at or below this global step W&B holds already
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self, run_config: dict[str, Any], wandb_id: str = "") -> None:
@@ -102,31 +122,51 @@ class Reporter(SilentReporter):
                 return
             self.wandb_id = self.run.id
             files.atomic_write_bytes(self.out_dir / files.WANDB_ID, self.wandb_id.encode())
+            self.wandb_call(self.define_axes)
+
+    def define_axes(self) -> None:
+        """Epoch figures against `epoch`, step figures against `global_step` (W&B's default x-axis,
+        `_step`, only counts rows)."""
+        self.run.define_metric("epoch")
+        self.run.define_metric("global_step")
+        for key in EPOCH_KEYS:
+            if key != "epoch":
+                self.run.define_metric(key, step_metric="epoch")
+        self.run.define_metric("step_*", step_metric="global_step")
 
     def note(self, message: str) -> None:
         print(f"[dist_cifar] {message}", flush=True)
 
-    def restore_history(self, history: list[dict[str, Any]]) -> None:
-        """After a resume: metrics.jsonl holds exactly the checkpointed epochs, and W&B gets every
-        one of them it does not hold. What it holds is read back, not assumed: a stop signal can
+    def restore_history(self, history: list[dict[str, Any]], global_step: int) -> None:
+        """After a resume: metrics.jsonl holds exactly the checkpointed epochs and step_metrics.jsonl
+        the rows up to the checkpoint's step (the resumed run recomputes the rest), and W&B gets
+        every epoch it does not hold. What it holds is read back, not assumed: a stop signal can
         kill W&B's service before it saved the rows it was sent (offline: the run's earlier
-        folders are read; online: the server's resumed step says how far it got)."""
+        folders are read; online: the resumed run's summary says how far it got). Step rows W&B
+        lost stay lost there (step_metrics.jsonl has them); rows it holds are not sent twice."""
         files.write_jsonl(self.metrics_path, history)
+        if self.step_metrics_path.exists():
+            files.write_jsonl(self.step_metrics_path, [row for row in files.read_jsonl(self.step_metrics_path)
+                                                       if row["global_step"] <= global_step])
         if self.run is None:
             return
-        held = self.wandb_epochs()
+        held, self.wandb_held_step = self.wandb_holds()
         missing = [record for record in history if record["epoch"] not in held]
         for record in missing:
-            self.wandb_call(self.run.log, record, step=record["epoch"])
+            self.wandb_call(self.run.log, record)
         if missing:
             self.note(f"W&B: {len(missing)} epoch(s) it did not hold were logged again "
                       f"({', '.join(str(r['epoch']) for r in missing)})")
 
-    def wandb_epochs(self) -> set[int]:
+    def wandb_holds(self) -> tuple[set[int], int]:
+        """(the epochs W&B holds, the last global step of its step rows; -1: none)."""
         if self.wandb_mode == "offline":
-            from .wandb_offline import logged_steps
-            return logged_steps(self.out_dir, self.run.id, skip=(Path(self.run.dir).parent,))
-        return set(range(int(getattr(self.run, "starting_step", 0) or 0)))
+            from .wandb_offline import logged
+            return logged(self.out_dir, self.run.id, skip=(Path(self.run.dir).parent,))
+        summary = self.run.summary
+        last_epoch, last_step = summary.get("epoch"), summary.get("global_step")
+        return (set(range(int(last_epoch) + 1)) if last_epoch is not None else set(),
+                int(last_step) if last_step is not None else -1)
 
     def wandb_call(self, fn: Callable, *args, **kwargs) -> None:
         """A W&B call that cannot end the run: its service can die under it (a signal meant for the
@@ -166,9 +206,15 @@ class Reporter(SilentReporter):
         record = drop_none(record)
         files.append_jsonl(self.metrics_path, [record])
         if self.run is not None:
-            self.wandb_call(self.run.log, record, step=record["epoch"])
+            self.wandb_call(self.run.log, record)
         if not self.quiet:
             self.console.print(epoch_line(record), markup=False, highlight=False, soft_wrap=True)
+
+    def step_metrics(self, row: dict[str, Any]) -> None:
+        row = drop_none(row)
+        files.append_jsonl(self.step_metrics_path, [row])
+        if self.run is not None and row["global_step"] > self.wandb_held_step:
+            self.wandb_call(self.run.log, {k: v for k, v in row.items() if k not in WANDB_ONLY_EPOCH})
 
     def finish(self, summary: dict[str, Any], images: dict[str, Path], per_class: list[tuple[str, float]]) -> None:
         files.atomic_write_json(self.out_dir / files.SUMMARY, summary)

@@ -162,7 +162,7 @@ def train(cfg: TrainConfig, notes: tuple[str, ...], info: D.DistInfo, flag: Pree
         agreed(info, lambda: reporter.start(run_config, state.wandb_id))
         state.wandb_id = reporter.wandb_id or state.wandb_id
         if resume_path is not None:
-            reporter.restore_history(state.history)
+            reporter.restore_history(state.history, state.global_step)
         reporter.note(start_line(run, run_config))
         reporter.note(needs.describe())
         code = epoch_loop(run, state, checkpoints, reporter, flag=flag, faults=faults, needs=needs)
@@ -204,6 +204,9 @@ def epoch_loop(run: TrainingRun, state: RunState, checkpoints: CheckpointManager
                 reporter.note(slow)
 
     hooks.on_forecast = say_forecast if info.is_main else None
+    if info.is_main and cfg.log_every_steps != -1:
+        hooks.log_every_steps = cfg.log_every_steps or max(1, run.steps_per_epoch // 4)
+        hooks.on_step_metrics = step_metrics_writer(run, reporter, needs.train_flops_per_image)
     first_epoch, first_step = state.epoch, state.step  # with --compile, this process's first epoch compiles
     while state.epoch < cfg.epochs:
         start = state.epoch_start()
@@ -367,6 +370,26 @@ def step_hooks(cfg: TrainConfig, flag: PreemptionFlag, reporter, on_checkpoint_s
                      record_step_losses=cfg.record_step_losses, time_first_step=cfg.compile)
 
 
+def device_name(info: D.DistInfo) -> str:
+    return torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu"
+
+
+def mfu_peak(run: TrainingRun) -> tuple[float, str]:
+    """The peak TFLOP/s per device that MFU is measured against, and where it comes from."""
+    return cost.peak_tflops(device_name(run.info), run.precision.name, tf32=run.cfg.tf32, given=run.cfg.peak_tflops)
+
+
+def step_metrics_writer(run: TrainingRun, reporter, train_flops_per_image: float):
+    """The step loop's row (engine.StepWindow) plus its MFU, to the reporter."""
+    peak, _ = mfu_peak(run)
+    world = run.info.world_size
+
+    def write(row: dict) -> None:
+        row["step_mfu"] = row["step_images_per_s"] * train_flops_per_image / (world * peak * 1e12) if peak else None
+        reporter.step_metrics(row)
+    return write
+
+
 def checkpoint_due(cfg: TrainConfig, checkpoints: CheckpointManager, epochs_done: int) -> bool:
     """Every --checkpoint-every epochs, after --checkpoint-interval-min minutes, and after the last
     epoch (unless both are 0). Rank 0's clock decides, so every rank agrees."""
@@ -390,9 +413,10 @@ def git_commit() -> str:
 def describe(run: TrainingRun, out_dir: Path) -> dict[str, Any]:
     """The config plus what only the running job knows: W&B's and config.json's content."""
     info, splits = run.info, run.splits
-    device_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu"
+    peak, peak_source = mfu_peak(run)
     return dict(run.cfg.to_dict(), world_size=info.world_size, global_batch_size=run.global_batch_size,
-                device_name=device_name, torch_version=torch.__version__, git_commit=git_commit(),
+                device_name=device_name(info), mfu_peak_tflops=peak or None, mfu_peak_source=peak_source,
+                torch_version=torch.__version__, git_commit=git_commit(),
                 dist_cifar_version=__version__,
                 num_params=plain_parameter_count(run.cfg), out_dir=str(out_dir),
                 parallel_resolved=run.model.plan.name, wire_predicted=predicted_wire(run),

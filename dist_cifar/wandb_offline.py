@@ -1,5 +1,5 @@
 """Read a W&B offline `run-<id>.wandb` file back, without wandb's (absent) reader: which epochs a
-run's offline folders already hold, so that a resume replays exactly the missing ones (the
+run's offline folders already hold (and up to which step), so that a resume replays exactly the missing ones (the
 service can die with the job's signal before it saved the last rows), and for the tests.
 
 Layout: a 7-byte W&B header, then LevelDB log framing in 32 KiB blocks: each chunk has a 7-byte
@@ -96,15 +96,27 @@ def run_files(out_dir: Path, run_id: str) -> list[Path]:
     return sorted(Path(out_dir).glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
 
 
-def logged_steps(out_dir: Path, run_id: str, *, skip: tuple[Path, ...] = ()) -> set[int]:
-    """History steps (= epochs) that the run's offline files in `out_dir` hold; unreadable files
-    count as empty (their epochs are logged again)."""
-    steps: set[int] = set()
+def logged(out_dir: Path, run_id: str, *, skip: tuple[Path, ...] = ()) -> tuple[set[int], int]:
+    """(the epochs whose records the run's offline files in `out_dir` hold, the last global step
+    of their step rows, -1 if none); unreadable files count as empty (their epochs are logged
+    again)."""
+    epochs, last_step = set(), -1
     for path in run_files(out_dir, run_id):
         if any(path.parent == s for s in skip):
             continue
         try:
-            steps.update(int(row["_step"]) for row in history(path))
+            rows = history(path)
         except (OSError, ValueError):
             continue
-    return steps
+        epochs.update(int(row["epoch"]) for row in epoch_rows(rows))
+        last_step = max([last_step, *(int(row["global_step"]) for row in rows if "global_step" in row)])
+    return epochs, last_step
+
+
+def epoch_rows(rows: list[dict]) -> list[dict]:
+    """The per-epoch records among a run's history rows (the others are per-step figures)."""
+    return [row for row in rows if "train_loss" in row]
+
+
+def step_rows(rows: list[dict]) -> list[dict]:
+    return [row for row in rows if "global_step" in row]

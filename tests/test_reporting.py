@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 import time
-from dist_cifar import wandb_offline as wandb_reader
+from dist_cifar import cost, wandb_offline as wandb_reader
 
 import pytest
 
@@ -56,13 +56,15 @@ def test_two_process_offline_run_logs_every_epoch_once(tmp_path):
     pytest.importorskip("wandb")
     out = tmp_path / "run"
     # no --wandb flag: W&B is on by default, and WANDB_MODE=offline says how
-    proc = run_torchrun(2, smoke_args(out, ["--epochs", "3", "--ddp-comm-hook", "allreduce"]),
+    proc = run_torchrun(2, smoke_args(out, ["--epochs", "3", "--ddp-comm-hook", "allreduce", "--log-every-steps", "3",
+                                            "--peak-tflops", "0.25"]),
                         WANDB_MODE="offline")
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = offline_runs(out)
     assert len(files) == 1 and len(list((out / "wandb").glob("offline-run-*"))) == 1  # rank 0 only
-    rows = wandb_reader.history(files[0])
-    assert [r["_step"] for r in rows] == [0, 1, 2] and [r["epoch"] for r in rows] == [0, 1, 2]
+    history = wandb_reader.history(files[0])
+    rows = wandb_reader.epoch_rows(history)
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
     for row in rows:
         assert row["epoch_time_s"] > 0 and row["images_per_s"] > 0 and row["comm_s"] > 0
         assert row["rank_time_max_s"] >= row["rank_time_min_s"] > 0
@@ -80,6 +82,24 @@ def test_two_process_offline_run_logs_every_epoch_once(tmp_path):
     for line, row in zip(metrics, rows):
         assert set(line) == {k for k in row if not k.startswith("_")}
         assert line["epoch_time_s"] == pytest.approx(row["epoch_time_s"])
+    # per-step rows every 3 optimizer steps, counted over the run (4 per epoch), the same in
+    # step_metrics.jsonl and W&B
+    step_rows = read_jsonl(out / "step_metrics.jsonl")
+    assert [r["global_step"] for r in step_rows] == [3, 6, 9, 12]
+    sent = wandb_reader.step_rows(history)
+    assert [r["global_step"] for r in sent] == [3, 6, 9, 12]
+    from dist_cifar.reporting import STEP_KEYS
+    for line, row in zip(step_rows, sent):
+        assert set(line) == set(STEP_KEYS) - {"step_grad_norm"}  # no clipping
+        assert {k: v for k, v in line.items() if k not in ("epoch", "step")} == \
+            {k: v for k, v in row.items() if not k.startswith("_")}
+        assert line["epoch"] == (line["global_step"] - 1) // 4 and line["step"] == line["global_step"] - 4 * line["epoch"]
+        assert line["step_images_per_s"] > 0 and line["step_lr"] == metrics[0]["lr"]
+        # MFU against the given peak: images/s x FLOPs per image / (2 ranks x peak)
+        flops = cost.measure("small_cnn").train_flops_per_image
+        assert line["step_mfu"] == pytest.approx(line["step_images_per_s"] * flops / (2 * 0.25e12))
+    assert config["mfu_peak_tflops"] == 0.25 and config["mfu_peak_source"] == "--peak-tflops"
+    assert all(0 < r["step_loss"] < 5 for r in step_rows)
 
 
 def test_resumed_job_continues_the_same_run(tmp_path):
@@ -93,7 +113,13 @@ def test_resumed_job_continues_the_same_run(tmp_path):
     files = offline_runs(out)
     assert len(files) == 2 and {wandb_reader.run_id(f) for f in files} == {run_id}
     later = max(files, key=lambda f: f.parent.name)
-    assert [r["_step"] for r in wandb_reader.history(later)] == [2]  # no duplicate, no backwards step
+    earlier = wandb_reader.history(min(files, key=lambda f: f.parent.name))
+    assert [r["epoch"] for r in wandb_reader.epoch_rows(wandb_reader.history(later))] == [2]  # no duplicate
+    # step rows (about four per epoch) continue where the first start's ended, none sent twice
+    first_steps = [r["global_step"] for r in wandb_reader.step_rows(earlier)]
+    later_steps = [r["global_step"] for r in wandb_reader.step_rows(wandb_reader.history(later))]
+    assert first_steps and later_steps and max(first_steps) < min(later_steps)
+    assert [r["global_step"] for r in read_jsonl(out / "step_metrics.jsonl")] == first_steps + later_steps
     assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1, 2]
     # the last line names both starts' folders, so one command uploads epochs 0-1 too
     sync = [l for l in second.stdout.splitlines() if "upload it with: wandb sync" in l]
@@ -168,6 +194,9 @@ def test_readme_and_key_docs_match_what_epoch_record_emits():
     table = reference[reference.index("Logged once per epoch"):].split("\n\n")[1]
     documented = set(re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.M))
     assert documented == emitted
+    from dist_cifar.reporting import STEP_KEYS
+    table = reference[reference.index("Logged every `--log-every-steps N`"):].split("\n\n")[1]
+    assert set(re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.M)) == set(STEP_KEYS)
 
 
 @pytest.mark.quick
@@ -235,3 +264,15 @@ def test_a_binary_wandb_run_id_starts_a_new_run_instead_of_turning_wandb_off(tmp
     (tmp_path / "wandb_run_id.txt").write_text("abc_123\n")
     assert usable_run_id(saved_run_id(tmp_path), notes.append) == "abc_123" and len(notes) == 1
     assert saved_run_id(tmp_path / "absent") == ""
+
+
+@pytest.mark.quick
+def test_mfu_peak_is_named_and_never_guessed():
+    assert cost.peak_tflops("NVIDIA H200", "bf16") == (989.4, "H200 bf16 dense, datasheet")
+    assert cost.peak_tflops("NVIDIA H100 PCIe", "fp16")[0] == 756.0  # not the SXM part's figure
+    assert cost.peak_tflops("NVIDIA A100-SXM4-80GB", "fp32", tf32=True)[0] == 156.0
+    assert cost.peak_tflops("NVIDIA A100-SXM4-80GB", "fp32")[0] == 19.5
+    assert cost.peak_tflops("cpu", "fp32", given=1.5) == (1.5, "--peak-tflops")
+    peak, why = cost.peak_tflops("cpu", "bf16")
+    assert peak == 0.0 and "--peak-tflops" in why
+    assert cost.peak_tflops("Tesla V100-SXM2-16GB", "bf16")[0] == 0.0  # no bf16 tensor cores: no peak

@@ -162,11 +162,18 @@ def test_preempted_twice_keeps_every_record(uninterrupted, tmp_path):
     run_id = (out / "wandb_run_id.txt").read_text().strip()
     folders = wandb_reader.run_files(out, run_id)
     assert len(folders) == 3, folders
-    logged = [row for path in folders for row in wandb_reader.history(path)]
-    assert sorted(row["_step"] for row in logged) == [0, 1, 2, 3], logged
+    held = [wandb_reader.history(path) for path in folders]
+    logged = [row for history in held for row in wandb_reader.epoch_rows(history)]
+    assert sorted(row["epoch"] for row in logged) == [0, 1, 2, 3], logged
     for row in logged:
-        assert row["train_loss"] == rows[row["_step"]]["train_loss"]
-        assert row["val_loss"] == rows[row["_step"]]["val_loss"]
+        assert row["train_loss"] == rows[row["epoch"]]["train_loss"]
+        assert row["val_loss"] == rows[row["epoch"]]["val_loss"]
+    # per-step rows: the steps redone after the mid-epoch stop are neither kept twice in the file
+    # nor sent twice to W&B
+    steps = [r["global_step"] for r in read_jsonl(out / "step_metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == rows[-1]["steps"] * 4, steps
+    sent = [r["global_step"] for history in held for r in wandb_reader.step_rows(history)]
+    assert len(sent) == len(set(sent)) and set(sent) <= set(steps), (sent, steps)
 
 
 def test_ablation_array_job_runs_every_variant(slurm, tmp_path):
