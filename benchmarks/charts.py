@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -20,8 +21,21 @@ def where(meta: dict) -> str:
     return f"{meta.get('device_name', '?')}, torch {meta.get('torch_version', '?')}, {meta.get('date', '')[:10]}"
 
 
-def save(fig, path: Path) -> Path:
+def warn(fig, data: dict) -> None:
+    """The run's warnings (a busy machine, repeats that disagree) printed on the picture itself:
+    a chart is often seen without its table."""
+    warnings = [w for w in data.get("warnings") or [] if w]
+    if warnings:
+        width = int(fig.get_figwidth() * 17)  # characters of 6.5 pt text across the figure
+        lines = [line for w in warnings[:4] for line in textwrap.wrap(w, width)]
+        fig.text(0.01, 0.005, "\n".join(lines), color="tab:red", fontsize=6.5, va="bottom")
+        fig.subplots_adjust(bottom=0.12 + 0.035 * len(lines))
+
+
+def save(fig, path: Path, data: dict | None = None) -> Path:
     fig.tight_layout()
+    if data is not None:
+        warn(fig, data)
     from common import files  # the one way to create a file: no planted link followed
     with files.atomic_writer(Path(path)) as f:
         fig.savefig(f, dpi=110, format="png")
@@ -38,19 +52,26 @@ def peers_chart(json_path: Path) -> Path:
         rows = [r for r in data["models"][model]["rows"] if "images_per_s" in r]
         names = [r["contestant"].split(" (")[0] for r in rows]
         values = [r["images_per_s"] for r in rows]
-        bars = ax.bar(names, values, color=["tab:blue", "tab:purple", "tab:gray"][:len(rows)])
-        for bar, row in zip(bars, rows):
+        # the rounds' spread (min..max) where the run repeated its measurement
+        low = [v - min(r.get("per_round") or [v]) for v, r in zip(values, rows)]
+        high = [max(r.get("per_round") or [v]) - v for v, r in zip(values, rows)]
+        bars = ax.bar(names, values, color=["tab:blue", "tab:purple", "tab:gray"][:len(rows)],
+                      yerr=[low, high] if any(low) or any(high) else None, capsize=4, ecolor="black")
+        for bar, row, above in zip(bars, rows, high):
             ratio = "" if row.get("key") == "dist_cifar" or "dist_cifar_ratio" not in row else \
                 f"\ndist_cifar {row['dist_cifar_ratio']:.2f}x"
             ax.annotate(f"{row['images_per_s']:,.0f}{ratio}",
-                        (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height() + above), ha="center", va="bottom",
+                        fontsize=8)
         ax.set_title(f"{model}, global batch {data['args']['global_batch_size']}", fontsize=10)
         ax.set_ylabel("training images/s (steady state)")
-        ax.set_ylim(0, max(values, default=1) * 1.25)
+        ax.set_ylim(0, max([v + h for v, h in zip(values, high)], default=1) * 1.25)
     world = data["world"]
-    fig.suptitle(f"peers: {world['processes']} processes on {world['backend']} ({where(data['provenance'])})",
-                 fontsize=10)
-    return save(fig, Path(json_path).with_suffix(".png"))
+    rounds = max((len(r.get("per_round") or []) for m in models for r in data["models"][m]["rows"]), default=0)
+    spread = f"; bars: median, whiskers: min..max of {rounds} rounds" if rounds > 1 else ""
+    fig.suptitle(textwrap.fill(f"peers: {world['processes']} processes on {world['backend']} "
+                               f"({where(data['provenance'])}){spread}", int(fig.get_figwidth() * 12)), fontsize=10)
+    return save(fig, Path(json_path).with_suffix(".png"), data)
 
 
 def ladder_chart(json_path: Path) -> Path:
@@ -67,7 +88,7 @@ def ladder_chart(json_path: Path) -> Path:
     args = data["args"]
     ax.set_title(f"feature ladder: {args['model']}, batch {args['batch_size']}/process, {args['nproc']} process(es)\n"
                  f"({where(data['provenance'])})", fontsize=9)
-    return save(fig, Path(json_path).with_suffix(".png"))
+    return save(fig, Path(json_path).with_suffix(".png"), data)
 
 
 def scaling_chart(json_path: Path) -> Path:
@@ -92,7 +113,37 @@ def scaling_chart(json_path: Path) -> Path:
     ax.set_title(f"scaling model, {data['args']['model']}, batch {data['args']['batch_size']}/GPU: "
                  f"t1 = {1000 * model['t1_s']:.1f} ms/step {source},\n{model['grad_bytes_fp32'] / 1e6:.1f} MB of gradients, "
                  f"{model['link_gbs']:g} GB/s links ({len(measured)} process counts measured)", fontsize=8)
-    return save(fig, Path(json_path).with_suffix(".png"))
+    return save(fig, Path(json_path).with_suffix(".png"), data)
+
+
+DESIGN_STYLES = {"ddp": ("DDP, fp32 all-reduce", "-"), "ddp_bf16_hook": ("DDP + bf16 hook", "-."),
+                 "hybrid": ("hybrid (head sharded over all ranks)", "--"), "fsdp": ("FSDP2", ":")}
+
+
+def designs_chart(json_path: Path) -> Path:
+    """scaling.py --designs: the modelled step time of every design against the number of GPUs."""
+    data = json.loads(Path(json_path).read_text())
+    rows = data["rows"]
+    gpus = [r["gpus"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.8, 4.0))
+    ax.plot(gpus, [r["compute_ms"] for r in rows], color="gray", linestyle=(0, (1, 3)), marker=".",
+            label="compute only (no communication)")
+    for design, (label, style) in DESIGN_STYLES.items():
+        if f"{design}_ms" in rows[0]:
+            ax.plot(gpus, [r[f"{design}_ms"] for r in rows], style, marker="x" if design == "fsdp" else "o",
+                    markersize=4, label=label)
+    if any(r["nodes"] > 1 for r in rows):
+        first = min(r["gpus"] for r in rows if r["nodes"] > 1)
+        ax.axvline(first, color="gray", alpha=0.4, label=f"more than one node from {first} GPUs")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(gpus, [str(g) for g in gpus])
+    ax.set_xlabel("GPUs")
+    ax.set_ylabel("modelled ms per step")
+    ax.legend(fontsize=7)
+    ax.set_title(textwrap.fill(f"designs, {data['args']['model']} (MODELLED, not measured): "
+                               f"{data.get('assumptions', '')}", 110), fontsize=7)
+    return save(fig, Path(json_path).with_suffix(".png"), data)
 
 
 def main(argv=None) -> int:
@@ -105,9 +156,12 @@ def main(argv=None) -> int:
     for pattern, chart in (("peers_*.json", peers_chart), ("epoch_time_*.json", ladder_chart),
                            ("scaling_*.json", scaling_chart)):
         for path in sorted(folder.glob(pattern)):
+            draw = chart
             if chart is scaling_chart and "model" not in json.loads(path.read_text()):
-                continue  # scaling.py --designs: a table, no chart
-            chart(path)
+                if "rows" not in json.loads(path.read_text()):
+                    continue  # scaling.py --check-scaleout alone: a table, no chart
+                draw = designs_chart  # scaling.py --designs
+            draw(path)
             drawn += 1
     print(f"redrew {drawn} chart(s) in {folder}")
     return 0

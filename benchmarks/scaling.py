@@ -177,7 +177,11 @@ def design_main(args) -> int:
         print("\nmodel against the emulated link (compute from the least-communicating run):")
         print(table(checked, ["rate", "design", "measured_s", "predicted_s", "measured_over_predicted"]))
         payload["check_scaleout"] = {"source": args.check_scaleout, "rows": checked}
-    write_json(output_path(args, f"scaling_designs_{args.model}_model.json"), payload)
+    out = output_path(args, f"scaling_designs_{args.model}_model.json")
+    write_json(out, payload)
+    if args.designs:
+        from charts import designs_chart
+        designs_chart(out)
     return 0
 
 

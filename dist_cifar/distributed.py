@@ -64,6 +64,32 @@ def local_device(device_type: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+# NCCL's flight recorder: a ring of each rank's last collectives (sizes, state, the Python stack
+# that issued them), dumped per rank when the watchdog times out or a collective fails, so a hung
+# or mismatched collective shows which rank and which call. Names from torch 2.5+ and before.
+FLIGHT_RECORDER_SIZE = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")
+FLIGHT_RECORDER_FILE = ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
+FLIGHT_RECORDER_ENTRIES = 2000
+
+
+def flight_recorder_on() -> None:
+    """Before an NCCL group starts (it reads these once); a value the user set is kept (0: off)."""
+    for name in FLIGHT_RECORDER_SIZE:
+        os.environ.setdefault(name, str(FLIGHT_RECORDER_ENTRIES))
+    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+
+
+def flight_recorder_dumps_to(folder) -> None:
+    """Where the dumps go (`<folder>/rank_<R>`), unless the user chose: torch reads the prefix when
+    it first dumps, so it can follow the out dir that rank 0 chose after the group started."""
+    if any(os.environ.get(name) for name in FLIGHT_RECORDER_FILE):
+        return
+    from . import files
+    files.make_dirs(folder)
+    for name in FLIGHT_RECORDER_FILE:
+        os.environ[name] = os.path.join(str(folder), "rank_")
+
+
 def init(device_type: str = "cpu", backend: str = "gloo", timeout_s: float = 300.0) -> DistInfo:
     """Read the launcher's environment; start a process group when WORLD_SIZE is set."""
     world = env_int("WORLD_SIZE", 1)
@@ -76,6 +102,8 @@ def init(device_type: str = "cpu", backend: str = "gloo", timeout_s: float = 300
         return DistInfo(device=dev)
     chosen = backend
     kwargs = {"device_id": dev} if chosen == "nccl" else {}
+    if chosen == "nccl":
+        flight_recorder_on()
     timeout = datetime.timedelta(seconds=timeout_s)
     # After an elastic restart torchrun's agent store still holds the dead attempt's peer
     # addresses under the same keys, and the new workers dial them (pytorch/pytorch#167288).

@@ -31,19 +31,36 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["epoch"], r[key]) for r in records if key in r]
-    return [p[0] + 1 for p in pts], [p[1] for p in pts]
+    """(epochs, values) with the epochs numbered as metrics.jsonl numbers them (from 0)."""
+    pts = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def loss_curves(records: list[dict], path: Path, title: str = "") -> Path:
-    """Train and validation loss per epoch, as the report's figures."""
+def best_epoch(records: list[dict]) -> int | None:
+    """The epoch with the lowest validation loss (the weights best.pt keeps by default)."""
+    x, y = series(records, "val_loss")
+    return x[y.index(min(y))] if y else None
+
+
+def epoch_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch (numbered as in metrics.jsonl)")
+
+
+def loss_curves(records: list[dict], path: Path, title: str = "", best: int | None = None) -> Path:
+    """Train and validation loss per epoch, as the report's figures, with the kept epoch marked
+    (`best`: the run's best_epoch; default: the lowest validation loss)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("train_loss", "train loss"), ("val_loss", "validation loss")):
         x, y = series(records, key)
         if x:
             ax.plot(x, y, marker="o", label=label)
-    ax.set_xlabel("epoch")
+    best = best_epoch(records) if best is None else best
+    if best is not None and best >= 0:
+        ax.axvline(best, color="gray", linestyle=":", label=f"best epoch ({best}: weights kept)")
+    epoch_axis(ax)
     ax.set_ylabel("cross-entropy loss")
     ax.set_title(title or "loss per epoch")
     ax.grid(alpha=0.3)
@@ -70,7 +87,7 @@ def confusion_matrix(matrix, classes: Sequence[str], path: Path, title: str = ""
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title or "confusion matrix (test)")
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.colorbar(im, ax=ax, fraction=0.046).set_label("share of the true class (row); cells: image counts")
     fig.tight_layout()
     save(fig, path)
     plt.close(fig)
@@ -85,16 +102,20 @@ def overlay(runs: dict[str, list[dict]], path: Path, title: str = "") -> Path:
         color = f"C{i % 10}"
         for key, style in (("train_loss", "-"), ("val_loss", "--")):
             x, y = series(records, key)
-            axes[0].plot(x, y, style, color=color, label=f"{name} {key.split('_')[0]}")
+            axes[0].plot(x, y, style, color=color, marker="o", markersize=3, label=f"{name} {key.split('_')[0]}")
         for key, style in (("train_accuracy", "-"), ("val_accuracy", "--")):
             x, y = series(records, key)
-            axes[1].plot(x, y, style, color=color, label=f"{name} {key.split('_')[0]}")
+            axes[1].plot(x, y, style, color=color, marker="o", markersize=3, label=f"{name} {key.split('_')[0]}")
+        best = best_epoch(records)
+        if best is not None:  # a star on the kept epoch's validation loss
+            axes[0].plot([best], [next(r["val_loss"] for r in records if r["epoch"] == best)], "*", color=color,
+                         markersize=11, markeredgecolor="black")
         x, y = series(records, "epoch_time_s")
         width = 0.8 / max(len(runs), 1)
-        axes[2].bar([e + i * width for e in x], y, width=width, color=color, label=name)
-    for ax, label in zip(axes, ("loss (solid: train, dashed: val)", "accuracy % (solid: train, dashed: val)",
-                                "time per epoch (s)")):
-        ax.set_xlabel("epoch")
+        axes[2].bar([e + (i - (len(runs) - 1) / 2) * width for e in x], y, width=width, color=color, label=name)
+    for ax, label in zip(axes, ("loss (solid: train, dashed: val; star: best epoch)",
+                                "accuracy % (solid: train, dashed: val)", "time per epoch (s)")):
+        epoch_axis(ax)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -115,7 +136,7 @@ def loss_overlay(runs: dict[str, list[dict]], path: Path, title: str = "") -> Pa
             if x:
                 ax.plot(x, y, style, color=f"C{i % 10}", marker="o", markersize=3,
                         label=f"{name} ({key.split('_')[0]})")
-    ax.set_xlabel("epoch")
+    epoch_axis(ax)
     ax.set_ylabel("cross-entropy loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)

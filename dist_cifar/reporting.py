@@ -200,9 +200,7 @@ class Reporter(SilentReporter):
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
-        if not (self.out_dir / files.CONFIG).exists():  # deleted under the run: never re-create it half
-            raise FileNotFoundError(errno.ENOENT, "the out dir (or its config.json) was deleted during the run",
-                                    str(self.out_dir))
+        self.check_out_dir()
         record = drop_none(record)
         files.append_jsonl(self.metrics_path, [record])
         if self.run is not None:
@@ -210,7 +208,14 @@ class Reporter(SilentReporter):
         if not self.quiet:
             self.console.print(epoch_line(record), markup=False, highlight=False, soft_wrap=True)
 
+    def check_out_dir(self) -> None:
+        """Deleted under the run: never re-create it half."""
+        if not (self.out_dir / files.CONFIG).exists():
+            raise FileNotFoundError(errno.ENOENT, "the out dir (or its config.json) was deleted during the run",
+                                    str(self.out_dir))
+
     def step_metrics(self, row: dict[str, Any]) -> None:
+        self.check_out_dir()
         row = drop_none(row)
         files.append_jsonl(self.step_metrics_path, [row])
         if self.run is not None and row["global_step"] > self.wandb_held_step:

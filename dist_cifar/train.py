@@ -140,6 +140,8 @@ def train(cfg: TrainConfig, notes: tuple[str, ...], info: D.DistInfo, flag: Pree
     configure_backends(cfg, info)
     out_dir, resume_path = prepare_out_dir(cfg, info)
     outcome.out_dir = out_dir
+    if info.backend == "nccl":
+        D.flight_recorder_dumps_to(out_dir / "nccl_flight_recorder")
     needs = agreed(info, lambda: budget.check(cfg, out_dir=out_dir, local_world_size=info.local_world_size,
                                               world_size=info.world_size, on_cuda=info.device.type == "cuda"))
     splits = load_data(cfg, info)
@@ -605,7 +607,8 @@ def finish(run: TrainingRun, state: RunState, reporter, *, checkpoints: Checkpoi
         return EXIT_OK
     cm = test_eval.confusion
     per_class = [(name, 100.0 * float(cm[i, i]) / max(float(cm[i].sum()), 1.0)) for i, name in enumerate(splits.classes)]
-    images = {"loss_curves": plot.loss_curves(state.history, out_dir / files.LOSS_CURVES, f"{cfg.model} loss"),
+    images = {"loss_curves": plot.loss_curves(state.history, out_dir / files.LOSS_CURVES, f"{cfg.model} loss",
+                                              best=state.best_epoch),
               "confusion_matrix": plot.confusion_matrix(cm.tolist(), splits.classes, out_dir / files.CONFUSION,
                                                         f"{cfg.model} test confusion matrix")}
     summary = {

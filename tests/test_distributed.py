@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -266,3 +267,23 @@ def test_ranks_started_with_different_flags_fail_with_one_line(tmp_path):
     assert [p.returncode for p in procs] == [2, 2], results
     for _, err in results:
         assert "error: rank 1 was started with --lr 0.01 but rank 0 with 0.001" in err, err
+
+
+@pytest.mark.quick
+def test_nccl_flight_recorder_dumps_into_the_out_dir(tmp_path, monkeypatch):
+    """Under NCCL (not testable here, so the environment it sets is checked): the recorder on with
+    dumps on a watchdog timeout, the dump files in the run's folder; the user's own choice wins."""
+    from dist_cifar import distributed as D
+    for name in (*D.FLIGHT_RECORDER_SIZE, *D.FLIGHT_RECORDER_FILE, "TORCH_NCCL_DUMP_ON_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCH_FR_BUFFER_SIZE", "0")  # the user turned it off: kept
+    D.flight_recorder_on()
+    assert os.environ["TORCH_FR_BUFFER_SIZE"] == "0" and os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "2000"
+    assert os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    D.flight_recorder_dumps_to(tmp_path / "run" / "nccl_flight_recorder")
+    assert os.environ["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "run" / "nccl_flight_recorder" / "rank_")
+    assert os.environ["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == os.environ["TORCH_FR_DUMP_TEMP_FILE"]
+    assert (tmp_path / "run" / "nccl_flight_recorder").is_dir()
+    monkeypatch.setenv("TORCH_FR_DUMP_TEMP_FILE", "/elsewhere/x_")
+    D.flight_recorder_dumps_to(tmp_path / "other")
+    assert os.environ["TORCH_FR_DUMP_TEMP_FILE"] == "/elsewhere/x_" and not (tmp_path / "other").exists()
