@@ -117,7 +117,9 @@ def scaling_chart(json_path: Path) -> Path:
 
 
 DESIGN_STYLES = {"ddp": ("DDP, fp32 all-reduce", "-"), "ddp_bf16_hook": ("DDP + bf16 hook", "-."),
-                 "hybrid": ("hybrid (head sharded over all ranks)", "--"), "fsdp": ("FSDP2", ":")}
+                 "hybrid": ("hybrid, flat (head sharded over all ranks)", "--"),
+                 "hybrid_2d": ("hybrid, 2-D (head sharded inside each node)", (0, (5, 1, 1, 1))),
+                 "fsdp": ("FSDP2", ":")}
 
 
 def designs_chart(json_path: Path) -> Path:

@@ -16,8 +16,9 @@ reported for no overlap (0) and full overlap (t_step = max(t1, ring)).
 Designs (`--designs`, model only, no process started): step time of ddp, ddp + bf16 hook, hybrid
 and fsdp for 1-8 GPUs on one node and 2-4 nodes of 8, at a fixed global batch, as
     t_step = FLOPs per image x images per GPU / (peak x MFU) + bytes per GPU / link
-with the bytes from dist_cifar.cost.predict_wire (ring accounting; on several nodes the slowest
-link, the inter-node one, carries the ring) and no overlap of communication with compute. The
+with the bytes from dist_cifar.cost.step_collectives (ring accounting; a collective whose ranks
+span nodes runs at the inter-node bandwidth, one inside a node at NVLink's: the 2-D hybrid's head)
+and no overlap of communication with compute. The
 assumptions are printed with the table. `--check-scaleout FILE` puts the same arithmetic against
 benchmarks/scaleout.py's measured step times on the emulated link: compute is taken from the
 fastest-communicating run there and every design's step predicted as compute + bytes / rate.
@@ -31,30 +32,35 @@ from pathlib import Path
 
 from common import (add_output_flags, busy_warning, data_args, data_label, output_path, provenance, report_warnings,
                     run_trainer, table, write_json)
-from dist_cifar.cost import TRAIN_IMAGES, measure, predict_wire, ring_allreduce_s
+from dist_cifar.cost import TRAIN_IMAGES, measure, predict_comm_s, ring_allreduce_s, step_collectives
 
-DESIGN_FLAGS = {"ddp": ("ddp", "none"), "ddp_bf16_hook": ("ddp", "bf16"), "hybrid": ("hybrid", "bf16"),
-                "fsdp": ("fsdp", "none")}
+# label -> (--parallel, DDP hook, head ranks: 0 every rank, "node" a node's GPUs)
+DESIGN_FLAGS = {"ddp": ("ddp", "none", 0), "ddp_bf16_hook": ("ddp", "bf16", 0), "hybrid": ("hybrid", "bf16", 0),
+                "hybrid_2d": ("hybrid", "bf16", "node"), "fsdp": ("fsdp", "none", 0)}
+GPUS_PER_NODE = 8
 
 
 def design_rows(model: str, *, global_batch: int, peak_tflops: float, mfu: float, nvlink_gbs: float,
                 internode_gbs: float) -> list[dict]:
     """Predicted step time and scaling efficiency of each design, bf16 compute, 1-8 GPUs on one
-    node and 2-4 nodes of 8 GPUs."""
+    node and 2-4 nodes of 8 GPUs; `hybrid_2d` shards the head over each node's GPUs only (the
+    same as `hybrid` on one node). Also the bytes each GPU sends across nodes."""
     flops = measure(model).train_flops_per_image
     single = flops * global_batch / (peak_tflops * 1e12 * mfu)
     rows = []
-    for nodes, gpus in [(1, g) for g in (1, 2, 4, 8)] + [(n, 8 * n) for n in (2, 3, 4)]:
+    for nodes, gpus in [(1, g) for g in (1, 2, 4, 8)] + [(n, GPUS_PER_NODE * n) for n in (2, 3, 4)]:
         per_gpu = global_batch // gpus
         compute = flops * per_gpu / (peak_tflops * 1e12 * mfu)
-        link = (nvlink_gbs if nodes == 1 else internode_gbs) * 1e9
         row = {"nodes": nodes, "gpus": gpus, "images_per_gpu": per_gpu, "compute_ms": 1000 * compute}
-        for label, (design, hook) in DESIGN_FLAGS.items():
-            wire = sum(predict_wire(design, model, batch_per_rank=per_gpu, world=gpus, precision="bf16",
-                                    comm_hook=hook).values())
-            step = compute + wire / link
+        for label, (design, hook, head) in DESIGN_FLAGS.items():
+            tp = min(gpus, GPUS_PER_NODE) if head == "node" else 0
+            comm = predict_comm_s(step_collectives(design, model, batch_per_rank=per_gpu, world=gpus, precision="bf16",
+                                                   comm_hook=hook, tp=tp),
+                                  nodes=nodes, intra_gbs=nvlink_gbs, inter_gbs=internode_gbs)
+            step = compute + comm["comm_s"]
             row[f"{label}_ms"] = 1000 * step
             row[f"{label}_eff"] = single / (gpus * step)
+            row[f"{label}_mb_across"] = comm["bytes_across_nodes"] / 1e6
         rows.append(row)
     return rows
 

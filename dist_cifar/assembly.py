@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import autoplan
 from . import distributed as D
 from .config import ConfigError, TrainConfig
 from .data import Split, Splits, normalization
@@ -92,6 +93,7 @@ class TrainingRun:
     scheduler: object
     precision: Precision
     ema: Optional[EMA] = None               # --ema
+    parallel_auto: Optional[dict] = None    # --parallel auto: the links measured, the predictions, the choice
 
     @property
     def global_batch_size(self) -> int:
@@ -110,7 +112,8 @@ class TrainingRun:
                 if self.cfg.clip_grad_norm else None)
         return StepParts(self.model.train_model, self.optimizer, self.scheduler, self.precision,
                          label_smoothing=self.cfg.label_smoothing, grads_to_none=not bucket_views, clip=clip,
-                         gradient_sync=self.model.plan.gradient_sync, ema=self.ema)
+                         gradient_sync=self.model.plan.gradient_sync, finish_gradients=self.model.plan.finish_gradients,
+                         ema=self.ema)
 
     def shards(self, split: Split) -> EvalShards:
         """This rank's exact slice of an evaluation split, normalised like training (in lockstep
@@ -121,6 +124,7 @@ class TrainingRun:
 def assemble(cfg: TrainConfig, info: D.DistInfo, splits: Splits) -> TrainingRun:
     """Build every part of a run; `cfg.batch_size`, `run.cfg` etc. are the settled values."""
     cfg = settle(cfg, info.device.type, info.world_size)
+    cfg, parallel_auto = autoplan.choose(cfg, info, cfg.precision)
     mean, std = normalization(cfg.normalize)
     shard = dict(mean=mean, std=std, rank=info.rank, world=info.world_size, channels_last=cfg.channels_last)
     train_spec = LoaderSpec(cfg.batch_size, seed=cfg.seed, augment=cfg.augment, steps_cap=cfg.steps_per_epoch,
@@ -143,4 +147,4 @@ def assemble(cfg: TrainConfig, info: D.DistInfo, splits: Splits) -> TrainingRun:
     ema = EMA(model.module, cfg.ema, ConsolidatedModel(model.plan, model.module)) if cfg.ema else None
     return TrainingRun(cfg=cfg, info=info, splits=splits, train_spec=train_spec, eval_spec=eval_spec, loader=loader,
                        val_shards=val_shards, model=model, optimizer=optimizer, scheduler=scheduler, precision=policy,
-                       ema=ema)
+                       ema=ema, parallel_auto=parallel_auto)

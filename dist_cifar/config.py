@@ -135,6 +135,8 @@ class TrainConfig:
     """Seconds a collective may wait before the job fails instead of hanging."""
     parallel: str = "ddp"
     """How the model is spread over the ranks: ddp (every rank holds the whole model; DDP all-reduces every gradient), hybrid (convolutions data-parallel under DDP, the classifier's first two Linear layers sharded over the ranks: features are all-gathered, not the 302M-parameter FC1's gradients; README "Past one GPU"), fsdp (FSDP2: every parameter sharded, bf16 all-gather under bf16, fp32 reduce-scatter; for very large global batches)."""
+    tp_size: int = 0
+    """--parallel hybrid: how many ranks share one copy of the head, sharded among them (the tp group; its features and outputs travel only inside it); the world is split into world/tp such groups, whose slices are averaged with each other (2-D layout). 0: the ranks of a node (LOCAL_WORLD_SIZE), or every rank when each node runs one; the world size: the flat layout."""
     sync_bn: bool = False
     """Convert BatchNorm to SyncBatchNorm (batch statistics over all ranks)."""
     ddp_bucket_mb: float = 25.0
@@ -225,7 +227,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "backend": ("auto", "nccl", "gloo"),
     "ddp_comm_hook": ("none", "allreduce", "fp16", "bf16"),
-    "parallel": ("ddp", "hybrid", "fsdp"),
+    "parallel": ("ddp", "hybrid", "fsdp", "auto"),
     "wandb": ("auto", "online", "offline", "off"),
     "job_type": ("train", "benchmark", "ablation"),
     "preset": ("", "report", "fast", "smoke"),
@@ -345,7 +347,7 @@ def build_parser(prog: str = "python -m dist_cifar.train") -> argparse.ArgumentP
 # A config file may carry them (a run's own config.json); they are not settings and are skipped.
 RUN_FACTS = ("world_size", "device_name", "mfu_peak_tflops", "mfu_peak_source", "torch_version", "git_commit",
              "dist_cifar_version", "num_params", "parallel_resolved", "wire_predicted", "precision_resolved", "backend_resolved", "data_source",
-             "steps_per_epoch_resolved", "split_sizes")
+             "steps_per_epoch_resolved", "split_sizes", "parallel_auto")
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -566,6 +568,11 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.parallel == "hybrid" and cfg.model == "linear":
         raise ConfigError("--parallel hybrid shards a classifier of at least two Linear layers; --model linear has "
                           "one: use --parallel ddp")
+    if cfg.tp_size < 0 or cfg.tp_size > 2**16:
+        raise ConfigError(f"--tp-size must be in 0..65536 (0: the ranks of a node), got {cfg.tp_size}")
+    if cfg.tp_size and cfg.parallel not in ("hybrid", "auto"):
+        raise ConfigError(f"--tp-size shards the hybrid's head: use --parallel hybrid with it, or drop it "
+                          f"(--parallel {cfg.parallel} has no tp group)")
     if cfg.parallel == "fsdp" and cfg.sync_bn:
         raise ConfigError("--sync-bn is a DDP feature: use --parallel ddp or hybrid with it, or drop it")
     if cfg.parallel == "fsdp" and cfg.ddp_comm_hook != "none":

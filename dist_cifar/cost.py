@@ -138,48 +138,88 @@ def fsdp_wire(net: nn.Module, world: int, precision: str) -> dict[str, tuple[str
     return sites
 
 
-def predict_wire(design: str, model: str, *, batch_per_rank: int, world: int, precision: str = "fp32",
-                 comm_hook: str = "none", **switches) -> dict[str, int]:
-    """Bytes one rank sends per training step under `design`, by collective (ring accounting),
-    from the model's shapes alone. parallel.py records the same from the running job.
+@dataclass(frozen=True)
+class Collective:
+    """One collective of a training step: its kind, the full tensor's bytes, and the ranks it spans."""
+
+    site: str
+    kind: str
+    full_bytes: int
+    ranks: int
+    across_nodes: bool = True  # False: its group lies inside one node (the 2-D head's tp group)
+
+    @property
+    def sent(self) -> int:
+        """Bytes one rank sends for it (ring accounting)."""
+        return ring_bytes(self.kind, self.full_bytes, self.ranks)
+
+
+def step_collectives(design: str, model: str, *, batch_per_rank: int, world: int, precision: str = "fp32",
+                     comm_hook: str = "none", tp: int = 0, **switches) -> list[Collective]:
+    """The collectives one rank takes part in per training step under `design`, from the model's
+    shapes alone. parallel.py records the same bytes from the running job.
 
     ddp: every gradient all-reduced (2 bytes an element with an fp16/bf16 hook).
     hybrid: the first Linear column-parallel, the second row-parallel: features all-gathered
     (in the autocast dtype) and their gradients reduce-scattered (fp32); the second Linear's
     outputs reduce-scattered (fp32) and their gradients all-gathered (fp32); every other
-    parameter (the trunk, the second Linear's bias, later layers) all-reduced by DDP.
+    parameter (the trunk, the second Linear's bias, later layers) all-reduced by DDP. With
+    `tp` < world (the 2-D layout) the head's collectives span the tp ranks of a node and rank 0's
+    head slices (fp32 gradients) are all-reduced over the world/tp ranks holding the same slice.
     fsdp: per unit (`fsdp_units`: the BatchNorms in fp32, each Linear, the root with the rest)
     its parameters, dim 0 padded to a multiple of the world size, all-gathered in the parameter
     dtype in forward (and again in backward for the Linear units, resharded after forward) and
     reduce-scattered in fp32."""
+    if world <= 1:
+        return []
     with torch.device("meta"):
         net = build_model(model, **switches)
-    out = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
-    if world <= 1:
-        return out
     low = 2 if precision in ("bf16", "fp16") else 4
+    hook = 2 if comm_hook in ("fp16", "bf16") else 4
     params = dict(net.named_parameters())
-    linears = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)]
     if design == "ddp":
-        hook = 2 if comm_hook in ("fp16", "bf16") else 4
-        out["all_reduce"] = ring_bytes("all_reduce", sum(p.numel() for p in params.values()) * hook, world)
-    elif design == "hybrid":
-        (first_name, first), (second_name, second) = linears[:2]
-        sharded = {f"{first_name}.weight", f"{first_name}.bias", f"{second_name}.weight"}
-        rest = sum(p.numel() for name, p in params.items() if name not in sharded)
-        hook = 2 if comm_hook in ("fp16", "bf16") else 4
-        rows = batch_per_rank * world
-        out["all_reduce"] = ring_bytes("all_reduce", rest * hook, world)
-        out["all_gather"] = (ring_bytes("all_gather", rows * first.in_features * low, world)
-                             + ring_bytes("all_gather", rows * second.out_features * 4, world))
-        out["reduce_scatter"] = (ring_bytes("reduce_scatter", rows * first.in_features * 4, world)
-                                 + ring_bytes("reduce_scatter", rows * second.out_features * 4, world))
-    elif design == "fsdp":
-        for kind, full in fsdp_wire(net, world, precision).values():
-            out[kind] += ring_bytes(kind, full, world)
-    else:
+        return [Collective("ddp_gradients", "all_reduce", sum(p.numel() for p in params.values()) * hook, world)]
+    if design == "fsdp":
+        return [Collective(site, kind, full, world) for site, (kind, full) in fsdp_wire(net, world, precision).items()]
+    if design != "hybrid":
         raise ValueError(f"unknown design {design!r}")
+    (first_name, first), (second_name, second) = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Linear)][:2]
+    sharded = {f"{first_name}.weight", f"{first_name}.bias", f"{second_name}.weight"}
+    rest = sum(p.numel() for name, p in params.items() if name not in sharded)
+    tp = tp or world
+    inside = tp < world  # the 2-D layout: a tp group is a node's ranks
+    rows = batch_per_rank * tp
+    out = [Collective("ddp_gradients", "all_reduce", rest * hook, world),
+           Collective("head_features", "all_gather", rows * first.in_features * low, tp, not inside),
+           Collective("head_features_grad", "reduce_scatter", rows * first.in_features * 4, tp, not inside),
+           Collective("head_outputs", "reduce_scatter", rows * second.out_features * 4, tp, not inside),
+           Collective("head_outputs_grad", "all_gather", rows * second.out_features * 4, tp, not inside)]
+    if inside:
+        neurons = -(-first.out_features // tp)  # rank 0's slice (the first ranks get one more)
+        elements = neurons * first.in_features + (neurons if first.bias is not None else 0) + second.out_features * neurons
+        out.append(Collective("head_slice_grads", "all_reduce", elements * 4, world // tp))
     return out
+
+
+def predict_wire(design: str, model: str, *, batch_per_rank: int, world: int, precision: str = "fp32",
+                 comm_hook: str = "none", tp: int = 0, **switches) -> dict[str, int]:
+    """Bytes one rank sends per training step under `design`, by collective kind (ring
+    accounting): `step_collectives` summed."""
+    out = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
+    for c in step_collectives(design, model, batch_per_rank=batch_per_rank, world=world, precision=precision,
+                              comm_hook=comm_hook, tp=tp, **switches):
+        out[c.kind] += c.sent
+    return out
+
+
+def predict_comm_s(collectives: list[Collective], *, nodes: int, intra_gbs: float, inter_gbs: float) -> dict:
+    """Communication seconds per step without overlap: a collective whose ranks span nodes runs at
+    the slower, inter-node bandwidth (its ring crosses that link); one inside a node at the
+    intra-node one. Also the bytes each rank sends over each."""
+    across = sum(c.sent for c in collectives if nodes > 1 and c.across_nodes)
+    inside = sum(c.sent for c in collectives) - across
+    return {"comm_s": across / (inter_gbs * 1e9) + inside / (intra_gbs * 1e9), "bytes_across_nodes": across,
+            "bytes_inside_nodes": inside}
 
 
 def hybrid_crossover(model: str, *, world: int, precision: str = "fp32", comm_hook: str = "none",

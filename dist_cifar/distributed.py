@@ -133,6 +133,27 @@ def session(device_type: str = "cpu", backend: str = "gloo", timeout_s: float = 
         cleanup()
 
 
+def mesh_groups(info: DistInfo, tp: int) -> tuple[Optional[object], Optional[object]]:
+    """A (dp, tp) mesh of the ranks: (this rank's tp group, its dp group). tp groups are blocks of
+    `tp` consecutive ranks (a node's, as torchrun numbers them); a dp group takes the ranks at
+    the same place in every block. None stands for every rank (tp = world) or for no group at
+    all (dp = 1). Every rank creates every group, in the same order, as new_group requires."""
+    if tp >= info.world_size:
+        return None, None
+    blocks = [list(range(start, start + tp)) for start in range(0, info.world_size, tp)]
+    mine_tp = mine_dp = None
+    for ranks in blocks:
+        group = dist.new_group(ranks)
+        if info.rank in ranks:
+            mine_tp = group
+    for place in range(tp):
+        ranks = [block[place] for block in blocks]
+        group = dist.new_group(ranks)
+        if info.rank in ranks:
+            mine_dp = group
+    return mine_tp, mine_dp
+
+
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         if info.backend == "nccl":
@@ -146,6 +167,15 @@ def all_reduce_sum(info: DistInfo, tensor: torch.Tensor) -> torch.Tensor:
     if info.distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_gather_tensors(info: DistInfo, tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's tensor of the same shape, on every rank."""
+    if not info.distributed:
+        return [tensor]
+    out = [torch.empty_like(tensor) for _ in range(info.world_size)]
+    dist.all_gather(out, tensor.contiguous())
+    return out
 
 
 def all_gather_floats(info: DistInfo, value: float) -> list[float]:

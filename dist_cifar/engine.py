@@ -124,6 +124,8 @@ class StepParts:
     clip: Optional[Callable[[], torch.Tensor]] = None
     # the layout's switch for a micro-batch's backward: gradient_sync(False) accumulates locally
     gradient_sync: Callable[[bool], Any] = lambda enabled: contextlib.nullcontext()
+    # after the step's last backward: waits for the layout's own gradient collectives (2-D hybrid)
+    finish_gradients: Callable[[], None] = lambda: None
     ema: Optional[Any] = None  # --ema: updated after every optimizer step
 
 
@@ -317,6 +319,7 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
             correct += (logits.detach().argmax(1) == y).sum()
             step_loss += loss.detach().float() / len(micro_batches)
             result.sums.count += n
+        parts.finish_gradients()
         hooks.faults.after_backward(info.rank, global_step)
         if scaler is not None:
             scaler.unscale_(optimizer)  # explicit, so an AgreedGradScaler agrees for fused optimizers too

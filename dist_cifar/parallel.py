@@ -42,7 +42,7 @@ the reduce-scatter really sends twice its ring share; the accounting is the ring
 from __future__ import annotations
 
 import contextlib
-
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -120,15 +120,16 @@ class Wire:
     """Bytes one rank sends per training step, by collective (ring accounting)."""
 
     world: int
-    sites: dict[str, tuple[str, int]] = field(default_factory=dict)  # site -> (kind, full bytes)
+    # site -> (kind, full bytes, ranks in the collective's group)
+    sites: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
-    def add(self, site: str, kind: str, full_bytes: int) -> None:
-        self.sites[site] = (kind, int(full_bytes))
+    def add(self, site: str, kind: str, full_bytes: int, group_size: Optional[int] = None) -> None:
+        self.sites[site] = (kind, int(full_bytes), group_size or self.world)
 
     def by_kind(self) -> dict[str, int]:
         out = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0}
-        for kind, full in self.sites.values():
-            out[kind] += ring_bytes(kind, full, self.world)
+        for kind, full, group_size in self.sites.values():
+            out[kind] += ring_bytes(kind, full, group_size)
         return out
 
     def total(self) -> int:
@@ -171,6 +172,10 @@ class Plan:
     def load_full_optimizer_state(self, optimizer: torch.optim.Optimizer, module: nn.Module,
                                   state: dict[str, Any]) -> None:
         optimizer.load_state_dict(state)
+
+    def finish_gradients(self) -> None:
+        """After the step's last backward, before unscaling and clipping: wait for the gradient
+        collectives the layout issued itself (the 2-D hybrid's head shards over `dp`)."""
 
     def gradient_sync(self, enabled: bool):
         """A context for one micro-batch's backward: DDP's no_sync when `enabled` is False (the
@@ -225,14 +230,20 @@ class ShardedPlan(Plan):
     def __init__(self, info: D.DistInfo):
         super().__init__(info)
         self.shards: dict[str, Shard] = {}
+        # the ranks a parameter is split over, this rank's slice among them, and whether this
+        # rank's group is the one holding rank 0 (the others hold replicas of the same slices)
+        self.shard_group, self.shard_rank, self.gathers = None, info.rank, True
 
     def _gather(self, local: torch.Tensor, shard: Shard) -> Optional[torch.Tensor]:
-        """The plain tensor on rank 0 (None elsewhere); uneven slices are padded for the gather."""
+        """The plain tensor on rank 0 (None elsewhere); uneven slices are padded for the gather.
+        Only rank 0's shard group takes part (a collective of that group)."""
+        if not self.gathers:
+            return None
         biggest = max(shard.sizes)
         pad = [0, 0] * (local.dim() - 1 - shard.dim) + [0, biggest - local.shape[shard.dim]]
         padded = F.pad(local.detach(), pad).contiguous()
-        pieces = [torch.empty_like(padded) for _ in range(self.info.world_size)] if self.info.is_main else None
-        dist.gather(padded, pieces, dst=0)
+        pieces = [torch.empty_like(padded) for _ in shard.sizes] if self.info.is_main else None
+        dist.gather(padded, pieces, dst=0, group=self.shard_group)
         if not self.info.is_main:
             return None
         return torch.cat([p.narrow(shard.dim, 0, n) for p, n in zip(pieces, shard.sizes)], dim=shard.dim)
@@ -246,7 +257,7 @@ class ShardedPlan(Plan):
     def load_full_model_state(self, module: nn.Module, state: dict[str, Any]) -> None:
         mine = dict(state)
         for name, shard in self.shards.items():
-            mine[name] = shard.local(state[name], self.info.rank)
+            mine[name] = shard.local(state[name], self.shard_rank)
         module.load_state_dict(mine)
 
     def _param_shards(self, module: nn.Module) -> dict[int, Shard]:
@@ -273,7 +284,7 @@ class ShardedPlan(Plan):
             full_shape[shard.dim] = sum(shard.sizes)
             for key, value in mine["state"].get(index, {}).items():
                 if isinstance(value, torch.Tensor) and list(value.shape) == full_shape:
-                    mine["state"][index][key] = shard.local(value, self.info.rank).clone()
+                    mine["state"][index][key] = shard.local(value, self.shard_rank).clone()
         optimizer.load_state_dict(mine)
 
 
@@ -285,19 +296,19 @@ _reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 
 def gather_rows(x: torch.Tensor, head: "HeadComm", site: str) -> torch.Tensor:
-    """Every rank's rows, concatenated along dim 0 (all-gather)."""
+    """Every head rank's rows, concatenated along dim 0 (all-gather over the tp group)."""
     x = x.contiguous()
     out = x.new_empty((head.world * x.shape[0], *x.shape[1:]))
-    _all_gather_tensor(out, x)
+    _all_gather_tensor(out, x, group=head.group)
     head.note(site, "all_gather", out)
     return out
 
 
 def sum_rows_scattered(x: torch.Tensor, head: "HeadComm", site: str) -> torch.Tensor:
-    """Summed over ranks in fp32, each rank keeping its own slice of dim 0 (reduce-scatter)."""
+    """Summed over the head's ranks in fp32, each keeping its own slice of dim 0 (reduce-scatter)."""
     full = x.float().contiguous()
     mine = full.new_empty((full.shape[0] // head.world, *full.shape[1:]))
-    _reduce_scatter_tensor(mine, full)
+    _reduce_scatter_tensor(mine, full, group=head.group)
     head.note(site, "reduce_scatter", full)
     return mine
 
@@ -332,16 +343,18 @@ class ReduceScatterBatch(torch.autograd.Function):
 
 @dataclass(eq=False)
 class HeadComm:
-    """What the head's collectives share: the world size, and the meter of training steps' bytes
-    (evaluation forwards are not training steps and are not metered)."""
+    """What the head's collectives share: the ranks the head is sharded over (`world` of them:
+    the tp group; None is every rank), and the meter of training steps' bytes (evaluation
+    forwards are not training steps and are not metered)."""
 
     world: int
     wire: Wire
     metering: bool = True
+    group: Optional[Any] = None
 
     def note(self, site: str, kind: str, full: torch.Tensor) -> None:
         if self.metering:
-            self.wire.add(site, kind, full.numel() * full.element_size())
+            self.wire.add(site, kind, full.numel() * full.element_size(), self.world)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -411,11 +424,30 @@ def head_pair_problem(module: nn.Module, first: str, second: str) -> str:
             return f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)}) stands between them"
 
 
+def head_ranks(info: D.DistInfo, tp_size: int) -> int:
+    """How many ranks share one copy of the head (the tp group): `--tp-size`, else the ranks of a
+    node, else (one rank per node) every rank: the flat layout."""
+    size = tp_size or (info.local_world_size if 1 < info.local_world_size < info.world_size else info.world_size)
+    if size > info.world_size or info.world_size % size:
+        raise ConfigError(f"--tp-size {size} must divide the world size {info.world_size} (the ranks form "
+                          f"world/tp groups of tp ranks that each hold one copy of the head)")
+    return size
+
+
 class HybridPlan(ShardedPlan):
+    """The head sharded over tp groups of `tp` consecutive ranks (a node's GPUs by default), its
+    slices averaged over the `dp` ranks holding the same slice (one per tp group), everything
+    else averaged over all ranks by DDP. Flat (tp = world): one tp group and no dp sync."""
+
     name = "hybrid"
 
-    def __init__(self, info: D.DistInfo, module: nn.Module):
+    def __init__(self, info: D.DistInfo, module: nn.Module, tp_size: int = 0):
         super().__init__(info)
+        self.tp = head_ranks(info, tp_size)
+        self.dp = info.world_size // self.tp
+        self.tp_group, self.dp_group = D.mesh_groups(info, self.tp)
+        self.shard_group, self.shard_rank, self.gathers = self.tp_group, info.rank % self.tp, info.rank < self.tp
+        self.sync_shards, self.pending = True, []
         linears = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear)]
         if len(linears) < 2:
             raise ConfigError("--parallel hybrid shards a classifier of at least two Linear layers; this model has "
@@ -426,13 +458,13 @@ class HybridPlan(ShardedPlan):
             raise ConfigError(f"--parallel hybrid shards {first_name} by output and {second_name} by input, which "
                               f"needs {second_name} to read {first_name}'s output through elementwise ops only; "
                               f"{problem}: use --parallel ddp")
-        if first.out_features < info.world_size:
+        if first.out_features < self.tp:
             raise ConfigError(f"--parallel hybrid: {first.out_features} output neurons of {first_name} cannot be "
-                              f"split over {info.world_size} ranks: use --parallel ddp")
-        sizes = split_sizes(first.out_features, info.world_size)
-        self.comm = HeadComm(info.world_size, self.wire_meter)
-        column = ColumnParallelLinear(first, Shard(0, sizes), info.rank, self.comm)
-        row = RowParallelLinear(second, Shard(1, sizes), info.rank, self.comm)
+                              f"split over {self.tp} ranks: use --parallel ddp (or a smaller --tp-size)")
+        sizes = split_sizes(first.out_features, self.tp)
+        self.comm = HeadComm(self.tp, self.wire_meter, group=self.tp_group)
+        column = ColumnParallelLinear(first, Shard(0, sizes), self.shard_rank, self.comm)
+        row = RowParallelLinear(second, Shard(1, sizes), self.shard_rank, self.comm)
         for name, replacement in ((first_name, column), (second_name, row)):
             parent_name, _, child = name.rpartition(".")
             setattr(module.get_submodule(parent_name) if parent_name else module, child, replacement)
@@ -440,17 +472,42 @@ class HybridPlan(ShardedPlan):
         if first.bias is not None:
             self.shards[f"{first_name}.bias"] = Shard(0, sizes)
         self.layers = (first_name, second_name, sizes)
+        if self.dp > 1:
+            for name in self.shards:
+                module.get_parameter(name).register_post_accumulate_grad_hook(
+                    functools.partial(self._average_over_dp, name))
+
+    def _average_over_dp(self, name: str, param: nn.Parameter) -> None:
+        """As soon as backward has a head slice's gradient (the head's come first), its all-reduce
+        over the ranks holding the same slice starts, overlapping the trunk's backward."""
+        if not self.sync_shards:
+            return  # an accumulating micro-batch (--grad-accum-steps): the last one syncs
+        self.pending.append((dist.all_reduce(param.grad, group=self.dp_group, async_op=True), param.grad))
+        if self.comm.metering:
+            self.wire_meter.add(f"head_slice_grads {name}", "all_reduce", param.grad.numel() * param.grad.element_size(),
+                                self.dp)
+
+    def finish_gradients(self) -> None:
+        for work, grad in self.pending:
+            work.wait()
+            grad.div_(self.dp)
+        self.pending.clear()
+
+    def gradient_sync(self, enabled: bool):
+        self.sync_shards = enabled
+        return super().gradient_sync(enabled)
 
     def clip_gradients(self, module: nn.Module, max_norm: float) -> torch.Tensor:
-        """The replicated parameters' squared norm (identical on every rank) plus every rank's
-        head slices' squared norms, summed over the ranks in one tiny all-reduce: one global norm
-        and one coefficient everywhere. Clipping each rank by its own slices would give the ranks
-        different coefficients and split the replicas."""
+        """The replicated parameters' squared norm (identical on every rank) plus the head slices'
+        squared norms summed over the tp group (each slice once; its dp replicas are equal) in one
+        tiny all-reduce: one global norm and one coefficient everywhere. Clipping each rank by its
+        own slices would give the ranks different coefficients and split the replicas."""
         grads = [(name, p.grad) for name, p in module.named_parameters() if p.grad is not None]
         zero = torch.zeros((), dtype=torch.float32, device=self.info.device)
         sliced = sum((g.float().pow(2).sum() for name, g in grads if name in self.shards), zero)
         whole = sum((g.float().pow(2).sum() for name, g in grads if name not in self.shards), zero)
-        D.all_reduce_sum(self.info, sliced)
+        if self.tp > 1:
+            dist.all_reduce(sliced, group=self.tp_group)
         total = (whole + sliced).sqrt()
         coefficient = (max_norm / (total + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_([g for _, g in grads], coefficient)
@@ -459,8 +516,10 @@ class HybridPlan(ShardedPlan):
     def describe(self) -> str:
         first, second, sizes = self.layers
         spread = f"{sizes[0]}" if len(set(sizes)) == 1 else "/".join(map(str, sizes))
+        layout = (f"; 2-D: {self.dp} groups of {self.tp} ranks each hold the head, its slices averaged across groups"
+                  if self.dp > 1 else "")
         return (f"hybrid (convolutions data-parallel; {first} column-parallel, {second} row-parallel: "
-                f"{spread} neurons per rank)")
+                f"{spread} neurons per rank{layout})")
 
 
 class FSDPPlan(ShardedPlan):
@@ -573,21 +632,26 @@ def check_replicas(plan: Plan, module: nn.Module, where: str) -> None:
     collective: every rank calls it at the same point (before each checkpoint and at the end)."""
     info = plan.info
     named = plan.replicated_parameters(module)
-    if not info.distributed or info.world_size == 1 or not named:
+    # the 2-D hybrid's head slices: every tp group holds a copy, which must equal tp group 0's
+    sliced = [(name, module.get_parameter(name)) for name in plan.shards] if getattr(plan, "dp", 1) > 1 else []
+    if not info.distributed or info.world_size == 1 or not (named or sliced):
         return
-    mine = torch.stack([checksum(p) for _, p in named])
-    every = [torch.empty_like(mine) for _ in range(info.world_size)]
-    dist.all_gather(every, mine)
-    differs = (torch.stack(every) != every[0]).any(dim=2).cpu()  # (rank, parameter)
+    mine = torch.stack([checksum(p) for _, p in named + sliced])
+    every = torch.stack(D.all_gather_tensors(info, mine))  # (rank, parameter, 2)
+    reference = torch.stack([torch.cat([every[0, :len(named)], every[rank % plan.tp, len(named):]]) if sliced
+                             else every[0] for rank in range(info.world_size)])
+    differs = (every != reference).any(dim=2).cpu()  # (rank, parameter)
     if not differs.any():
         return
     first = int(differs.any(dim=0).nonzero()[0])
     ranks = [r for r in range(info.world_size) if differs[r, first]]
     count = int(differs.any(dim=0).sum())
-    raise ReplicaDrift(f"replicas diverged {where}: {named[first][0]} differs on rank{'s' if len(ranks) > 1 else ''} "
-                       f"{', '.join(map(str, ranks))} from rank 0 ({count} of {len(named)} replicated parameters "
-                       f"differ); nothing was checkpointed after it and the newest committed checkpoint is kept: "
-                       f"rerun to resume from it, and report the command if it happens again")
+    name = (named + sliced)[first][0]
+    against = "rank 0" if first < len(named) else "the same slice in rank 0's tp group"
+    raise ReplicaDrift(f"replicas diverged {where}: {name} differs on rank{'s' if len(ranks) > 1 else ''} "
+                       f"{', '.join(map(str, ranks))} from {against} ({count} of {len(named) + len(sliced)} replicated "
+                       f"parameters differ); nothing was checkpointed after it and the newest committed checkpoint is "
+                       f"kept: rerun to resume from it, and report the command if it happens again")
 
 
 # ------------------------------------------------------------------------------ entry point
@@ -606,7 +670,7 @@ def parallelize(module: nn.Module, cfg: TrainConfig, info: D.DistInfo) -> Wrappe
     plan: Plan
     ignored: list[str] = []
     if design == "hybrid":
-        plan = HybridPlan(info, module)
+        plan = HybridPlan(info, module, cfg.tp_size)
         ignored = list(plan.shards)  # DDP neither broadcasts nor all-reduces this rank's own slices
     elif design == "fsdp":
         plan = FSDPPlan(info, module, cfg.precision)

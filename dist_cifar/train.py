@@ -165,6 +165,8 @@ def train(cfg: TrainConfig, notes: tuple[str, ...], info: D.DistInfo, flag: Pree
         state.wandb_id = reporter.wandb_id or state.wandb_id
         if resume_path is not None:
             reporter.restore_history(state.history, state.global_step)
+        if run.parallel_auto and "table" in run.parallel_auto:
+            reporter.note(run.parallel_auto["table"])
         reporter.note(start_line(run, run_config))
         reporter.note(needs.describe())
         code = epoch_loop(run, state, checkpoints, reporter, flag=flag, faults=faults, needs=needs)
@@ -424,6 +426,7 @@ def describe(run: TrainingRun, out_dir: Path) -> dict[str, Any]:
                 parallel_resolved=run.model.plan.name, wire_predicted=predicted_wire(run),
                 precision_resolved=run.precision.name, backend_resolved=info.backend or "none",
                 data_source=splits.source, steps_per_epoch_resolved=run.steps_per_epoch,
+                parallel_auto={k: v for k, v in run.parallel_auto.items() if k != "table"} if run.parallel_auto else None,
                 split_sizes=dict(train=len(splits.train), val=len(splits.val) if splits.val is not None else 0,
                                  test=len(splits.test)))
 
@@ -444,7 +447,8 @@ def predicted_wire(run: TrainingRun) -> dict[str, int]:
     if not info.distributed:
         return {}
     return cost.predict_wire(run.model.plan.name, cfg.model, batch_per_rank=cfg.batch_size, world=info.world_size,
-                             precision=run.precision.name, comm_hook=cfg.ddp_comm_hook, **model_switches(cfg))
+                             precision=run.precision.name, comm_hook=cfg.ddp_comm_hook,
+                             tp=getattr(run.model.plan, "tp", 0), **model_switches(cfg))
 
 
 def start_line(run: TrainingRun, run_config: dict[str, Any]) -> str:

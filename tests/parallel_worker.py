@@ -4,7 +4,9 @@ gradients, updated weights and optimizer state (rank 0). Run alone (the referenc
     python tests/parallel_worker.py OUT DESIGN[,DESIGN...] [--load STATE.pt]
 
 Writes OUT-DESIGN.pt per design (one process group serves them all, one launch). DESIGN:clip clips
-the gradients' global norm to CLIP (--clip-grad-norm's code) before the step. With --load, the
+the gradients' global norm to CLIP (--clip-grad-norm's code) before the step; DESIGN:fp16 runs the
+step under fp16 autocast with the GradScaler the trainer builds. hybrid-tpT shards the head over tp
+groups of T ranks (--tp-size T: the 2-D layout when T < world). With --load, the
 plain state in STATE.pt (model + optimizer, as a checkpoint holds them) is then also loaded
 through the layout and consolidated again (key "round_trip"): resharding."""
 import sys
@@ -14,8 +16,9 @@ import torch.nn.functional as F
 
 from dist_cifar import distributed as D
 from dist_cifar.config import make_config
+from dist_cifar.engine import Precision
 from dist_cifar.models import build_model
-from dist_cifar.parallel import ConsolidatedModel, ConsolidatedOptimizer, parallelize
+from dist_cifar.parallel import ConsolidatedModel, ConsolidatedOptimizer, check_replicas, parallelize
 
 
 GLOBAL_BATCH = 12  # divides over 1, 2, 3 and 4 ranks
@@ -36,9 +39,10 @@ def plain_grads(wrapped, info) -> dict:
 
 
 def one_step(spec: str, info: D.DistInfo) -> dict:
-    design, _, variant = spec.partition(":")
+    layout, _, variant = spec.partition(":")
+    design, _, tp = layout.partition("-tp")
     cfg = make_config(model="small_cnn", batchnorm=False, dropout=False, parallel=design, device="cpu",
-                      precision="fp32", channels_last=False, compile=False)
+                      precision="fp32", channels_last=False, compile=False, tp_size=int(tp or 0))
     torch.manual_seed(cfg.seed)
     wrapped = parallelize(build_model(cfg.model, batchnorm=False, dropout=False), cfg, info)
     # the clipped step uses plain SGD: Adam's first step divides by |g|, and clipped gradients of
@@ -52,14 +56,25 @@ def one_step(spec: str, info: D.DistInfo) -> dict:
     y = torch.randint(0, 10, (GLOBAL_BATCH,), generator=g)
     b = GLOBAL_BATCH // info.world_size
     mine = slice(info.rank * b, (info.rank + 1) * b)
-    loss = F.cross_entropy(wrapped.train_model(x[mine]), y[mine])
-    loss.backward()
+    precision = Precision.build("fp16" if variant == "fp16" else "fp32", info.device,
+                                agree_overflows=design == "hybrid" and info.distributed)
+    with precision.autocast():
+        loss = F.cross_entropy(wrapped.train_model(x[mine]), y[mine])
+    (precision.scaler.scale(loss) if precision.scaler else loss).backward()
+    wrapped.plan.finish_gradients()
+    if precision.scaler:
+        precision.scaler.unscale_(optimizer)
     norm = wrapped.plan.clip_gradients(wrapped.module, CLIP).item() if variant == "clip" else None
     grads = plain_grads(wrapped, info)
-    optimizer.step()
+    if precision.scaler:
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+    else:
+        optimizer.step()
+    check_replicas(wrapped.plan, wrapped.module, "after the step")  # every tp group's head copy too
     result = {"grads": grads, "weights": model_state.state_dict(), "optimizer": optim_state.state_dict(),
-              "norm": norm}
-    if "--load" in sys.argv and not variant:  # the reference state is an Adam one
+              "norm": norm, "scale": precision.scaler.get_scale() if precision.scaler else None}
+    if "--load" in sys.argv and not variant and not tp:  # the reference state is an Adam one
         saved = torch.load(sys.argv[sys.argv.index("--load") + 1], weights_only=True)
         model_state.load_state_dict(saved["weights"])
         optim_state.load_state_dict(saved["optimizer"])

@@ -39,13 +39,40 @@ def plain(state):
 @pytest.fixture(scope="module")
 def one_steps(tmp_path_factory):
     """One step as one process (ddp), and of hybrid and fsdp at 2 and at 3 ranks (3 also loading the
-    single process's state and consolidating it again): three launches serve both designs."""
+    single process's state and consolidating it again), and of the 2-D hybrid at 2 x 2 and 2 x 3
+    ranks: five launches serve every design."""
     work = tmp_path_factory.mktemp("one_step")
     clipped = ["ddp:clip", "hybrid:clip", "fsdp:clip"]
-    ref = worker(work / "one", ["ddp", "ddp:clip"], 1)
+    ref = worker(work / "one", ["ddp", "ddp:clip", "ddp:fp16"], 1)
     two = worker(work / "two", ["hybrid", "fsdp", *clipped], 2)
     three = worker(work / "three", ["hybrid", "fsdp", *clipped], 3, "--load", work / "one-ddp.pt")
-    return ref, {2: two, 3: three}
+    four = worker(work / "four", ["hybrid-tp2", "hybrid-tp2:clip", "hybrid-tp2:fp16"], 4)
+    six = worker(work / "six", ["hybrid-tp3", "hybrid-tp3:clip", "hybrid-tp3:fp16"], 6)
+    return ref, {2: two, 3: three, 4: four, 6: six}
+
+
+def test_the_2d_hybrid_equals_one_process(one_steps):
+    """#32: the head sharded over tp groups of 2 (4 ranks: 2 x 2) and of 3 (6 ranks: 2 x 3, FC1's
+    64 neurons split 22/21/21), its slices averaged over the groups: one step gives the single
+    process's gradients and weights (fp32, as the flat layout), the same clipped norm, and under
+    fp16 with the GradScaler the single fp16 process's step to fp16's precision (that process
+    itself differs from fp32 by ~5 %). Every group's copy of the head stays identical (the worker's
+    replica check covers the slices too)."""
+    refs, by_world = one_steps
+    for world, tp in ((4, 2), (6, 3)):
+        for variant, ref in (("", refs["ddp"]), (":clip", refs["ddp:clip"])):
+            got = by_world[world][f"hybrid-tp{tp}{variant}"]
+            for name in ref["grads"]:
+                assert relative(got["grads"][name], ref["grads"][name]) <= 1e-5, (world, variant, name)
+                assert relative(got["weights"][name], ref["weights"][name]) <= 1e-5, (world, variant, name)
+            assert got["weights"]["fc1.weight"].shape == (64, 1024)
+        clipped = by_world[world][f"hybrid-tp{tp}:clip"]
+        assert abs(clipped["norm"] - refs["ddp:clip"]["norm"]) <= 1e-5 * refs["ddp:clip"]["norm"]
+        half, ref = by_world[world][f"hybrid-tp{tp}:fp16"], refs["ddp:fp16"]
+        assert half["scale"] == ref["scale"] == 65536.0  # the step was taken, not skipped for overflow
+        for name in ref["grads"]:
+            assert relative(half["grads"][name], ref["grads"][name]) <= 3e-3, (world, name)
+            assert relative(half["weights"][name], ref["weights"][name]) <= 2e-2, (world, name)
 
 
 @pytest.mark.parametrize("design", ["hybrid", "fsdp"])
@@ -116,6 +143,7 @@ def two_ranks(tmp_path_factory):
              for d in ("ddp", "hybrid", "fsdp")]
     jobs += [("ema_stop", accumulation(work / "ema_resumed", 1, *EMA_FLAGS), {"DIST_CIFAR_FAULT": "preempt:rank=0:step=1"}),
              ("ema_again", accumulation(work / "ema_resumed", 1, *EMA_FLAGS), {})]
+    jobs += [("auto", smoke_args(work / "auto", ["--parallel", "auto", "--precision", "bf16"]), {})]
     return work, torchrun_jobs(2, [{"name": n, "argv": a, "env": e} for n, a, e in jobs], work, timeout=900)
 
 
@@ -255,9 +283,10 @@ def test_resume_same_world_is_bit_exact(two_ranks):
 
 @pytest.mark.slow  # ~45 s: bash benchmarks/slow_tests.sh
 def test_resume_at_another_world_size_reshards(tmp_path):
-    """2 -> 3, 2 -> 1 and 1 -> 2 ranks: each resume reshards the head (hybrid) or FSDP2's shards from
-    the plain checkpoint and continues; the 2-rank run re-evaluated at 3 ranks gives its test loss;
-    best.pt is the plain state_dict (strict load into models.build_model)."""
+    """2 -> 3 (flat), 2 -> 4 (2-D: 2 x 2), 2 -> 1 and 1 -> 2 ranks: each resume reshards the head
+    (hybrid) or FSDP2's shards from the plain checkpoint and continues; the 2-rank run re-evaluated
+    at 3 ranks and as the 2-D layout gives its test loss; best.pt is the plain state_dict (strict
+    load into models.build_model)."""
     out = tmp_path / "run"
     hybrid = ("--parallel", "hybrid")
     assert run_torchrun(2, exact(out, 1, *hybrid, "--no-save-best")).returncode == 0
@@ -265,6 +294,10 @@ def test_resume_at_another_world_size_reshards(tmp_path):
     same = run_torchrun(3, exact(out, 1, *hybrid, "--no-save-best"))  # nothing left to train: resharded, evaluated
     assert same.returncode == 0, same.stderr[-2000:]
     assert "world size changed 2 -> 3" in same.stdout
+    assert abs(json.loads((out / "summary.json").read_text())["best_test_loss"] - first) < 1e-5
+    grid = run_torchrun(4, exact(out, 1, *hybrid, "--tp-size", "2", "--no-save-best"))
+    assert grid.returncode == 0, grid.stderr[-2000:]
+    assert "world size changed 2 -> 4" in grid.stdout and "2-D: 2 groups of 2 ranks" in grid.stdout
     assert abs(json.loads((out / "summary.json").read_text())["best_test_loss"] - first) < 1e-5
     alone = run_train(exact(out, 2, *hybrid, "--no-save-best"))
     assert alone.returncode == 0, alone.stderr[-2000:]
@@ -366,3 +399,25 @@ def test_the_hybrid_refuses_a_head_whose_second_linear_does_not_read_the_first_e
         assert head_pair_problem(net, first, second) == "", name
     assert "used 2 times" in head_pair_problem(Residual(), "fc1", "fc2")
     assert "norm" in head_pair_problem(Normed(), "fc1", "fc2")
+
+
+def test_parallel_auto_measures_predicts_and_records_its_choice(two_ranks):
+    """#32: --parallel auto at 2 ranks of one node: the all-reduce inside the node is measured,
+    every design this run allows is predicted (bf16 training: the bf16 hook is a candidate), the
+    one with the least predicted communication is chosen and trained, and config.json records the
+    links, the predictions and the choice (the resolved design in its fields, so it reruns)."""
+    work, jobs = two_ranks
+    assert all(rank["code"] == 0 for rank in jobs["auto"]["ranks"]), jobs["auto"]["ranks"][0]["stderr"][-2000:]
+    config = json.loads((work / "auto" / "config.json").read_text())
+    auto = config["parallel_auto"]
+    assert auto["links"]["nodes"] == 1 and auto["links"]["ranks_per_node"] == 2
+    assert auto["links"]["inside_node_gbs"] > 0 and auto["links"]["across_nodes_gbs"] is None
+    designs = {row["design"]: row for row in auto["predicted"]}
+    assert set(designs) == {"ddp", "ddp + bf16 hook", "hybrid (flat)", "fsdp"}
+    best = min(designs.values(), key=lambda row: row["comm_ms"])
+    assert auto["chosen"] == best["design"] and config["parallel"] == config["parallel_resolved"] == best["parallel"]
+    assert config["ddp_comm_hook"] == best["ddp_comm_hook"]
+    # the bytes are dist_cifar.cost's, at this run's batch and precision
+    predicted = cost.predict_wire("ddp", "small_cnn", batch_per_rank=32, world=2, precision="bf16")
+    assert designs["ddp"]["mb_inside_nodes"] == pytest.approx(sum(predicted.values()) / 1e6)
+    assert "--parallel auto: 1 node(s) x 2 rank(s)" in jobs["auto"]["ranks"][0]["stdout"]
