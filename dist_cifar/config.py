@@ -242,9 +242,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         label_smoothing=0.0, seed=42, deterministic=True, epochs=10,
     ),
     # vgg16_cifar at speed: big per-GPU batch to amortise the 73728x4096 FC's weight traffic,
-    # bf16 everywhere incl. gradients on the wire, OneCycle so large batches still converge.
+    # bf16 everywhere incl. gradients on the wire, OneCycle so large batches still converge, and
+    # the design --parallel auto measures as fastest (docs/parallel.md: it picked the measured
+    # winner on both sides of the flat/2-D crossover on two emulated hosts).
     "fast": dict(
-        model="vgg16_cifar", split="full", val_size=0, normalize="cifar", augment=True,
+        model="vgg16_cifar", parallel="auto", split="full", val_size=0, normalize="cifar", augment=True,
         global_batch_size=512, eval_batch_size=1024, optimizer="adamw", lr=2e-3, weight_decay=0.05,
         schedule="onecycle", label_smoothing=0.1, epochs=12, tta_flip=True, precision="bf16",
         channels_last=True, compile=True, loader="tensor", ddp_comm_hook="bf16",
@@ -346,7 +348,8 @@ def build_parser(prog: str = "python -m dist_cifar.train") -> argparse.ArgumentP
 # What config.json holds besides the fields: what only the running job knew (train.describe).
 # A config file may carry them (a run's own config.json); they are not settings and are skipped.
 RUN_FACTS = ("world_size", "device_name", "mfu_peak_tflops", "mfu_peak_source", "torch_version", "git_commit",
-             "dist_cifar_version", "num_params", "parallel_resolved", "wire_predicted", "precision_resolved", "backend_resolved", "data_source",
+             "dist_cifar_version", "num_params", "parallel_resolved", "tp_resolved", "wire_predicted",
+             "precision_resolved", "backend_resolved", "data_source",
              "steps_per_epoch_resolved", "split_sizes", "parallel_auto")
 
 

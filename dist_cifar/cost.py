@@ -212,6 +212,23 @@ def predict_wire(design: str, model: str, *, batch_per_rank: int, world: int, pr
     return out
 
 
+def bytes_across_link_per_node(collectives: list[Collective], *, world: int, nodes: int,
+                               gloo: bool = False) -> int:
+    """What one node sends to the others per step, as a link's counters would see it: a ring
+    over a group laid out in contiguous blocks per node leaves each node once, so a node sends one
+    rank's ring share per group it belongs to (world / ranks of them). `gloo`: gloo runs a
+    reduce-scatter as a whole all-reduce, sending twice the ring share."""
+    if nodes <= 1:
+        return 0
+    total = 0
+    for c in collectives:
+        if not c.across_nodes:
+            continue
+        sent = ring_bytes("all_reduce", c.full_bytes, c.ranks) if gloo and c.kind == "reduce_scatter" else c.sent
+        total += (world // c.ranks) * sent
+    return total
+
+
 def predict_comm_s(collectives: list[Collective], *, nodes: int, intra_gbs: float, inter_gbs: float) -> dict:
     """Communication seconds per step without overlap: a collective whose ranks span nodes runs at
     the slower, inter-node bandwidth (its ring crosses that link); one inside a node at the
