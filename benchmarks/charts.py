@@ -132,7 +132,7 @@ def designs_chart(json_path: Path) -> Path:
             label="compute only (no communication)")
     for design, (label, style) in DESIGN_STYLES.items():
         if f"{design}_ms" in rows[0]:
-            ax.plot(gpus, [r[f"{design}_ms"] for r in rows], style, marker="x" if design == "fsdp" else "o",
+            ax.plot(gpus, [r[f"{design}_ms"] for r in rows], linestyle=style, marker="x" if design == "fsdp" else "o",
                     markersize=4, label=label)
     if any(r["nodes"] > 1 for r in rows):
         first = min(r["gpus"] for r in rows if r["nodes"] > 1)

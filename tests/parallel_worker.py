@@ -45,9 +45,9 @@ def one_step(spec: str, info: D.DistInfo) -> dict:
                       precision="fp32", channels_last=False, compile=False, tp_size=int(tp or 0))
     torch.manual_seed(cfg.seed)
     wrapped = parallelize(build_model(cfg.model, batchnorm=False, dropout=False), cfg, info)
-    # the clipped step uses plain SGD: Adam's first step divides by |g|, and clipped gradients of
-    # ~1e-8 per element sit at its eps, where float32 summation order decides the update
-    optimizer = (torch.optim.SGD(wrapped.module.parameters(), lr=1.0) if variant == "clip" else
+    # the clipped and fp16 steps use plain SGD: Adam's first step divides by |g|, so an element whose
+    # gradient sits near 0 (clipped to ~1e-8, or rounded by fp16) moves by +-lr on a rounding's whim
+    optimizer = (torch.optim.SGD(wrapped.module.parameters(), lr=1.0) if variant in ("clip", "fp16") else
                  torch.optim.Adam(wrapped.module.parameters(), lr=1e-2))
     model_state = ConsolidatedModel(wrapped.plan, wrapped.module)
     optim_state = ConsolidatedOptimizer(wrapped.plan, optimizer, wrapped.module)

@@ -275,6 +275,8 @@ def other_value(name: str, default):
         return ([flag.replace("--", "--no-", 1)] if default else [flag]), not default
     if name == "eval_weights":  # the average needs an --ema to exist
         return [flag, "ema", "--ema", "0.9"], "ema"
+    if name == "tp_size":  # only the hybrid has a tp group
+        return [flag, "2", "--parallel", "hybrid"], 2
     if name in CHOICES:
         value = next(o for o in CHOICES[name] if o and o != default)
         return [flag, value], value

@@ -39,27 +39,26 @@ def plain(state):
 @pytest.fixture(scope="module")
 def one_steps(tmp_path_factory):
     """One step as one process (ddp), and of hybrid and fsdp at 2 and at 3 ranks (3 also loading the
-    single process's state and consolidating it again), and of the 2-D hybrid at 2 x 2 and 2 x 3
-    ranks: five launches serve every design."""
+    single process's state and consolidating it again), and of the 2-D hybrid at 6 ranks as 3 x 2 and
+    2 x 3: four launches serve every design."""
     work = tmp_path_factory.mktemp("one_step")
     clipped = ["ddp:clip", "hybrid:clip", "fsdp:clip"]
     ref = worker(work / "one", ["ddp", "ddp:clip", "ddp:fp16"], 1)
     two = worker(work / "two", ["hybrid", "fsdp", *clipped], 2)
     three = worker(work / "three", ["hybrid", "fsdp", *clipped], 3, "--load", work / "one-ddp.pt")
-    four = worker(work / "four", ["hybrid-tp2", "hybrid-tp2:clip", "hybrid-tp2:fp16"], 4)
-    six = worker(work / "six", ["hybrid-tp3", "hybrid-tp3:clip", "hybrid-tp3:fp16"], 6)
-    return ref, {2: two, 3: three, 4: four, 6: six}
+    six = worker(work / "six", [f"hybrid-tp{tp}{v}" for tp in (2, 3) for v in ("", ":clip", ":fp16")], 6)
+    return ref, {2: two, 3: three, 6: six}
 
 
 def test_the_2d_hybrid_equals_one_process(one_steps):
-    """#32: the head sharded over tp groups of 2 (4 ranks: 2 x 2) and of 3 (6 ranks: 2 x 3, FC1's
-    64 neurons split 22/21/21), its slices averaged over the groups: one step gives the single
+    """#32: the head sharded over tp groups of 2 (6 ranks: 3 groups x 2) and of 3 (6 ranks: 2 x 3,
+    FC1's 64 neurons split 22/21/21), its slices averaged over the groups: one step gives the single
     process's gradients and weights (fp32, as the flat layout), the same clipped norm, and under
-    fp16 with the GradScaler the single fp16 process's step to fp16's precision (that process
-    itself differs from fp32 by ~5 %). Every group's copy of the head stays identical (the worker's
+    fp16 with the GradScaler (an SGD step) the single fp16 process's step to fp16's precision (that
+    process itself differs from fp32 by ~5 %). Every group's copy of the head stays identical (the worker's
     replica check covers the slices too)."""
     refs, by_world = one_steps
-    for world, tp in ((4, 2), (6, 3)):
+    for world, tp in ((6, 2), (6, 3)):
         for variant, ref in (("", refs["ddp"]), (":clip", refs["ddp:clip"])):
             got = by_world[world][f"hybrid-tp{tp}{variant}"]
             for name in ref["grads"]:
@@ -72,7 +71,7 @@ def test_the_2d_hybrid_equals_one_process(one_steps):
         assert half["scale"] == ref["scale"] == 65536.0  # the step was taken, not skipped for overflow
         for name in ref["grads"]:
             assert relative(half["grads"][name], ref["grads"][name]) <= 3e-3, (world, name)
-            assert relative(half["weights"][name], ref["weights"][name]) <= 2e-2, (world, name)
+            assert relative(half["weights"][name], ref["weights"][name]) <= 1e-3, (world, name)
 
 
 @pytest.mark.parametrize("design", ["hybrid", "fsdp"])
@@ -295,7 +294,8 @@ def test_resume_at_another_world_size_reshards(tmp_path):
     assert same.returncode == 0, same.stderr[-2000:]
     assert "world size changed 2 -> 3" in same.stdout
     assert abs(json.loads((out / "summary.json").read_text())["best_test_loss"] - first) < 1e-5
-    grid = run_torchrun(4, exact(out, 1, *hybrid, "--tp-size", "2", "--no-save-best"))
+    as_grid = (*hybrid, "--tp-size", "2", "--no-save-best")
+    grid = run_torchrun(4, exact(out, 1, *as_grid))
     assert grid.returncode == 0, grid.stderr[-2000:]
     assert "world size changed 2 -> 4" in grid.stdout and "2-D: 2 groups of 2 ranks" in grid.stdout
     assert abs(json.loads((out / "summary.json").read_text())["best_test_loss"] - first) < 1e-5
@@ -317,25 +317,34 @@ def test_resume_at_another_world_size_reshards(tmp_path):
     build_model("small_cnn").load_state_dict(best, strict=True)
 
 
-def test_two_emulated_hosts_every_design(tmp_path):
+def test_two_emulated_hosts_ddp_and_the_2d_hybrid(tmp_path):
     """Two network namespaces joined by a veth pair (launch/two_hosts.sh): torchrun --nnodes=2 with
-    c10d rendezvous on the first namespace's address, gloo over the veth, for each design; the
-    link's own counters saw at least the bytes the collectives recorded."""
-    for design in ("ddp", "hybrid", "fsdp"):
+    c10d rendezvous on the first namespace's address, gloo over the veth; ddp with one rank per
+    host, and the hybrid with two per host, which makes it the 2-D layout (the head sharded inside
+    each host by default). The link's own counters saw at least the bytes dist_cifar.cost puts on
+    it. (Every design on one host: the tests above; flat and 2-D measured on the link:
+    benchmarks/scaleout.py.)"""
+    for design, per_host in (("ddp", 1), ("hybrid", 2)):
         out = tmp_path / design
-        proc = subprocess.run(["bash", "launch/two_hosts.sh", "--", "--dataset", "synthetic", "--synthetic-size", "256",
-                               "--batch-size", "16", "--epochs", "1", "--model", "small_cnn", "--quiet",
-                               "--parallel", design, "--out-dir", str(out), "--dist-timeout", "60"],
+        proc = subprocess.run(["bash", "launch/two_hosts.sh", "--nproc-per-host", str(per_host), "--", "--dataset",
+                               "synthetic", "--synthetic-size", "256", "--batch-size", "16", "--epochs", "1",
+                               "--model", "small_cnn", "--quiet", "--parallel", design, "--out-dir", str(out),
+                               "--dist-timeout", "60"],
                               cwd=ROOT, env=base_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=240)
         if proc.returncode == 77:
             pytest.skip(proc.stderr.strip().splitlines()[-1])
         assert proc.returncode == 0, proc.stderr[-3000:]
         config = json.loads((out / "config.json").read_text())
-        assert config["world_size"] == 2 and config["parallel_resolved"] == design
+        assert config["world_size"] == 2 * per_host and config["parallel_resolved"] == design
         metrics = read_jsonl(out / "metrics.jsonl")[0]
+        collectives = cost.step_collectives(design, "small_cnn", batch_per_rank=16, world=2 * per_host,
+                                            tp=config["tp_resolved"] or 0)
+        across = cost.bytes_across_link_per_node(collectives, world=2 * per_host, nodes=2, gloo=True)
         sent = [int(x) for x in re.findall(r"host\d=(\d+)", proc.stderr)]
-        assert len(sent) == 2 and min(sent) >= metrics["wire_bytes_per_step"] * metrics["steps"], proc.stderr[-1000:]
+        assert len(sent) == 2 and min(sent) >= across * metrics["steps"] > 0, proc.stderr[-1000:]
         assert json.loads((out / "summary.json").read_text())["best_test_accuracy"] > 0
+    assert config["tp_resolved"] == 2 and "2-D: 2 groups of 2 ranks" in proc.stdout
+    assert metrics["wire_bytes_per_step"] == sum(config["wire_predicted"].values())
     assert not [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
                 if n.startswith(("dcA", "dcB"))]  # the namespaces are gone
 
