@@ -74,6 +74,9 @@ def measure_links(info: D.DistInfo) -> dict:
     inside_group, across_group = D.mesh_groups(info, per_node)  # (a node's ranks, one rank per node)
     inside = probe_gbs(info, inside_group, per_node)
     across = probe_gbs(info, across_group, nodes)
+    for group in (inside_group, across_group):
+        if group is not None:  # the chosen design makes its own; NCCL's communicators hold memory
+            dist.destroy_process_group(group)
     links = {"nodes": nodes, "ranks_per_node": per_node, "inside_node_gbs": inside, "across_nodes_gbs": across}
     return D.broadcast_object(info, links)
 

@@ -165,7 +165,8 @@ def step_collectives(design: str, model: str, *, batch_per_rank: int, world: int
     outputs reduce-scattered (fp32) and their gradients all-gathered (fp32); every other
     parameter (the trunk, the second Linear's bias, later layers) all-reduced by DDP. With
     `tp` < world (the 2-D layout) the head's collectives span the tp ranks of a node and rank 0's
-    head slices (fp32 gradients) are all-reduced over the world/tp ranks holding the same slice.
+    head slices' gradients are all-reduced over the world/tp ranks holding the same slice (fp32,
+    or 2 bytes an element with an fp16/bf16 hook, like DDP's buckets).
     fsdp: per unit (`fsdp_units`: the BatchNorms in fp32, each Linear, the root with the rest)
     its parameters, dim 0 padded to a multiple of the world size, all-gathered in the parameter
     dtype in forward (and again in backward for the Linear units, resharded after forward) and
@@ -197,7 +198,7 @@ def step_collectives(design: str, model: str, *, batch_per_rank: int, world: int
     if inside:
         neurons = -(-first.out_features // tp)  # rank 0's slice (the first ranks get one more)
         elements = neurons * first.in_features + (neurons if first.bias is not None else 0) + second.out_features * neurons
-        out.append(Collective("head_slice_grads", "all_reduce", elements * 4, world // tp))
+        out.append(Collective("head_slice_grads", "all_reduce", elements * hook, world // tp))  # in the hook's dtype
     return out
 
 

@@ -448,6 +448,7 @@ class HybridPlan(ShardedPlan):
         self.tp_group, self.dp_group = D.mesh_groups(info, self.tp)
         self.shard_group, self.shard_rank, self.gathers = self.tp_group, info.rank % self.tp, info.rank < self.tp
         self.sync_shards, self.pending = True, []
+        self.slice_dtype: Optional[torch.dtype] = None  # set with a compressing DDP hook (parallelize)
         linears = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear)]
         if len(linears) < 2:
             raise ConfigError("--parallel hybrid shards a classifier of at least two Linear layers; this model has "
@@ -479,17 +480,21 @@ class HybridPlan(ShardedPlan):
 
     def _average_over_dp(self, name: str, param: nn.Parameter) -> None:
         """As soon as backward has a head slice's gradient (the head's come first), its all-reduce
-        over the ranks holding the same slice starts, overlapping the trunk's backward."""
+        over the ranks holding the same slice starts, overlapping the trunk's backward; in the
+        DDP hook's dtype when --ddp-comm-hook compresses (fp16/bf16), as DDP's own buckets are."""
         if not self.sync_shards:
             return  # an accumulating micro-batch (--grad-accum-steps): the last one syncs
-        self.pending.append((dist.all_reduce(param.grad, group=self.dp_group, async_op=True), param.grad))
+        grad = param.grad
+        wire = grad.to(self.slice_dtype) if self.slice_dtype is not None else grad
+        self.pending.append((dist.all_reduce(wire, group=self.dp_group, async_op=True), grad, wire))
         if self.comm.metering:
-            self.wire_meter.add(f"head_slice_grads {name}", "all_reduce", param.grad.numel() * param.grad.element_size(),
-                                self.dp)
+            self.wire_meter.add(f"head_slice_grads {name}", "all_reduce", wire.numel() * wire.element_size(), self.dp)
 
     def finish_gradients(self) -> None:
-        for work, grad in self.pending:
+        for work, grad, wire in self.pending:
             work.wait()
+            if wire is not grad:
+                grad.copy_(wire)
             grad.div_(self.dp)
         self.pending.clear()
 
@@ -698,6 +703,8 @@ def parallelize(module: nn.Module, cfg: TrainConfig, info: D.DistInfo) -> Wrappe
             comm = CommTimer(cfg.ddp_comm_hook)
             train_model.register_comm_hook(None, comm.hook)
             plan.hook_bytes = 2 if cfg.ddp_comm_hook in ("fp16", "bf16") else 4
+            if isinstance(plan, HybridPlan):
+                plan.slice_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.ddp_comm_hook)
     torch.manual_seed(cfg.seed + 7_919 * (info.rank + 1))  # dropout masks differ between ranks
     eval_model = module
     if cfg.compile:

@@ -5,7 +5,8 @@ gradients, updated weights and optimizer state (rank 0). Run alone (the referenc
 
 Writes OUT-DESIGN.pt per design (one process group serves them all, one launch). DESIGN:clip clips
 the gradients' global norm to CLIP (--clip-grad-norm's code) before the step; DESIGN:fp16 runs the
-step under fp16 autocast with the GradScaler the trainer builds. hybrid-tpT shards the head over tp
+step under fp16 autocast with the GradScaler the trainer builds; DESIGN:sgd is a plain SGD step and
+DESIGN:bf16hook the same with --ddp-comm-hook bf16 (gradients on the wire in bf16). hybrid-tpT shards the head over tp
 groups of T ranks (--tp-size T: the 2-D layout when T < world). With --load, the
 plain state in STATE.pt (model + optimizer, as a checkpoint holds them) is then also loaded
 through the layout and consolidated again (key "round_trip"): resharding."""
@@ -42,12 +43,13 @@ def one_step(spec: str, info: D.DistInfo) -> dict:
     layout, _, variant = spec.partition(":")
     design, _, tp = layout.partition("-tp")
     cfg = make_config(model="small_cnn", batchnorm=False, dropout=False, parallel=design, device="cpu",
-                      precision="fp32", channels_last=False, compile=False, tp_size=int(tp or 0))
+                      precision="fp32", channels_last=False, compile=False, tp_size=int(tp or 0),
+                      ddp_comm_hook="bf16" if variant == "bf16hook" else "none")
     torch.manual_seed(cfg.seed)
     wrapped = parallelize(build_model(cfg.model, batchnorm=False, dropout=False), cfg, info)
     # the clipped and fp16 steps use plain SGD: Adam's first step divides by |g|, so an element whose
     # gradient sits near 0 (clipped to ~1e-8, or rounded by fp16) moves by +-lr on a rounding's whim
-    optimizer = (torch.optim.SGD(wrapped.module.parameters(), lr=1.0) if variant in ("clip", "fp16") else
+    optimizer = (torch.optim.SGD(wrapped.module.parameters(), lr=1.0) if variant in ("clip", "fp16", "sgd", "bf16hook") else
                  torch.optim.Adam(wrapped.module.parameters(), lr=1e-2))
     model_state = ConsolidatedModel(wrapped.plan, wrapped.module)
     optim_state = ConsolidatedOptimizer(wrapped.plan, optimizer, wrapped.module)

@@ -43,10 +43,11 @@ def one_steps(tmp_path_factory):
     2 x 3: four launches serve every design."""
     work = tmp_path_factory.mktemp("one_step")
     clipped = ["ddp:clip", "hybrid:clip", "fsdp:clip"]
-    ref = worker(work / "one", ["ddp", "ddp:clip", "ddp:fp16"], 1)
+    ref = worker(work / "one", ["ddp", "ddp:clip", "ddp:fp16", "ddp:sgd"], 1)
     two = worker(work / "two", ["hybrid", "fsdp", *clipped], 2)
     three = worker(work / "three", ["hybrid", "fsdp", *clipped], 3, "--load", work / "one-ddp.pt")
-    six = worker(work / "six", [f"hybrid-tp{tp}{v}" for tp in (2, 3) for v in ("", ":clip", ":fp16")], 6)
+    six = worker(work / "six", [f"hybrid-tp{tp}{v}" for tp in (2, 3) for v in ("", ":clip", ":fp16")]
+                 + ["hybrid-tp2:bf16hook"], 6)
     return ref, {2: two, 3: three, 6: six}
 
 
@@ -72,6 +73,11 @@ def test_the_2d_hybrid_equals_one_process(one_steps):
         for name in ref["grads"]:
             assert relative(half["grads"][name], ref["grads"][name]) <= 3e-3, (world, name)
             assert relative(half["weights"][name], ref["weights"][name]) <= 1e-3, (world, name)
+    # --ddp-comm-hook bf16: DDP's buckets and the slices' all-reduce across groups go in bf16
+    hooked, ref = by_world[6]["hybrid-tp2:bf16hook"], refs["ddp:sgd"]
+    for name in ref["grads"]:
+        assert relative(hooked["grads"][name], ref["grads"][name]) <= 1e-2, name
+        assert relative(hooked["weights"][name], ref["weights"][name]) <= 5e-3, name  # bf16: 2^-8
 
 
 @pytest.mark.parametrize("design", ["hybrid", "fsdp"])
