@@ -134,7 +134,7 @@ class TrainConfig:
     dist_timeout: float = 300.0
     """Seconds a collective may wait before the job fails instead of hanging."""
     parallel: str = "ddp"
-    """How the model is spread over the ranks: ddp (every rank holds the whole model; DDP all-reduces every gradient), hybrid (convolutions data-parallel under DDP, the classifier's first two Linear layers sharded over the ranks: features are all-gathered, not the 302M-parameter FC1's gradients; README "Past one GPU"), fsdp (FSDP2: every parameter sharded, bf16 all-gather under bf16, fp32 reduce-scatter; for very large global batches)."""
+    """How the model is spread over the ranks: ddp (every rank holds the whole model; DDP all-reduces every gradient), hybrid (convolutions data-parallel under DDP, the classifier's first two Linear layers sharded over the ranks: features are all-gathered, not the 302M-parameter FC1's gradients; README "Past one GPU"), fsdp (FSDP2: every parameter sharded, bf16 all-gather under bf16, fp32 reduce-scatter; for very large global batches), auto (measure the links at start, train the design dist_cifar.cost predicts fastest that fits; recorded in config.json as parallel_auto)."""
     tp_size: int = 0
     """--parallel hybrid: how many ranks share one copy of the head, sharded among them (the tp group; its features and outputs travel only inside it); the world is split into world/tp such groups, whose slices are averaged with each other (2-D layout). 0: the ranks of a node (LOCAL_WORLD_SIZE), or every rank when each node runs one; the world size: the flat layout."""
     sync_bn: bool = False
