@@ -77,19 +77,19 @@ def run_one(design: str, rate: str, args, scratch: Path) -> dict:
     steady = metrics[-1]
     sent = [int(x) for x in re.findall(r"host\d=(\d+)", proc.stderr)]
     config = json.loads((out / "config.json").read_text())
+    predicted, steps_total = predicted_link_mb(config), sum(m["steps"] for m in metrics)
     return {**row, "step_s": steady["epoch_time_s"] / steady["steps"],
             "warmup_step_s": metrics[0]["epoch_time_s"] / metrics[0]["steps"],
             "wire_mb_per_step": steady["wire_bytes_per_step"] / 1e6,
             "predicted_mb_per_step": sum(config["wire_predicted"].values()) / 1e6,
             "link_mb_rank1_total": sent[1] / 1e6 if len(sent) == 2 else None,  # the second host's namespace
-            "predicted_link_mb_per_step": predicted_link_mb(config),
+            "predicted_link_mb_per_step": predicted,
             # the link's counters over the whole run (setup, DDP's first broadcast and, under auto, the
             # probes included) per training step, against the prediction
-            "link_over_predicted": (sent[1] / sum(m["steps"] for m in metrics) / 1e6 / predicted_link_mb(config)
-                                    if len(sent) == 2 and predicted_link_mb(config) else None),
+            "link_over_predicted": sent[1] / steps_total / 1e6 / predicted if len(sent) == 2 and predicted else None,
             "layout": config["parallel_resolved"] + (f" tp {config['tp_resolved']}" if config.get("tp_resolved") else ""),
             "auto_chose": (config.get("parallel_auto") or {}).get("chosen"),
-            "steps_total": sum(m["steps"] for m in metrics),
+            "steps_total": steps_total,
             "peak_memory_mb": steady["peak_memory_mb"],  # max RSS so far on CPU: epoch 0's save included
             **({"checkpoint_blocked_s": metrics[0]["checkpoint_blocked_s"],
                 "checkpoint_write_s": metrics[-1]["checkpoint_write_s"]} if args.checkpoints else {})}

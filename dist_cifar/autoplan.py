@@ -24,6 +24,8 @@ from . import cost
 from . import distributed as D
 from .config import ConfigError, TrainConfig, validate
 from .models import build_model
+from .parallel import head_pair_problem
+from .timing import synchronize
 
 PROBE_BYTES = 8 << 20   # per all-reduce: large enough to be bandwidth-bound on every link
 PROBE_SECONDS = 1.0     # per link; at least 3 timed all-reduces after one warm-up
@@ -46,25 +48,20 @@ def probe_gbs(info: D.DistInfo, group, ranks: int) -> Optional[float]:
         return None
     buf = torch.ones(PROBE_BYTES // 4, dtype=torch.float32, device=info.device)
     dist.all_reduce(buf, group=group)  # warm-up: connections, allocations
-    synchronize(info)
+    synchronize(info.device)
     t0 = time.perf_counter()
     dist.all_reduce(buf, group=group)
-    synchronize(info)
+    synchronize(info.device)
     first = time.perf_counter() - t0
     count = int(D.broadcast_object(info, max(3, min(50, int(PROBE_SECONDS / max(first, 1e-6))))))
     times = []
     for _ in range(count):
         t0 = time.perf_counter()
         dist.all_reduce(buf, group=group)
-        synchronize(info)
+        synchronize(info.device)
         times.append(time.perf_counter() - t0)
     median = sorted(times)[len(times) // 2]
     return cost.ring_bytes("all_reduce", PROBE_BYTES, ranks) / median / 1e9
-
-
-def synchronize(info: D.DistInfo) -> None:
-    if info.device.type == "cuda":
-        torch.cuda.synchronize(info.device)
 
 
 def measure_links(info: D.DistInfo) -> dict:
@@ -81,16 +78,18 @@ def measure_links(info: D.DistInfo) -> dict:
     return D.broadcast_object(info, links)
 
 
-def candidates(cfg: TrainConfig, links: dict) -> list[Candidate]:
-    """Every design this config allows (a flag set by the user, such as --ddp-comm-hook, is kept)."""
+def candidates(cfg: TrainConfig, links: dict, net: nn.Module) -> list[Candidate]:
+    """Every design this config and model allow (a flag set by the user, such as --ddp-comm-hook,
+    is kept); `net`: the plain model on the meta device."""
     hook = cfg.ddp_comm_hook
     out = [Candidate("ddp", "ddp", hook)]
     if hook == "none" and cfg.precision in ("bf16", "fp16"):  # never coarser gradients than the run asked for
         out.append(Candidate("ddp + bf16 hook", "ddp", "bf16"))
-    out.append(Candidate("hybrid (flat)", "hybrid", hook, 0 if links["nodes"] == 1 else links["nodes"] *
-                         links["ranks_per_node"]))
-    if links["nodes"] > 1 and links["ranks_per_node"] > 1:
-        out.append(Candidate("hybrid (2-D)", "hybrid", hook, links["ranks_per_node"]))
+    linears = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if len(linears) >= 2 and not head_pair_problem(net, linears[0], linears[1]):
+        out.append(Candidate("hybrid (flat)", "hybrid", hook, links["nodes"] * links["ranks_per_node"]))
+        if links["nodes"] > 1 and links["ranks_per_node"] > 1:
+            out.append(Candidate("hybrid (2-D)", "hybrid", hook, links["ranks_per_node"]))
     out.append(Candidate("fsdp", "fsdp"))
     allowed = []
     for c in out:
@@ -98,31 +97,19 @@ def candidates(cfg: TrainConfig, links: dict) -> list[Candidate]:
             validate(dataclasses.replace(cfg, parallel=c.parallel, ddp_comm_hook=c.ddp_comm_hook, tp_size=c.tp_size))
         except ConfigError:
             continue
-        if c.parallel == "hybrid" and not head_shardable(cfg):
-            continue
         allowed.append(c)
     return allowed
 
 
-def head_shardable(cfg: TrainConfig) -> bool:
-    from .parallel import head_pair_problem
-    with torch.device("meta"):
-        net = build_model(cfg.model, cfg.batchnorm, cfg.dropout, cfg.pooling)
-    linears = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
-    return len(linears) >= 2 and not head_pair_problem(net, linears[0], linears[1])
-
-
-def state_bytes(c: Candidate, cfg: TrainConfig, world: int, tp: int) -> int:
+def state_bytes(c: Candidate, net: nn.Module, world: int) -> int:
     """What one rank keeps per step: weights, gradients and Adam's moments of its parameters."""
-    with torch.device("meta"):
-        net = build_model(cfg.model, cfg.batchnorm, cfg.dropout, cfg.pooling)
     total = sum(p.numel() for p in net.parameters())
     if c.parallel == "fsdp":
         return ADAM_STATE_COPIES * 4 * -(-total // world)
     if c.parallel == "hybrid":
         linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
         head = sum(p.numel() for m in linears[:2] for p in m.parameters())
-        return ADAM_STATE_COPIES * 4 * (total - head + -(-head // tp))
+        return ADAM_STATE_COPIES * 4 * (total - head + -(-head // c.tp_size))
     return ADAM_STATE_COPIES * 4 * total
 
 
@@ -137,15 +124,16 @@ def predict(cfg: TrainConfig, info: D.DistInfo, links: dict, precision: str) -> 
     inside = links["inside_node_gbs"] or links["across_nodes_gbs"]
     across = links["across_nodes_gbs"] or inside
     memory = D.broadcast_object(info, memory_per_rank(info))
+    with torch.device("meta"):
+        net = build_model(cfg.model, cfg.batchnorm, cfg.dropout, cfg.pooling)
     rows = []
-    for c in candidates(cfg, links):
-        tp = c.tp_size or info.world_size
+    for c in candidates(cfg, links, net):
         collectives = cost.step_collectives(c.parallel, cfg.model, batch_per_rank=cfg.batch_size * cfg.grad_accum_steps,
                                             world=info.world_size, precision=precision, comm_hook=c.ddp_comm_hook,
-                                            tp=tp if c.parallel == "hybrid" else 0, batchnorm=cfg.batchnorm,
-                                            dropout=cfg.dropout, pooling=cfg.pooling)
+                                            tp=c.tp_size, batchnorm=cfg.batchnorm, dropout=cfg.dropout,
+                                            pooling=cfg.pooling)
         comm = cost.predict_comm_s(collectives, nodes=links["nodes"], intra_gbs=inside, inter_gbs=across)
-        need = state_bytes(c, cfg, info.world_size, tp)
+        need = state_bytes(c, net, info.world_size)
         rows.append({"design": c.label, "parallel": c.parallel, "ddp_comm_hook": c.ddp_comm_hook,
                      "tp_size": c.tp_size, "comm_ms": 1000 * comm["comm_s"],
                      "mb_across_nodes": comm["bytes_across_nodes"] / 1e6,
@@ -167,16 +155,17 @@ def choose(cfg: TrainConfig, info: D.DistInfo, precision: str) -> tuple[TrainCon
     best = min(fitting, key=lambda r: r["comm_ms"])
     chosen = dataclasses.replace(cfg, parallel=best["parallel"], ddp_comm_hook=best["ddp_comm_hook"],
                                  tp_size=best["tp_size"])
-    return chosen, {"links": links, "predicted": rows, "chosen": best["design"], "probe_mb": PROBE_BYTES / 1e6,
-                    "table": describe(links, rows, best)}
+    return chosen, {"links": links, "predicted": rows, "chosen": best["design"], "probe_mb": PROBE_BYTES / 1e6}
 
 
-def describe(links: dict, rows: list[dict], best: dict) -> str:
+def table(record: dict) -> str:
+    """What `choose` measured and predicted, as rank 0 prints it (the chosen design marked)."""
+    links, rows = record["links"], record["predicted"]
     rate = lambda gbs: f"{gbs:.2f} GB/s" if gbs else "-"  # noqa: E731
     lines = [f"--parallel auto: {links['nodes']} node(s) x {links['ranks_per_node']} rank(s); measured all-reduce "
              f"{rate(links['inside_node_gbs'])} inside a node, {rate(links['across_nodes_gbs'])} across nodes"]
     for r in rows:
-        mark = "->" if r is best else "  "
+        mark = "->" if r["design"] == record["chosen"] else "  "
         fits = "" if r["fits"] else "  (does not fit)"
         lines.append(f"  {mark} {r['design']:<16} {r['comm_ms']:9.1f} ms communication per step  "
                      f"{r['mb_across_nodes']:9.1f} MB across nodes  {r['mb_inside_nodes']:9.1f} MB inside  "

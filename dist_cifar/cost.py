@@ -73,6 +73,12 @@ def ring_allreduce_s(grad_bytes: float, gpus: int, link_gbs: float) -> float:
     return 0.0 if gpus <= 1 else 2 * (gpus - 1) / gpus * grad_bytes / (link_gbs * 1e9)
 
 
+def split_sizes(n: int, world: int) -> tuple[int, ...]:
+    """How the hybrid cuts a layer of n neurons over `world` ranks (torch.tensor_split's sizes: the
+    first n % world ranks get one more)."""
+    return tuple(n // world + (1 if r < n % world else 0) for r in range(world))
+
+
 def ring_bytes(kind: str, full_bytes: int, world: int) -> int:
     """What one rank sends for one collective over `full_bytes` (the all-reduced tensor, or the
     gathered / scattered full tensor) with the ring algorithm."""
@@ -196,7 +202,7 @@ def step_collectives(design: str, model: str, *, batch_per_rank: int, world: int
            Collective("head_outputs", "reduce_scatter", rows * second.out_features * 4, tp, not inside),
            Collective("head_outputs_grad", "all_gather", rows * second.out_features * 4, tp, not inside)]
     if inside:
-        neurons = -(-first.out_features // tp)  # rank 0's slice (the first ranks get one more)
+        neurons = split_sizes(first.out_features, tp)[0]  # rank 0's slice
         elements = neurons * first.in_features + (neurons if first.bias is not None else 0) + second.out_features * neurons
         out.append(Collective("head_slice_grads", "all_reduce", elements * hook, world // tp))  # in the hook's dtype
     return out

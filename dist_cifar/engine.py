@@ -296,7 +296,7 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
         hooks.faults.before_step(info.rank, global_step)
 
         optimizer.zero_grad(set_to_none=parts.grads_to_none)
-        step_loss = torch.zeros((), dtype=torch.float32, device=dev)
+        step_loss = torch.zeros((), dtype=torch.float32, device=dev) if hooks.record_step_losses else None
         for k, (x, y) in enumerate(micro_batches):
             last = k == len(micro_batches) - 1
             # DDP / FSDP2 reduce the gradients once, in the last micro-batch's backward
@@ -317,7 +317,8 @@ def train_epoch(parts: StepParts, loader, info: D.DistInfo, start: EpochStart,
             n = y.shape[0]
             loss_sum += loss.detach().double() * n
             correct += (logits.detach().argmax(1) == y).sum()
-            step_loss += loss.detach().float() / len(micro_batches)
+            if step_loss is not None:
+                step_loss += loss.detach().float() / len(micro_batches)
             result.sums.count += n
         parts.finish_gradients()
         hooks.faults.after_backward(info.rank, global_step)
@@ -404,6 +405,11 @@ class EvalResult:
     accuracy: float  # percent
     count: int
     confusion: Optional[torch.Tensor] = None  # (classes, classes): rows true, columns predicted
+
+    def per_class_accuracy(self, classes) -> list[tuple[str, float]]:
+        """(class, accuracy %) from the confusion matrix: its diagonal over each true class's row."""
+        cm = self.confusion
+        return [(name, 100.0 * float(cm[i, i]) / max(float(cm[i].sum()), 1.0)) for i, name in enumerate(classes)]
 
 
 @torch.no_grad()

@@ -97,13 +97,11 @@ def measure(target: Path, args) -> dict[str, Any]:
                               f"({str(exc).splitlines()[0][:120]})") from None
         result = evaluate(run.model.eval_model, run.shards(split), run.precision, info,
                           num_classes=len(splits.classes), confusion=True)
-        cm = result.confusion
-        per_class = {name: 100.0 * float(cm[i, i]) / max(float(cm[i].sum()), 1.0)
-                     for i, name in enumerate(splits.classes)}
         D.barrier(info)
         return {"weights": str(weights), "split": args.split, "images": result.count, "accuracy": result.accuracy,
                 "loss": result.loss, "tta_flip": cfg.tta_flip, "world_size": info.world_size, "model": cfg.model,
-                "per_class_accuracy": per_class, "confusion_matrix": cm.tolist(), "is_main": info.is_main}
+                "per_class_accuracy": dict(result.per_class_accuracy(splits.classes)),
+                "confusion_matrix": result.confusion.tolist(), "is_main": info.is_main}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -56,7 +56,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import distributed as D
 from .config import ConfigError, TrainConfig
-from .cost import fsdp_units, fsdp_wire, ring_bytes
+from .cost import fsdp_units, fsdp_wire, ring_bytes, split_sizes
 
 
 # ------------------------------------------------------------------------------ wrapper
@@ -214,11 +214,6 @@ class Shard:
 
     def local(self, full: torch.Tensor, rank: int) -> torch.Tensor:
         return full.narrow(self.dim, self.offset(rank), self.sizes[rank])
-
-
-def split_sizes(n: int, world: int) -> tuple[int, ...]:
-    """torch.tensor_split's sizes: the first n % world ranks get one more."""
-    return tuple(n // world + (1 if r < n % world else 0) for r in range(world))
 
 
 class ShardedPlan(Plan):
@@ -441,14 +436,15 @@ class HybridPlan(ShardedPlan):
 
     name = "hybrid"
 
-    def __init__(self, info: D.DistInfo, module: nn.Module, tp_size: int = 0):
+    def __init__(self, info: D.DistInfo, module: nn.Module, tp_size: int = 0, comm_hook: str = "none"):
         super().__init__(info)
         self.tp = head_ranks(info, tp_size)
         self.dp = info.world_size // self.tp
         self.tp_group, self.dp_group = D.mesh_groups(info, self.tp)
         self.shard_group, self.shard_rank, self.gathers = self.tp_group, info.rank % self.tp, info.rank < self.tp
         self.sync_shards, self.pending = True, []
-        self.slice_dtype: Optional[torch.dtype] = None  # set with a compressing DDP hook (parallelize)
+        # the slices' all-reduce in the DDP hook's dtype, as DDP's own buckets go (fp32 without one)
+        self.slice_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(comm_hook)
         linears = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.Linear)]
         if len(linears) < 2:
             raise ConfigError("--parallel hybrid shards a classifier of at least two Linear layers; this model has "
@@ -643,8 +639,9 @@ def check_replicas(plan: Plan, module: nn.Module, where: str) -> None:
         return
     mine = torch.stack([checksum(p) for _, p in named + sliced])
     every = torch.stack(D.all_gather_tensors(info, mine))  # (rank, parameter, 2)
-    reference = torch.stack([torch.cat([every[0, :len(named)], every[rank % plan.tp, len(named):]]) if sliced
-                             else every[0] for rank in range(info.world_size)])
+    reference = every[0].expand_as(every).clone()  # replicated: rank 0's; a slice: its copy in rank 0's tp group
+    if sliced:
+        reference[:, len(named):] = every[torch.arange(info.world_size) % plan.tp, len(named):]
     differs = (every != reference).any(dim=2).cpu()  # (rank, parameter)
     if not differs.any():
         return
@@ -675,7 +672,7 @@ def parallelize(module: nn.Module, cfg: TrainConfig, info: D.DistInfo) -> Wrappe
     plan: Plan
     ignored: list[str] = []
     if design == "hybrid":
-        plan = HybridPlan(info, module, cfg.tp_size)
+        plan = HybridPlan(info, module, cfg.tp_size, cfg.ddp_comm_hook)
         ignored = list(plan.shards)  # DDP neither broadcasts nor all-reduces this rank's own slices
     elif design == "fsdp":
         plan = FSDPPlan(info, module, cfg.precision)
@@ -703,8 +700,6 @@ def parallelize(module: nn.Module, cfg: TrainConfig, info: D.DistInfo) -> Wrappe
             comm = CommTimer(cfg.ddp_comm_hook)
             train_model.register_comm_hook(None, comm.hook)
             plan.hook_bytes = 2 if cfg.ddp_comm_hook in ("fp16", "bf16") else 4
-            if isinstance(plan, HybridPlan):
-                plan.slice_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.ddp_comm_hook)
     torch.manual_seed(cfg.seed + 7_919 * (info.rank + 1))  # dropout masks differ between ranks
     eval_model = module
     if cfg.compile:

@@ -19,6 +19,7 @@ import torch
 
 from . import distributed as D
 from . import files
+from .timing import synchronize
 
 COLLECTIVE = re.compile(r"all_?reduce|all_?gather|reduce_?scatter|broadcast|barrier|nccl|gloo", re.I)
 
@@ -33,10 +34,6 @@ class StepProfiler:
         self.times: list[tuple[float, float]] = []  # (step s, data wait s) per profiled step
         self.done = False
 
-    def _sync(self) -> None:
-        if self.info.device.type == "cuda":
-            torch.cuda.synchronize(self.info.device)
-
     def before_step(self, global_step: int) -> None:
         if self.done or not self.first <= global_step < self.end:
             return
@@ -46,7 +43,7 @@ class StepProfiler:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.profile = torch.profiler.profile(activities=activities)
             self.profile.__enter__()
-        self._sync()
+        synchronize(self.info.device)
         self.started = time.perf_counter()
         self.step_range = torch.profiler.record_function(f"step {global_step}")
         self.step_range.__enter__()
@@ -54,7 +51,7 @@ class StepProfiler:
     def after_step(self, global_step: int, data_wait_s: float) -> None:
         if self.step_range is None:
             return
-        self._sync()
+        synchronize(self.info.device)
         self.step_range.__exit__(None, None, None)
         self.step_range = None
         self.times.append((time.perf_counter() - self.started, data_wait_s))

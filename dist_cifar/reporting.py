@@ -65,7 +65,7 @@ STEP_KEYS = {
     "step_mfu": "model FLOPs utilisation: step_images_per_s x training FLOPs per image (dist_cifar.cost) / (world size x the peak in config.json's mfu_peak_tflops); null when no peak is known",
     "step_grad_norm": "--clip-grad-norm: mean pre-clip global gradient norm over the steps since the previous row; null without clipping",
 }
-WANDB_ONLY_EPOCH = ("epoch", "step")  # step rows carry these in the file; in W&B `epoch` stays the epoch rows'
+FILE_ONLY_STEP_KEYS = ("epoch", "step")  # in step_metrics.jsonl, not in W&B: there `epoch` is the epoch rows'
 
 
 def drop_none(record: dict[str, Any]) -> dict[str, Any]:
@@ -219,7 +219,7 @@ class Reporter(SilentReporter):
         row = drop_none(row)
         files.append_jsonl(self.step_metrics_path, [row])
         if self.run is not None and row["global_step"] > self.wandb_held_step:
-            self.wandb_call(self.run.log, {k: v for k, v in row.items() if k not in WANDB_ONLY_EPOCH})
+            self.wandb_call(self.run.log, {k: v for k, v in row.items() if k not in FILE_ONLY_STEP_KEYS})
 
     def finish(self, summary: dict[str, Any], images: dict[str, Path], per_class: list[tuple[str, float]]) -> None:
         files.atomic_write_json(self.out_dir / files.SUMMARY, summary)

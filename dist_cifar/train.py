@@ -33,7 +33,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from . import __version__, budget, cost, files, plot, rundir
+from . import __version__, autoplan, budget, cost, files, plot, rundir
 from .assembly import TrainingRun, assemble
 from .checkpoint import CheckpointManager, RunState
 from .config import ConfigError, TrainConfig, flag_name, parse_command, parse_window, to_toml
@@ -165,8 +165,8 @@ def train(cfg: TrainConfig, notes: tuple[str, ...], info: D.DistInfo, flag: Pree
         state.wandb_id = reporter.wandb_id or state.wandb_id
         if resume_path is not None:
             reporter.restore_history(state.history, state.global_step)
-        if run.parallel_auto and "table" in run.parallel_auto:
-            reporter.note(run.parallel_auto["table"])
+        if run.parallel_auto and "links" in run.parallel_auto:
+            reporter.note(autoplan.table(run.parallel_auto))
         reporter.note(start_line(run, run_config))
         reporter.note(needs.describe())
         code = epoch_loop(run, state, checkpoints, reporter, flag=flag, faults=faults, needs=needs)
@@ -427,7 +427,7 @@ def describe(run: TrainingRun, out_dir: Path) -> dict[str, Any]:
                 wire_predicted=predicted_wire(run),
                 precision_resolved=run.precision.name, backend_resolved=info.backend or "none",
                 data_source=splits.source, steps_per_epoch_resolved=run.steps_per_epoch,
-                parallel_auto={k: v for k, v in run.parallel_auto.items() if k != "table"} if run.parallel_auto else None,
+                parallel_auto=run.parallel_auto,
                 split_sizes=dict(train=len(splits.train), val=len(splits.val) if splits.val is not None else 0,
                                  test=len(splits.test)))
 
@@ -611,7 +611,7 @@ def finish(run: TrainingRun, state: RunState, reporter, *, checkpoints: Checkpoi
     if not info.is_main:
         return EXIT_OK
     cm = test_eval.confusion
-    per_class = [(name, 100.0 * float(cm[i, i]) / max(float(cm[i].sum()), 1.0)) for i, name in enumerate(splits.classes)]
+    per_class = test_eval.per_class_accuracy(splits.classes)
     images = {"loss_curves": plot.loss_curves(state.history, out_dir / files.LOSS_CURVES, f"{cfg.model} loss",
                                               best=state.best_epoch),
               "confusion_matrix": plot.confusion_matrix(cm.tolist(), splits.classes, out_dir / files.CONFUSION,
