@@ -20,6 +20,13 @@ marker (size and sha256) written. A checkpoint without a marker, or whose size/h
 with it, does not exist as far as `find_latest` is concerned. Older checkpoints are pruned only
 after the new one is committed.
 
+Sharded layouts (hybrid, fsdp at several ranks) write `ckpt-e{epoch}-s{step}.dcp/` instead, a
+folder in which every rank writes its own shard (`shards.py`, torch.distributed.checkpoint): no
+rank gathers the state, and every rank copies only its own share off the device. The folder is
+committed the same way: written under a temporary name, fsynced, renamed, then its marker lists
+every file with its size and sha256 (each rank hashes its own files, rank 0 gathers the hashes).
+Either kind resumes under any design and world size; best.pt is always one consolidated file.
+
 Files load with `torch.load(weights_only=True)`: tensors, numbers, strings and containers
 only, so a checkpoint can never run code.
 """
@@ -46,10 +53,11 @@ import torch
 
 from . import distributed as D
 from . import files
+from . import shards
 from .engine import EpochSums, EpochStart
 
 FORMAT = 2  # 2: RunState.sums replaced the anonymous carry tuple
-NAME = re.compile(r"^ckpt-e(\d+)-s(\d+)\.pt$")
+NAME = re.compile(r"^ckpt-e(\d+)-s(\d+)\.(pt|dcp)$")
 # What makes a run "the same run" for --resume: the model, the data and its split, the recipe and
 # the seed. Speed and logging flags, the world size and a larger --epochs (with a constant
 # schedule) may change; anything else is another run and is refused.
@@ -134,8 +142,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def checkpoint_name(epoch: int, step: int) -> str:
-    return f"ckpt-e{epoch:04d}-s{step:07d}.pt"
+def checkpoint_name(epoch: int, step: int, suffix: str = ".pt") -> str:
+    return f"ckpt-e{epoch:04d}-s{step:07d}{suffix}"
 
 
 def marker_path(path: Path) -> Path:
@@ -157,10 +165,38 @@ def save(out_dir: Path, state: dict[str, Any], epoch: int, step: int, keep_last:
     return path
 
 
+def commit_folder(out_dir: Path, tmp: Path, hashes: dict[str, tuple[int, str]], *, epoch: int, step: int,
+                  config: dict[str, Any], keep_last: int, before_publish=None) -> Path:
+    """Publish the fully written folder `tmp` as the sharded checkpoint of (epoch, step): every file
+    in it must be accounted for in `hashes` (name -> (size, sha256), from the ranks that wrote
+    them; a file nobody accounted for is hashed here). fsync, rename into place, marker, prune."""
+    path = out_dir / checkpoint_name(epoch, step, shards.SUFFIX)
+    listed = {p.name: p for p in tmp.iterdir()}
+    unknown = set(hashes) - set(listed)
+    if unknown or any(not p.is_file() or p.is_symlink() for p in listed.values()):
+        raise OSError(f"the sharded checkpoint {tmp.name} does not hold the files its writers reported "
+                      f"({', '.join(sorted(unknown)) or 'a folder or link among them'})")
+    hashes = {**shards.file_hashes([p for name, p in listed.items() if name not in hashes]), **hashes}
+    files.fsync_dir(tmp)
+    if before_publish is not None:
+        before_publish()
+    if path.exists():  # the same position saved again (a preemption right after a periodic save)
+        marker_path(path).unlink(missing_ok=True)
+        files.remove(path)
+    files.publish(tmp, path)
+    marker = {"file": path.name, "files": {name: list(v) for name, v in sorted(hashes.items())},
+              "size": sum(size for size, _ in hashes.values()), "epoch": epoch, "step": step,
+              "identity": identity(config)}
+    files.atomic_write_bytes(marker_path(path), json.dumps(marker).encode())
+    remember_verified(path)
+    prune(out_dir, keep_last, just_written=path)
+    return path
+
+
 def by_position(out_dir: Path) -> list[tuple[tuple[int, int], Path]]:
     """Every checkpoint file, committed or not, as ((epoch, step), path), oldest first."""
     found = []
-    for p in Path(out_dir).glob("ckpt-e*-s*.pt"):
+    for p in Path(out_dir).glob("ckpt-e*-s*"):
         m = NAME.match(p.name)
         if m:
             found.append(((int(m.group(1)), int(m.group(2))), p))
@@ -176,6 +212,8 @@ _VERIFIED: dict[str, tuple] = {}  # path -> (size, mtime_ns, inode) of files who
 
 
 def _stamp(path: Path) -> tuple:
+    if path.is_dir():
+        return tuple(sorted((p.name, *_stamp(p)) for p in path.iterdir()))
     st = path.stat()
     return st.st_size, st.st_mtime_ns, st.st_ino
 
@@ -205,12 +243,21 @@ def verify(path: Path) -> bool:
         ok = (bool(marker) and marker.get("file", path.name) == path.name
               and (m is None or (marker.get("epoch", int(m.group(1))), marker.get("step", int(m.group(2))))
                    == (int(m.group(1)), int(m.group(2))))
-              and marker["size"] == path.stat().st_size and marker["sha256"] == sha256_file(path))
+              and (folder_matches(path, marker["files"]) if path.is_dir() and not path.is_symlink()
+                   else marker["size"] == path.stat().st_size and marker["sha256"] == sha256_file(path)))
     except (OSError, KeyError, TypeError, ValueError):  # a hostile marker: wrong types, not an object
         return False
     if ok:
         remember_verified(path)
     return ok
+
+
+def folder_matches(folder: Path, listed: dict[str, Any]) -> bool:
+    """The folder holds exactly the marker's files, each with its size and sha256."""
+    present = {p.name: p for p in folder.iterdir()}
+    if set(present) != set(listed) or any(p.is_symlink() or not p.is_file() for p in present.values()):
+        return False
+    return shards.file_hashes(list(present.values())) == {name: tuple(v) for name, v in listed.items()}
 
 
 def find_latest(out_dir: Path) -> Optional[Path]:
@@ -238,11 +285,11 @@ def prune(out_dir: Path, keep_last: int, *, just_written: Optional[Path] = None)
     for path in reversed(committed(out_dir)):
         if kept >= keep_last and path != just_written:
             marker_path(path).unlink(missing_ok=True)  # uncommit first
-            path.unlink(missing_ok=True)
+            files.remove(path)
         elif path == just_written or verify(path):
             kept += 1
     for stray in Path(out_dir).glob(files.TMP_PREFIX + "ckpt-*"):
-        stray.unlink(missing_ok=True)  # a save killed midway (only rank 0 ever writes here)
+        files.remove(stray)  # a save killed midway (no other save is in flight while this one commits)
     for stray in Path(out_dir).glob(f"{files.TMP_PREFIX}{files.BEST}-*"):
         if not stray.name.startswith(f"{files.TMP_PREFIX}{files.BEST}-{os.getpid()}-"):  # a dead process's write
             stray.unlink(missing_ok=True)
@@ -251,7 +298,7 @@ def prune(out_dir: Path, keep_last: int, *, just_written: Optional[Path] = None)
         newest = next(at for at, p in positions if p == just_written)
         for at, path in positions:  # renamed, never committed, and now superseded
             if at < newest and not marker_path(path).exists():
-                path.unlink(missing_ok=True)
+                files.remove(path)
 
 
 def best_problem(best: Path, epoch: int) -> str:
@@ -267,6 +314,9 @@ def best_problem(best: Path, epoch: int) -> str:
 
 
 def load(path: Path) -> dict[str, Any]:
+    """A single-file checkpoint's state, or a sharded one's state.pt (everything but its tensors)."""
+    if path.is_dir():
+        path = path / shards.STATE
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about legacy pickles before refusing them
@@ -283,6 +333,11 @@ def load(path: Path) -> dict[str, Any]:
             if found is not None else f"not a dist_cifar checkpoint (format {FORMAT})"
         raise CheckpointError(f"{path} is {what}: choose a new --out-dir, or pass --overwrite to replace that run")
     return state
+
+
+def plain_model_state(path: Path) -> dict[str, Any]:
+    """The plain model state_dict of either kind of checkpoint (a sharded one read whole)."""
+    return shards.read_plain(path) if path.is_dir() else load(path)["model"]
 
 
 def identity(config: dict[str, Any]) -> dict[str, Any]:
@@ -377,9 +432,12 @@ class CheckpointManager:
     at the same point (RNG states are gathered); only rank 0 writes, in a background thread."""
 
     def __init__(self, out_dir: Path, info: D.DistInfo, *, config: dict[str, Any], parts: dict[str, Any],
-                 keep_last: int, global_batch_size: int, faults=None):
+                 keep_last: int, global_batch_size: int, faults=None, sharded: Optional[shards.ShardedState] = None):
         self.out_dir, self.info, self.config = out_dir, info, config
         self.parts = parts            # name -> object with state_dict() / load_state_dict()
+        # the live tensors under their plain names: resumes a sharded checkpoint under any layout,
+        # and saves one when the layout made it a checkpoint group (the model is sharded)
+        self.sharded = sharded
         self.keep_last, self.global_batch_size = keep_last, global_batch_size
         self.faults = faults
         self.snapshots = {"checkpoint": HostSnapshot(), "best": HostSnapshot()}
@@ -400,15 +458,44 @@ class CheckpointManager:
         return (time.monotonic() - self.last_commit) / 60.0
 
     # -- saving ----------------------------------------------------------------------
+    @property
+    def saves_sharded(self) -> bool:
+        return self.sharded is not None and self.sharded.group is not None
+
     def capture(self, state: RunState) -> dict[str, Any]:
-        mine = capture_rng()
-        rngs = [mine]
-        if self.info.distributed:
-            rngs = [None] * self.info.world_size
-            torch.distributed.all_gather_object(rngs, mine)
+        rngs = D.all_gather_objects(self.info, capture_rng())
         return {"format": FORMAT, **{name: part.state_dict() for name, part in self.parts.items()},
                 "run": state.to_state(), "rng": rngs, "config": self.config,
                 "world_size": self.info.world_size, "global_batch_size": self.global_batch_size}
+
+    def _save_sharded(self, state: RunState) -> None:
+        """Every rank copies its own tensors off the device (the only stall), then writes them in
+        the background; rank 0 adds state.pt and commits once every rank's files are in."""
+        # the replicated tensors as rank 0 holds them (BatchNorm statistics are each rank's own
+        # between evaluations; the run's are rank 0's): only rank 0 writes them, every rank its slices
+        view = {key: (t, where) for key, (t, where) in self.sharded.tensors().items()
+                if where is not None or self.info.is_main}
+        copies = self.snapshots["checkpoint"].take({key: t for key, (t, _) in view.items()})
+        tensors = shards.placed({key: (copies[key], where) for key, (_, where) in view.items()})
+        finite = all_finite({k: v for k, v in tensors.items() if k.startswith("model.")})
+        every = D.all_gather_objects(self.info, (capture_rng(), finite))  # one collective: RNGs, and may it commit
+        epoch, step = state.epoch, state.step
+        if not all(ok for _, ok in every):
+            self._note(f"checkpoint at epoch {epoch} step {step} NOT committed: its weights are not finite")
+            return
+        blob = None
+        if self.info.is_main:
+            blob = {"format": FORMAT, **{name: self.parts[name].state_dict() for name in ("scheduler", "scaler")
+                                         if name in self.parts},
+                    **self.sharded.extra(), "run": state.to_state(), "rng": [rng for rng, _ in every],
+                    "config": self.config, "world_size": self.info.world_size,
+                    "global_batch_size": self.global_batch_size, "layout": self.sharded.plan.name}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = D.broadcast_object(self.info, files.create_temp_dir(self.out_dir / checkpoint_name(
+            epoch, step, shards.SUFFIX)) if self.info.is_main else None)
+        delay = self.faults.save_delay(state.global_step) if self.faults else 0.0
+        fails = bool(self.faults) and self.faults.save_fails(state.global_step)
+        self._start("checkpoint", lambda: self._write_sharded(Path(tmp), tensors, blob, epoch, step, delay, fails))
 
     def save(self, state: RunState, *, wait: bool = True) -> bool:
         """Checkpoint `state`. wait=False (periodic saves): skipped, and said, while the previous
@@ -423,6 +510,12 @@ class CheckpointManager:
             self._note(f"checkpoint at epoch {state.epoch} step {state.step} skipped: the previous one "
                        f"is still being written")
             return False
+        if self.saves_sharded:
+            self._join("checkpoint")  # every rank writes: each waits for its own previous write
+            self._save_sharded(state)
+            with self.lock:
+                self.blocked_s += time.perf_counter() - t0
+            return True
         blob = self.capture(state)  # collective: every rank, same point
         if self.info.is_main:
             self._join("checkpoint")
@@ -477,7 +570,7 @@ class CheckpointManager:
     def commit(self) -> None:
         """Wait until the checkpoint just saved is committed (preemption: before saying so); raises
         on every rank when it was not."""
-        if self.info.is_main:
+        if self.info.is_main or self.saves_sharded:
             self._join("checkpoint")
         self.raise_failed_writes()
 
@@ -535,6 +628,39 @@ class CheckpointManager:
              before_publish=(lambda: time.sleep(delay_s)) if delay_s else None)
         self.last_commit = time.monotonic()
 
+    def _write_sharded(self, tmp: Path, tensors: dict[str, torch.Tensor], blob: Optional[dict[str, Any]],
+                       epoch: int, step: int, delay_s: float, fails: bool) -> None:
+        """On every rank, in its writer thread: DCP writes this rank's shard (its collectives on the
+        checkpoint group), the rank hashes its own files, rank 0 gathers the hashes and commits.
+        Every rank reaches every collective, whatever failed, so no rank waits for a dead one."""
+        group = self.sharded.group
+        problem = ""
+        try:
+            if fails:  # fault injection: a full disk, on every rank (DCP's own failures reach every rank too)
+                raise OSError(errno.ENOSPC, "No space left on device (DIST_CIFAR_FAULT)", str(tmp))
+            shards.write(tmp, tensors, group)
+            mine = shards.file_hashes(shards.own_files(tmp, torch.distributed.get_rank(group)))
+        except Exception as exc:
+            problem, mine = f"{type(exc).__name__}: {exc}", {}
+        reports = [None] * torch.distributed.get_world_size(group) if self.info.is_main else None
+        torch.distributed.gather_object((problem, mine), reports, dst=0, group=group)
+        if not self.info.is_main:
+            if problem:
+                raise OSError(problem)
+            return
+        try:
+            failed = [p for p, _ in reports if p]
+            if failed:
+                raise OSError(failed[0])
+            hashes = {name: v for _, theirs in reports for name, v in theirs.items()}
+            hashes[shards.STATE] = write_torch(tmp / shards.STATE, blob)
+            commit_folder(self.out_dir, tmp, hashes, epoch=epoch, step=step, config=self.config,
+                          keep_last=self.keep_last, before_publish=(lambda: time.sleep(delay_s)) if delay_s else None)
+        except BaseException:
+            files.remove(tmp)  # no half-written folder stays behind
+            raise
+        self.last_commit = time.monotonic()
+
     def _write_best(self, blob: dict[str, Any]) -> None:
         if all_finite(blob["state_dict"]):
             best = self.out_dir / files.BEST
@@ -569,6 +695,34 @@ class CheckpointManager:
                                   f"was: rerun with --no-save-best to evaluate the last weights, or --overwrite to "
                                   f"train again") from None
 
+    @staticmethod
+    def _misfit(path: Path, name: str, exc: BaseException) -> CheckpointError:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        return CheckpointError(f"checkpoint {path.name}: its {name} state does not fit this run ({first}); "
+                               f"resume from another checkpoint, or --overwrite to train again")
+
+    def _read_shards(self, folder: Path, blob: dict[str, Any]) -> None:
+        """Load a sharded checkpoint's tensors straight into this rank's live parameters, optimizer
+        state and EMA, each rank reading only the chunks of its own slices (any layout, any world
+        size); then the optimizer's hyper-parameters from state.pt. Every rank calls it."""
+        try:
+            saved = shards.saved_keys(folder)
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as exc:
+            raise self._misfit(folder, "index", exc) from None
+        has_ema = any(key.startswith("ema.") for key in saved)
+        if "ema" in self.parts and not has_ema:  # --ema added on resume: average from here
+            self.parts["ema"].reset()
+        self.sharded.prepare_load()
+        tensors = shards.placed(self.sharded.tensors(with_ema=has_ema))
+        absent = sorted(key for key in tensors if key not in saved)
+        if absent:
+            raise self._misfit(folder, absent[0].split(".")[0], KeyError(f"it has no {absent[0]}"))
+        try:
+            shards.read(folder, tensors, self.sharded.group)
+            self.sharded.load_extra(blob)
+        except Exception as exc:  # DCP wraps a rank's failure in a CheckpointException on every rank
+            raise self._misfit(folder, "tensor", exc) from None
+
     def restore(self, path: Path, state: RunState, *, steps_per_epoch: int, seed: int) -> list[str]:
         """Load `path` into the parts and `state`; returns what to tell the user."""
         blob = load(path)
@@ -577,20 +731,24 @@ class CheckpointManager:
                        global_batch_size=self.global_batch_size, steps_per_epoch=steps_per_epoch)
         same_sharding = (blob["world_size"] == self.info.world_size
                          and blob["global_batch_size"] == self.global_batch_size)
-        missing = [name for name in ("model", "optimizer", "run") if not isinstance(blob.get(name), dict)]
+        sharded = path.is_dir()
+        wanted = ("run",) if sharded else ("model", "optimizer", "run")
+        missing = [name for name in wanted if not isinstance(blob.get(name), dict)]
         if missing:  # resuming would silently start from fresh weights or a fresh optimizer
             raise CheckpointError(f"checkpoint {path.name} lacks its {', '.join(missing)} state: resume from another "
                                   f"checkpoint (--resume PATH), or --overwrite to train again")
-        if "ema" in self.parts and not blob.get("ema"):  # --ema added on resume: average from here
+        if sharded:
+            self._read_shards(path, blob)
+        elif "ema" in self.parts and not blob.get("ema"):  # --ema added on resume: average from here
             self.parts["ema"].reset()
         for name, part in self.parts.items():
+            if sharded and name in ("model", "optimizer", "ema"):
+                continue  # read from the shards
             if blob.get(name) and (name != "scheduler" or same_sharding):
                 try:
                     part.load_state_dict(blob[name])
                 except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-                    raise CheckpointError(f"checkpoint {path.name}: its {name} state does not fit this run ({first}); "
-                                          f"resume from another checkpoint, or --overwrite to train again") from None
+                    raise self._misfit(path, name, exc) from None
         state.load_state(blob["run"])
         if not self.info.is_main:  # the saved sums are every rank's already: count them once
             state.sums = EpochSums()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -55,6 +56,28 @@ def create_temp(path: Path, mode: int = FILE_MODE) -> tuple[int, Path]:
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}-{os.getpid()}-")
     os.fchmod(fd, mode)
     return fd, Path(name)
+
+
+def create_temp_dir(path: Path, mode: int = 0o755) -> Path:
+    """A new, empty folder beside `path` under an unpredictable name (as `create_temp`), made by
+    this process alone (mkdtemp: 0700 until it is set to `mode` on its descriptor). Writers that
+    name their own files (torch.distributed.checkpoint) write into it; `publish` renames it."""
+    folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}-{os.getpid()}-"))
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+    return folder
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a folder this project wrote (a link is removed, never followed)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def publish(tmp: Path, path: Path) -> None:

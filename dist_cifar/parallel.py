@@ -228,6 +228,7 @@ class ShardedPlan(Plan):
         # the ranks a parameter is split over, this rank's slice among them, and whether this
         # rank's group is the one holding rank 0 (the others hold replicas of the same slices)
         self.shard_group, self.shard_rank, self.gathers = None, info.rank, True
+        self.gather_on_host = False  # the shard group is gloo under an NCCL run
 
     def _gather(self, local: torch.Tensor, shard: Shard) -> Optional[torch.Tensor]:
         """The plain tensor on rank 0 (None elsewhere); uneven slices are padded for the gather.
@@ -237,6 +238,8 @@ class ShardedPlan(Plan):
         biggest = max(shard.sizes)
         pad = [0, 0] * (local.dim() - 1 - shard.dim) + [0, biggest - local.shape[shard.dim]]
         padded = F.pad(local.detach(), pad).contiguous()
+        if self.gather_on_host:
+            padded = padded.cpu()
         pieces = [torch.empty_like(padded) for _ in shard.sizes] if self.info.is_main else None
         dist.gather(padded, pieces, dst=0, group=self.shard_group)
         if not self.info.is_main:
@@ -442,6 +445,8 @@ class HybridPlan(ShardedPlan):
         self.dp = info.world_size // self.tp
         self.tp_group, self.dp_group = D.mesh_groups(info, self.tp)
         self.shard_group, self.shard_rank, self.gathers = self.tp_group, info.rank % self.tp, info.rank < self.tp
+        if info.backend == "nccl":  # consolidation (best.pt) gathers host copies: no GPU ever holds the full head
+            self.shard_group, self.gather_on_host = dist.new_group(list(range(self.tp)), backend="gloo"), True
         self.sync_shards, self.pending = True, []
         # the slices' all-reduce in the DDP hook's dtype, as DDP's own buckets go (fp32 without one)
         self.slice_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(comm_hook)

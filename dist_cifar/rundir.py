@@ -143,8 +143,8 @@ def own_start_without_checkpoint(out: Path, cfg: TrainConfig) -> bool:
 def explicit_resume(cfg: TrainConfig, out: Path) -> Path:
     """--resume PATH: a committed, intact checkpoint, continued in its own folder or an empty one."""
     path = Path(cfg.resume)
-    if not path.is_file():
-        raise ConfigError(f"--resume {path}: no such checkpoint file")
+    if not (path.is_file() or (path.is_dir() and path.suffix == ".dcp")):
+        raise ConfigError(f"--resume {path}: no such checkpoint file (or sharded checkpoint folder)")
     why = files.distrust(path) or files.distrust(path.parent)
     if why and not cfg.trust_shared:
         raise ConfigError(f"--resume {path}: {why}, so another user could have forged it: copy it into a folder of "
@@ -165,7 +165,7 @@ def clear(out: Path) -> None:
     for name in files.ARTEFACTS:
         (out / name).unlink(missing_ok=True)
     for path in list(out.glob("ckpt-*")) + list(out.glob(files.TMP_PREFIX + "*")):
-        path.unlink(missing_ok=True)
+        files.remove(path)  # a sharded checkpoint is a folder
     shutil.rmtree(out / files.WANDB_DIR, ignore_errors=True)
 
 

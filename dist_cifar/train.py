@@ -44,6 +44,7 @@ from .models import build_model, count_parameters
 from .parallel import ConsolidatedModel, ConsolidatedOptimizer, ReplicaDrift, check_replicas
 from .preemption import EXIT_PREEMPTED, PreemptionFlag, StopNow
 from .profiling import StepProfiler
+from .shards import ShardedState
 from .reporting import Reporter, SilentReporter
 from .runtime import resolve
 from .timing import peak_memory_mb, reset_peak_memory
@@ -151,7 +152,8 @@ def train(cfg: TrainConfig, notes: tuple[str, ...], info: D.DistInfo, flag: Pree
     aim_faults(faults, run)
     state = RunState()
     with CheckpointManager(out_dir, info, config=cfg.to_dict(), parts=stateful_parts(run), keep_last=cfg.keep_last,
-                           global_batch_size=run.global_batch_size, faults=faults) as checkpoints:
+                           global_batch_size=run.global_batch_size, faults=faults,
+                           sharded=sharded_state(run)) as checkpoints:
         if resume_path is not None:
             notes = agreed(info, lambda: checkpoints.restore(resume_path, state, steps_per_epoch=run.steps_per_epoch,
                                                              seed=cfg.seed))
@@ -363,6 +365,15 @@ def stateful_parts(run: TrainingRun) -> dict[str, Any]:
     if run.ema is not None:
         parts["ema"] = run.ema
     return parts
+
+
+def sharded_state(run: TrainingRun) -> ShardedState:
+    """The tensors of the state under their plain names, for torch.distributed.checkpoint: saved
+    that way when the layout shards the model over several ranks (no rank gathers it), read that
+    way from any sharded checkpoint by any layout."""
+    plan = run.model.plan
+    writes = run.info.distributed and run.info.world_size > 1 and plan.name in ("hybrid", "fsdp")
+    return ShardedState(plan, run.model.module, run.optimizer, run.ema, writes=writes)
 
 
 def step_hooks(cfg: TrainConfig, flag: PreemptionFlag, reporter, on_checkpoint_step, faults) -> StepHooks:

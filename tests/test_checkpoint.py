@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 
 import pytest
 import torch
 
 from conftest import one_line, read_jsonl, run_train, smoke_args, torchrun_jobs
-from dist_cifar import checkpoint as ckpt
+from dist_cifar import checkpoint as ckpt, files, shards
 
 
 EXACT = ["--dataset", "synthetic", "--synthetic-size", "512", "--batch-size", "32", "--epochs", "2",
@@ -42,6 +43,49 @@ def test_atomic_save_survives_a_crash_midway(tmp_path, monkeypatch):
     assert ckpt.find_latest(tmp_path) == first
     ckpt.save(tmp_path, {"format": ckpt.FORMAT, "w": torch.ones(1)}, 4, 0, keep_last=3)
     assert not [p for p in tmp_path.glob(".tmp-ckpt-*")]  # strays pruned on the next save
+
+
+def sharded_folder(out, epoch: int, value: float):
+    """A sharded checkpoint committed as the trainer commits one (DCP in one process, no group)."""
+    import torch.distributed.checkpoint as dcp
+    tmp = files.create_temp_dir(out / ckpt.checkpoint_name(epoch, 0, shards.SUFFIX))
+    tensors = {"model.w": torch.full((4, 3), value), "model.b": torch.ones(3)}
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=True)
+    hashes = {shards.STATE: ckpt.write_torch(tmp / shards.STATE, {"format": ckpt.FORMAT, "run": {"epoch": epoch}})}
+    return ckpt.commit_folder(out, tmp, hashes, epoch=epoch, step=0, config={}, keep_last=2)
+
+
+@pytest.mark.quick
+def test_a_sharded_folder_commits_verifies_and_prunes_like_a_file(tmp_path):
+    """A sharded checkpoint (a folder of DCP files and state.pt) is committed by a marker listing
+    every file's size and sha256: a changed byte, a missing or a planted file uncommits it; older
+    folders are pruned after the new commit; a forged DCP index is refused before it is unpickled."""
+    first, second = sharded_folder(tmp_path, 1, 1.0), sharded_folder(tmp_path, 2, 2.0)
+    assert first.is_dir() and ckpt.find_latest(tmp_path) == second and ckpt.load(second)["run"] == {"epoch": 2}
+    assert torch.equal(ckpt.plain_model_state(second)["w"], torch.full((4, 3), 2.0))
+    assert set(json.loads(ckpt.marker_path(second).read_text())["files"]) == {".metadata", shards.STATE,
+                                                                          *[p.name for p in second.glob("*.distcp")]}
+    planted = second / "extra.distcp"
+    planted.write_bytes(b"x")
+    ckpt._VERIFIED.clear()
+    assert ckpt.find_latest(tmp_path) == first  # a file the marker does not list
+    planted.unlink()
+    ckpt._VERIFIED.clear()
+    assert ckpt.find_latest(tmp_path) == second
+    shard = next(second.glob("*.distcp"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    ckpt._VERIFIED.clear()
+    assert ckpt.find_latest(tmp_path) == first  # a changed byte
+    (tmp_path / ".tmp-ckpt-e0009-s0000000.dcp-1-abc").mkdir()  # a save killed midway
+    third = sharded_folder(tmp_path, 3, 3.0)
+    # the stray is gone; the corrupt second neither counts nor goes, so the intact first is kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for p in (first, second, third)
+                                                                for n in (p.name, p.name + ".commit"))
+    # a forged index: a pickle that would run code when DCP unpickles it
+    (third / ".metadata").write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")
+    with pytest.raises(pickle.UnpicklingError, match="not part of a DCP index"):
+        shards.read_index(third)
 
 
 @pytest.mark.quick

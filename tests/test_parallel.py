@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import base_env, read_jsonl, ROOT, run_torchrun, run_train, smoke_args, torchrun_jobs
-from dist_cifar import checkpoint as ckpt, cost
+from dist_cifar import checkpoint as ckpt, cost, shards
 from dist_cifar.models import build_model
 
 
@@ -163,7 +163,17 @@ def accumulation(out, accum: int, *extra) -> list[str]:
 
 
 def final_weights(out) -> dict:
-    return ckpt.load(ckpt.find_latest(out))["model"]
+    return ckpt.plain_model_state(ckpt.find_latest(out))
+
+
+def final_ema(out) -> tuple[int, dict]:
+    """(updates, the plain averages) of the newest checkpoint: a single file's consolidated EMA, or
+    a sharded folder's `ema.` tensors (the parameters only) and its state.pt's count."""
+    path = ckpt.find_latest(out)
+    if path.is_dir():
+        return ckpt.load(path)["ema_updates"], shards.read_plain(path, "ema.")
+    blob = ckpt.load(path)
+    return blob["ema"]["updates"], blob["ema"]["weights"]
 
 
 @pytest.mark.parametrize("design", ["ddp", "hybrid", "fsdp"])
@@ -203,14 +213,14 @@ def test_ema_is_the_same_average_under_every_design_and_across_a_resume(two_rank
     for name in ("ema_ddp", "ema_hybrid", "ema_fsdp", "ema_again"):
         rank0(results, name)
         out = work / ("ema_resumed" if name == "ema_again" else name)
-        blob = ckpt.load(ckpt.find_latest(out))
-        assert blob["ema"]["updates"] == 4
-        averages[name] = blob["ema"]["weights"]
+        updates, averages[name] = final_ema(out)
+        assert updates == 4
         row = read_jsonl(out / "metrics.jsonl")[-1]
         assert row["ema_val_loss"] > 0 and 0 <= row["ema_val_accuracy"] <= 100
     assert codes_of(results, "ema_stop") == [75, 75]
     for name in ("ema_hybrid", "ema_fsdp", "ema_again"):
-        assert all(relative(averages[name][k], averages["ema_ddp"][k]) <= 1e-5 for k in averages["ema_ddp"]), name
+        assert all(relative(averages[name][k], averages["ema_ddp"][k]) <= 1e-5 for k in averages[name]), name
+    assert set(averages["ema_hybrid"]) == set(averages["ema_ddp"])  # sharded: every parameter (no BatchNorm here)
     best = torch.load(work / "ema_ddp" / "best.pt", weights_only=True)["state_dict"]
     trained = final_weights(work / "ema_ddp")
     assert any(not torch.equal(best[k], trained[k]) for k in trained)  # the average, not the last weights
@@ -280,10 +290,10 @@ def test_resume_same_world_is_bit_exact(two_ranks):
     assert "preempted" in stop["stderr"]
     assert "resumed from" in rank0(results, "resume_b_again")["stdout"]
     assert (a / "step_losses.jsonl").read_text() == (b / "step_losses.jsonl").read_text()
-    ma = torch.load(ckpt.committed(a)[-1], weights_only=True)
-    mb = torch.load(ckpt.committed(b)[-1], weights_only=True)
-    assert all(torch.equal(ma["model"][k], mb["model"][k]) for k in ma["model"])
-    assert ma["model"]["fc1.weight"].shape == (64, 1024)  # the checkpoint holds the plain model
+    ma, mb = final_weights(a), final_weights(b)
+    assert ckpt.committed(a)[-1].suffix == ".dcp"  # sharded: every rank wrote its own slices
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert ma["fc1.weight"].shape == (64, 1024)  # the checkpoint holds the plain model's tensors
 
 
 @pytest.mark.slow  # ~45 s: bash benchmarks/slow_tests.sh
