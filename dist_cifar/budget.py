@@ -97,8 +97,14 @@ def cgroup_memory_left() -> Optional[int]:
 
 
 def own_checkpoint_bytes(out_dir: Path) -> int:
-    """Checkpoints already in the folder count as room: pruning frees them."""
-    return sum(p.stat().st_size for p in out_dir.glob("ckpt-*.pt") if p.is_file())
+    """Checkpoints already in the folder count as room: pruning frees them (a sharded one is a folder)."""
+    total = 0
+    for path in out_dir.glob("ckpt-e*-s*"):
+        if path.is_dir() and not path.is_symlink():
+            total += sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        elif path.suffix == ".pt" and path.is_file():
+            total += path.stat().st_size
+    return total
 
 
 def plan(cfg: TrainConfig, *, out_dir: Path, local_world_size: int, world_size: int = 1, on_cuda: bool) -> Budget:
@@ -113,11 +119,14 @@ def plan(cfg: TrainConfig, *, out_dir: Path, local_world_size: int, world_size: 
         else cfg.keep_last + 1
     disk = min(cfg.keep_last + 1, writes) * state * saves + 2 * weights * cfg.save_best
     # on the CPU every process holds weights, gradients, optimizer state and DDP's gradient buckets;
-    # at a save rank 0 adds a host copy of the whole state (on GPUs only that copy is host memory)
+    # at a save rank 0 adds a host copy of the whole state, or under a sharded layout each rank a
+    # copy of its own share (on GPUs only those copies are host memory)
     per_process = 0 if on_cuda else weights * (3 + OPTIMIZER_SLOTS.get(cfg.optimizer, 2))
-    if cfg.parallel in ("hybrid", "fsdp"):  # the big layers are split over the ranks
+    staged = state
+    if cfg.parallel in ("hybrid", "fsdp") and world_size > 1:  # the big layers are split over the ranks
         per_process //= world_size
-    memory = local_world_size * per_process + state * saves
+        staged = state * local_world_size // world_size
+    memory = local_world_size * per_process + staged * saves
     return Budget(params=measured.params, checkpoint_bytes=state, weights_bytes=weights, disk_needed=disk,
                   disk_have=shutil.disk_usage(out_dir).free + own_checkpoint_bytes(out_dir), memory_needed=memory,
                   memory_have=available_memory(), train_flops_per_image=measured.train_flops_per_image)

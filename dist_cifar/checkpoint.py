@@ -478,24 +478,30 @@ class CheckpointManager:
         copies = self.snapshots["checkpoint"].take({key: t for key, (t, _) in view.items()})
         tensors = shards.placed({key: (copies[key], where) for key, (_, where) in view.items()})
         finite = all_finite({k: v for k, v in tensors.items() if k.startswith("model.")})
-        every = D.all_gather_objects(self.info, (capture_rng(), finite))  # one collective: RNGs, and may it commit
         epoch, step = state.epoch, state.step
-        if not all(ok for _, ok in every):
+        tmp = None
+        if self.info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = files.create_temp_dir(self.out_dir / checkpoint_name(epoch, step, shards.SUFFIX))
+        # one collective: every rank's RNG, whether its weights are finite, and rank 0's folder
+        every = D.all_gather_objects(self.info, (capture_rng(), finite, str(tmp) if tmp else None))
+        if not all(ok for _, ok, _ in every):
+            if tmp is not None:
+                files.remove(tmp)
             self._note(f"checkpoint at epoch {epoch} step {step} NOT committed: its weights are not finite")
             return
+        tmp = Path(every[0][2])
         blob = None
         if self.info.is_main:
             blob = {"format": FORMAT, **{name: self.parts[name].state_dict() for name in ("scheduler", "scaler")
                                          if name in self.parts},
-                    **self.sharded.extra(), "run": state.to_state(), "rng": [rng for rng, _ in every],
+                    **self.sharded.extra(), "run": state.to_state(), "rng": [rng for rng, _, _ in every],
                     "config": self.config, "world_size": self.info.world_size,
                     "global_batch_size": self.global_batch_size, "layout": self.sharded.plan.name}
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = D.broadcast_object(self.info, files.create_temp_dir(self.out_dir / checkpoint_name(
-            epoch, step, shards.SUFFIX)) if self.info.is_main else None)
         delay = self.faults.save_delay(state.global_step) if self.faults else 0.0
         fails = bool(self.faults) and self.faults.save_fails(state.global_step)
-        self._start("checkpoint", lambda: self._write_sharded(Path(tmp), tensors, blob, epoch, step, delay, fails))
+        self._start("checkpoint", lambda: self._write_sharded(tmp, tensors, blob, epoch=epoch, step=step,
+                                                                 delay_s=delay, fails=fails))
 
     def save(self, state: RunState, *, wait: bool = True) -> bool:
         """Checkpoint `state`. wait=False (periodic saves): skipped, and said, while the previous
@@ -628,7 +634,7 @@ class CheckpointManager:
              before_publish=(lambda: time.sleep(delay_s)) if delay_s else None)
         self.last_commit = time.monotonic()
 
-    def _write_sharded(self, tmp: Path, tensors: dict[str, torch.Tensor], blob: Optional[dict[str, Any]],
+    def _write_sharded(self, tmp: Path, tensors: dict[str, torch.Tensor], blob: Optional[dict[str, Any]], *,
                        epoch: int, step: int, delay_s: float, fails: bool) -> None:
         """On every rank, in its writer thread: DCP writes this rank's shard (its collectives on the
         checkpoint group), the rank hashes its own files, rank 0 gathers the hashes and commits.

@@ -22,7 +22,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from . import files
+from . import files, shards
 from .assembly import assemble
 from .config import ConfigError, make_config, read_config_file
 from .data import DataError, load_source, make_splits
@@ -35,9 +35,10 @@ SPLITS = ("test", "val", "train")
 
 def weights_and_config(target: Path) -> tuple[Path, Path]:
     """(weights file, the run's config.json) for a run folder or a weights file inside one."""
-    weights = target / files.BEST if target.is_dir() else target
+    sharded = target.is_dir() and target.suffix == shards.SUFFIX  # a sharded checkpoint: a folder
+    weights = target if sharded else target / files.BEST if target.is_dir() else target
     config = weights.parent / files.CONFIG
-    if not weights.is_file():
+    if not (weights.is_file() or sharded):
         raise ConfigError(f"{target}: no weights there (expected a run folder with {files.BEST}, a {files.BEST} or "
                           f"a ckpt-*.pt checkpoint)")
     if not config.is_file():
@@ -54,6 +55,8 @@ def load_weights(weights: Path, trust: bool) -> dict[str, torch.Tensor]:
                           f"evaluate it anyway")
     if ckpt.marker_path(weights).exists() and not ckpt.verify(weights):
         raise ConfigError(f"{weights} does not match its commit marker (corrupt or torn)")
+    if weights.is_dir():  # a sharded checkpoint, read whole: the weights only, not the optimizer state
+        return ckpt.plain_model_state(weights)
     blob = ckpt.load(weights) if weights.name != files.BEST else \
         torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
     state = blob.get("state_dict") if weights.name == files.BEST else blob.get("model")
@@ -106,7 +109,7 @@ def measure(target: Path, args) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dist_cifar.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("target", help="a run folder (its best.pt), a best.pt, or a ckpt-*.pt checkpoint")
+    p.add_argument("target", help="a run folder (its best.pt), a best.pt, or a checkpoint (ckpt-*.pt, or a sharded ckpt-*.dcp folder)")
     p.add_argument("--split", choices=SPLITS, default="test")
     p.add_argument("--tta-flip", action="store_true", help="average each image's logits with its mirror's")
     p.add_argument("--json", default="", metavar="FILE", help="also write the result (per-class, confusion) here")

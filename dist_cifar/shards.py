@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -205,5 +206,7 @@ def read_plain(folder: Path, prefix: str = "model.") -> dict[str, torch.Tensor]:
     index = read_index(folder).state_dict_metadata
     tensors = {key: torch.empty(tuple(md.size), dtype=md.properties.dtype) for key, md in index.items()
                if key.startswith(prefix) and hasattr(md, "size")}
-    dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(folder)), no_dist=True)
+    with warnings.catch_warnings():  # DCP says it assumes one process: that is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(folder)), no_dist=True)
     return {key[len(prefix):]: t for key, t in tensors.items()}

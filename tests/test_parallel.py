@@ -149,6 +149,8 @@ def two_ranks(tmp_path_factory):
     jobs += [("ema_stop", accumulation(work / "ema_resumed", 1, *EMA_FLAGS), {"DIST_CIFAR_FAULT": "preempt:rank=0:step=1"}),
              ("ema_again", accumulation(work / "ema_resumed", 1, *EMA_FLAGS), {})]
     jobs += [("auto", smoke_args(work / "auto", ["--parallel", "auto", "--precision", "bf16"]), {})]
+    jobs += [("shard_fail", exact(work / "shard_fail", 1, "--parallel", "hybrid", "--checkpoint-every-steps", "2"),
+              {"DIST_CIFAR_FAULT": "fail_save:step=4"})]
     return work, torchrun_jobs(2, [{"name": n, "argv": a, "env": e} for n, a, e in jobs], work, timeout=900)
 
 
@@ -279,6 +281,21 @@ def test_vgg16_prediction_is_the_issue_arithmetic():
     hybrid = sum(cost.predict_wire("hybrid", "vgg16_cifar", batch_per_rank=4, world=2).values())
     assert ddp == 332_943_818 * 4
     assert 58e6 < hybrid < 60e6 and ddp / hybrid > 22
+
+
+def test_a_failed_sharded_write_stops_every_rank_and_keeps_the_last_commit(two_ranks):
+    """Every rank writes its shard of a sharded checkpoint; when the writes of step 4 fail (a full
+    disk, injected on every rank), no rank hangs in DCP's collectives: the job stops at the next
+    save with one line and exit 2, the step-2 folder stays committed and intact, and the failed
+    write's temporary folder is gone."""
+    work, results = two_ranks
+    assert codes_of(results, "shard_fail") == [2, 2]
+    stderr = results["shard_fail"]["ranks"][0]["stderr"]
+    assert "a checkpoint write in" in stderr.strip().splitlines()[-1] and "Traceback" not in stderr
+    out = work / "shard_fail"
+    kept = ckpt.find_latest(out)
+    assert kept.name == "ckpt-e0000-s0000002.dcp" and ckpt.verify(kept)
+    assert not list(out.glob(".tmp-*"))
 
 
 def test_resume_same_world_is_bit_exact(two_ranks):
