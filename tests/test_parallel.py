@@ -149,8 +149,8 @@ def two_ranks(tmp_path_factory):
     jobs += [("ema_stop", accumulation(work / "ema_resumed", 1, *EMA_FLAGS), {"DIST_CIFAR_FAULT": "preempt:rank=0:step=1"}),
              ("ema_again", accumulation(work / "ema_resumed", 1, *EMA_FLAGS), {})]
     jobs += [("auto", smoke_args(work / "auto", ["--parallel", "auto", "--precision", "bf16"]), {})]
-    jobs += [("shard_fail", exact(work / "shard_fail", 1, "--parallel", "hybrid", "--checkpoint-every-steps", "2"),
-              {"DIST_CIFAR_FAULT": "fail_save:step=4"})]
+    every_two_steps = ("--parallel", "hybrid", "--checkpoint-every-steps", "2")
+    jobs += [("shard_fail", exact(work / "shard_fail", 1, *every_two_steps), {"DIST_CIFAR_FAULT": "fail_save:step=4"})]
     return work, torchrun_jobs(2, [{"name": n, "argv": a, "env": e} for n, a, e in jobs], work, timeout=900)
 
 
