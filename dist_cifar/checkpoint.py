@@ -477,25 +477,19 @@ class CheckpointManager:
                 if where is not None or self.info.is_main}
         copies = self.snapshots["checkpoint"].take({key: t for key, (t, _) in view.items()})
         tensors = shards.placed({key: (copies[key], where) for key, (_, where) in view.items()})
-        finite = all_finite({k: v for k, v in tensors.items() if k.startswith("model.")})
         epoch, step = state.epoch, state.step
         tmp = None
         if self.info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             tmp = files.create_temp_dir(self.out_dir / checkpoint_name(epoch, step, shards.SUFFIX))
-        # one collective: every rank's RNG, whether its weights are finite, and rank 0's folder
-        every = D.all_gather_objects(self.info, (capture_rng(), finite, str(tmp) if tmp else None))
-        if not all(ok for _, ok, _ in every):
-            if tmp is not None:
-                files.remove(tmp)
-            self._note(f"checkpoint at epoch {epoch} step {step} NOT committed: its weights are not finite")
-            return
-        tmp = Path(every[0][2])
+        # one collective: every rank's RNG and rank 0's folder
+        every = D.all_gather_objects(self.info, (capture_rng(), str(tmp) if tmp else None))
+        tmp = Path(every[0][1])
         blob = None
         if self.info.is_main:
             blob = {"format": FORMAT, **{name: self.parts[name].state_dict() for name in ("scheduler", "scaler")
                                          if name in self.parts},
-                    **self.sharded.extra(), "run": state.to_state(), "rng": [rng for rng, _, _ in every],
+                    **self.sharded.extra(), "run": state.to_state(), "rng": [rng for rng, _ in every],
                     "config": self.config, "world_size": self.info.world_size,
                     "global_batch_size": self.global_batch_size, "layout": self.sharded.plan.name}
         delay = self.faults.save_delay(state.global_step) if self.faults else 0.0
@@ -640,6 +634,15 @@ class CheckpointManager:
         checkpoint group), the rank hashes its own files, rank 0 gathers the hashes and commits.
         Every rank reaches every collective, whatever failed, so no rank waits for a dead one."""
         group = self.sharded.group
+        # the weights' finiteness, checked here rather than in the step loop's stall, and agreed
+        finite = all_finite({k: v for k, v in tensors.items() if k.startswith("model.")})
+        agreed = [None] * torch.distributed.get_world_size(group)
+        torch.distributed.all_gather_object(agreed, finite, group=group)
+        if not all(agreed):
+            if self.info.is_main:
+                files.remove(tmp)
+            self._note(f"checkpoint at epoch {epoch} step {step} NOT committed: its weights are not finite")
+            return
         problem = ""
         try:
             if fails:  # fault injection: a full disk, on every rank (DCP's own failures reach every rank too)
