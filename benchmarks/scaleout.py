@@ -147,7 +147,8 @@ def main(argv=None) -> int:
     parser.add_argument("--synthetic-size", type=int, default=256)
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
     parser.add_argument("--checkpoints", action="store_true",
-                        help="save a checkpoint after each epoch: what consolidating the state on rank 0 costs")
+                        help="save a checkpoint after each epoch (sharded under hybrid/fsdp, one file under ddp): "
+                             "its stall and write time (benchmarks/resume_memory.py: its memory)")
     parser.add_argument("--out", default="", help="folder for the JSON and PNG (default runs/benchmarks/)")
     parser.add_argument("--publish", action="store_true", help="write to benchmarks/results/ (the committed results)")
     args = parser.parse_args(argv)

@@ -460,7 +460,7 @@ class CheckpointManager:
     # -- saving ----------------------------------------------------------------------
     @property
     def saves_sharded(self) -> bool:
-        return self.sharded is not None and self.sharded.group is not None
+        return self.sharded is not None and self.sharded.writes
 
     def capture(self, state: RunState) -> dict[str, Any]:
         rngs = D.all_gather_objects(self.info, capture_rng())

@@ -79,14 +79,15 @@ class ShardedState:
     (loading writes into them in place) and where each sits in the plain tensor."""
 
     def __init__(self, plan, module: nn.Module, optimizer: torch.optim.Optimizer, ema=None, *, writes: bool):
-        """`writes`: this run saves sharded checkpoints (a sharded layout at several ranks; every
-        rank must construct it at the same point then)."""
+        """`writes`: this run saves sharded checkpoints (a sharded layout at several ranks). Every
+        rank constructs it at the same point (a process group is made)."""
         self.plan, self.module, self.optimizer, self.ema = plan, module, optimizer, ema
+        self.writes = writes
         self.names = [name for name, _ in module.named_parameters()]
         # DCP's collectives run in the writer threads while training runs its own: a group of their
-        # own, on gloo (DCP exchanges Python objects; NCCL would want them on the GPU). Without
-        # one (reading only, in the main thread) DCP uses the default group.
-        self.group = dist.new_group(backend="gloo") if writes else None
+        # own, on gloo (DCP exchanges pickled plans; under NCCL they would travel through the GPU)
+        several = dist.is_initialized() and dist.get_world_size() > 1
+        self.group = dist.new_group(backend="gloo") if several else None
 
     def tensors(self, *, with_ema: bool = True) -> dict[str, tuple[torch.Tensor, Where]]:
         """key -> (this rank's live tensor, where it sits). Skips empty shards (FSDP2 gives the last

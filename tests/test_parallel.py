@@ -315,8 +315,9 @@ def test_resume_same_world_is_bit_exact(two_ranks):
 
 @pytest.mark.slow  # ~45 s: bash benchmarks/slow_tests.sh
 def test_resume_at_another_world_size_reshards(tmp_path):
-    """2 -> 3 (flat), 2 -> 4 (2-D: 2 x 2), 2 -> 1 and 1 -> 2 ranks: each resume reshards the head
-    (hybrid) or FSDP2's shards from the plain checkpoint and continues; the 2-rank run re-evaluated
+    """2 -> 3 (flat), 2 -> 4 (2-D: 2 x 2), 2 -> 1, 1 -> 2 (fsdp) and fsdp -> hybrid at 3 ranks: each
+    resume reshards the head (hybrid) or FSDP2's shards from a sharded folder or a single file and
+    continues; the 2-rank run re-evaluated
     at 3 ranks and as the 2-D layout gives its test loss; best.pt is the plain state_dict (strict
     load into models.build_model)."""
     out = tmp_path / "run"
@@ -340,6 +341,13 @@ def test_resume_at_another_world_size_reshards(tmp_path):
     assert "world size changed 1 -> 2" in up.stdout and "fsdp (FSDP2" in up.stdout
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["world_size"] for m in metrics] == [2, 1, 2] and metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    # FSDP2's sharded checkpoint (dim-0 chunks) read back as the hybrid's uneven slices at 3 ranks
+    assert ckpt.find_latest(out).suffix == ".dcp"
+    fsdp_loss = json.loads((out / "summary.json").read_text())["best_test_loss"]
+    across = run_torchrun(3, exact(out, 3, *hybrid, "--no-save-best"))
+    assert across.returncode == 0, across.stderr[-2000:]
+    assert "world size changed 2 -> 3" in across.stdout
+    assert abs(json.loads((out / "summary.json").read_text())["best_test_loss"] - fsdp_loss) < 1e-5
 
     single = tmp_path / "single"
     proc = run_torchrun(2, exact(single, 1, *hybrid))
