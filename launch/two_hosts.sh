@@ -89,6 +89,7 @@ link_up() {
   local i
   for i in 0 1; do ip -n "${ns[$i]}" -o link show "${dev[$i]}" 2>/dev/null | grep -q 'state UP' || return 1; done
 }
+failed() { [ "$1" != 0 ] && [ "$1" != 75 ]; }
 codes=("" "") stop_at="" first_end=""
 while :; do
   alive=0
@@ -106,7 +107,9 @@ while :; do
   elif [ -z "$stop_at" ]; then
     if [ -n "$signalled" ]; then reason="got SIG$signalled"
     elif ! link_up; then reason="the link between the hosts went down"; grace=10
-    elif [ -n "$first_end" ] && { [ "${codes[0]:-0}" != 0 ] || [ "${codes[1]:-0}" != 0 ]; }; then
+    # a host that ended with 75 checkpointed and stopped as asked: the other, still writing its
+    # own preemption checkpoint (rank 0 under ddp holds the whole state), gets the grace below
+    elif [ -n "$first_end" ] && { failed "${codes[0]:-0}" || failed "${codes[1]:-0}"; }; then
       reason="one host ended (exit ${codes[0]:-running}/${codes[1]:-running}) while the other runs on"
     elif [ -n "$first_end" ] && [ $(( SECONDS - first_end )) -gt "$grace" ]; then
       reason="one host finished ${grace}s ago and the other has not"
