@@ -135,11 +135,7 @@ def write_torch(path: Path, blob: dict[str, Any], *, before_publish=None) -> tup
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return files.sha256_file(path)[1]
 
 
 def checkpoint_name(epoch: int, step: int, suffix: str = ".pt") -> str:
@@ -504,7 +500,7 @@ class CheckpointManager:
         t0 = time.perf_counter()
         self.raise_failed_writes()
         busy = self.info.is_main and self._running("checkpoint")
-        if self.info.distributed:  # every rank takes the same decision (only rank 0 writes)
+        if self.info.distributed:  # every rank takes rank 0's decision (its write commits the checkpoint)
             busy = D.broadcast_object(self.info, busy)
         if busy and not wait:
             self._note(f"checkpoint at epoch {state.epoch} step {state.step} skipped: the previous one "
@@ -728,9 +724,12 @@ class CheckpointManager:
             raise self._misfit(folder, absent[0].split(".")[0], KeyError(f"it has no {absent[0]}"))
         try:
             shards.read(folder, tensors, self.sharded.group)
-            self.sharded.load_extra(blob)
         except Exception as exc:  # DCP wraps a rank's failure in a CheckpointException on every rank
             raise self._misfit(folder, "tensor", exc) from None
+        try:
+            self.sharded.load_extra(blob)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise self._misfit(folder, "optimizer", exc) from None
 
     def restore(self, path: Path, state: RunState, *, steps_per_epoch: int, seed: int) -> list[str]:
         """Load `path` into the parts and `state`; returns what to tell the user."""
@@ -750,9 +749,7 @@ class CheckpointManager:
             self._read_shards(path, blob)
         elif "ema" in self.parts and not blob.get("ema"):  # --ema added on resume: average from here
             self.parts["ema"].reset()
-        for name, part in self.parts.items():
-            if sharded and name in ("model", "optimizer", "ema"):
-                continue  # read from the shards
+        for name, part in self.parts.items():  # a sharded state.pt holds no model, optimizer or ema
             if blob.get(name) and (name != "scheduler" or same_sharding):
                 try:
                     part.load_state_dict(blob[name])

@@ -36,7 +36,7 @@ SPLITS = ("test", "val", "train")
 def weights_and_config(target: Path) -> tuple[Path, Path]:
     """(weights file, the run's config.json) for a run folder or a weights file inside one."""
     sharded = target.is_dir() and target.suffix == shards.SUFFIX  # a sharded checkpoint: a folder
-    weights = target if sharded else target / files.BEST if target.is_dir() else target
+    weights = target / files.BEST if target.is_dir() and not sharded else target
     config = weights.parent / files.CONFIG
     if not (weights.is_file() or sharded):
         raise ConfigError(f"{target}: no weights there (expected a run folder with {files.BEST}, a {files.BEST} or "

@@ -14,6 +14,7 @@ link rather than following it. `distrust` is the one rule for what is read (docs
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -78,6 +79,16 @@ def remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def sha256_file(path: Path) -> tuple[int, str]:
+    """(size, sha256) of a file's bytes, read in 1 MB blocks."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            size += len(block)
+    return size, h.hexdigest()
 
 
 def publish(tmp: Path, path: Path) -> None:

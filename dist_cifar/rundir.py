@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import checkpoint as ckpt
-from . import files
+from . import files, shards
 from .config import ConfigError, TrainConfig
 
 
@@ -143,7 +143,7 @@ def own_start_without_checkpoint(out: Path, cfg: TrainConfig) -> bool:
 def explicit_resume(cfg: TrainConfig, out: Path) -> Path:
     """--resume PATH: a committed, intact checkpoint, continued in its own folder or an empty one."""
     path = Path(cfg.resume)
-    if not (path.is_file() or (path.is_dir() and path.suffix == ".dcp")):
+    if not (path.is_file() or (path.is_dir() and path.suffix == shards.SUFFIX)):
         raise ConfigError(f"--resume {path}: no such checkpoint file (or sharded checkpoint folder)")
     why = files.distrust(path) or files.distrust(path.parent)
     if why and not cfg.trust_shared:

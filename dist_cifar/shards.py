@@ -22,7 +22,6 @@ DCP's metadata classes, so a forged folder cannot run code (its hashes are check
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import pickle
 import warnings
@@ -32,6 +31,9 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from . import files
+from .ema import local
 
 SUFFIX = ".dcp"
 STATE = "state.pt"
@@ -92,24 +94,19 @@ class ShardedState:
     def tensors(self, *, with_ema: bool = True) -> dict[str, tuple[torch.Tensor, Where]]:
         """key -> (this rank's live tensor, where it sits). Skips empty shards (FSDP2 gives the last
         ranks none of a small parameter): the other ranks' chunks cover the tensor."""
-        out: dict[str, tuple[torch.Tensor, Where]] = {}
-        placement = {}
-        for fqn, value in self.module.state_dict().items():
-            out[f"model.{fqn}"] = where_is(self.plan, fqn, value)
-            placement[fqn] = out[f"model.{fqn}"][1]
+        out = {f"model.{fqn}": where_is(self.plan, fqn, value) for fqn, value in self.module.state_dict().items()}
+        placement = {fqn: out[f"model.{fqn}"][1] for fqn in self.names}
         params = dict(self.module.named_parameters())
         for index, per_param in self.optimizer.state_dict()["state"].items():
             fqn = self.names[int(index)]
-            local_shape = where_is(self.plan, fqn, params[fqn])[0].shape
             for key, value in per_param.items():
-                if not isinstance(value, torch.Tensor):
-                    continue
-                local = value.to_local() if hasattr(value, "to_local") else value
-                same = local.shape == local_shape and local.dim() > 0
-                out[f"optimizer.{fqn}.{key}"] = (local, placement.get(fqn) if same else None)
+                if isinstance(value, torch.Tensor):  # moments sit where their parameter does; `step` is whole
+                    mine = local(value)
+                    like_param = mine.dim() > 0 and mine.shape == local(params[fqn]).shape
+                    out[f"optimizer.{fqn}.{key}"] = (mine, placement[fqn] if like_param else None)
         if self.ema is not None and with_ema:
             for fqn, shadow in zip(self.names, self.ema.shadow):
-                out[f"ema.{fqn}"] = (shadow, placement.get(fqn))
+                out[f"ema.{fqn}"] = (shadow, placement[fqn])
         return {key: (t, w) for key, (t, w) in out.items() if t.numel() or w is None}
 
     def extra(self) -> dict[str, Any]:
@@ -156,14 +153,7 @@ def own_files(folder: Path, group_rank: int) -> list[Path]:
 
 
 def file_hashes(paths: list[Path]) -> dict[str, tuple[int, str]]:
-    out = {}
-    for path in paths:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        out[path.name] = (path.stat().st_size, h.hexdigest())
-    return out
+    return {path.name: files.sha256_file(path) for path in paths}
 
 
 class IndexUnpickler(pickle.Unpickler):

@@ -44,9 +44,9 @@ from .models import build_model, count_parameters
 from .parallel import ConsolidatedModel, ConsolidatedOptimizer, ReplicaDrift, check_replicas
 from .preemption import EXIT_PREEMPTED, PreemptionFlag, StopNow
 from .profiling import StepProfiler
-from .shards import ShardedState
 from .reporting import Reporter, SilentReporter
 from .runtime import resolve
+from .shards import ShardedState
 from .timing import peak_memory_mb, reset_peak_memory
 
 EXIT_OK, EXIT_USAGE, EXIT_NONFINITE, EXIT_DRIFT, EXIT_INTERRUPTED = 0, 2, 3, 4, 130

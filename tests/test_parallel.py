@@ -298,7 +298,7 @@ def test_a_failed_sharded_write_stops_every_rank_and_keeps_the_last_commit(two_r
     assert not list(out.glob(".tmp-*"))
 
 
-def test_resume_same_world_is_bit_exact(two_ranks):
+def test_resume_same_world_is_bit_exact(two_ranks, tmp_path):
     # the hybrid here; fsdp resumes in test_resume_at_another_world_size_reshards
     work, results = two_ranks
     a, b = work / "resume_a", work / "resume_b"
@@ -311,6 +311,11 @@ def test_resume_same_world_is_bit_exact(two_ranks):
     assert ckpt.committed(a)[-1].suffix == ".dcp"  # sharded: every rank wrote its own slices
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
     assert ma["fc1.weight"].shape == (64, 1024)  # the checkpoint holds the plain model's tensors
+    # python -m dist_cifar.evaluate reads the sharded folder whole: its last epoch's validation loss
+    from dist_cifar.evaluate import main as evaluate_main
+    assert evaluate_main([str(ckpt.committed(a)[-1]), "--split", "val", "--json", str(tmp_path / "dcp.json")]) == 0
+    measured = json.loads((tmp_path / "dcp.json").read_text())
+    assert abs(measured["loss"] - read_jsonl(a / "metrics.jsonl")[-1]["val_loss"]) < 1e-5, measured["loss"]
 
 
 @pytest.mark.slow  # ~45 s: bash benchmarks/slow_tests.sh
